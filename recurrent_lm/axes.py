@@ -1,0 +1,46 @@
+"""The named-axis vocabulary shared by every layer and model in recurrent_lm.
+
+Every array that crosses a layer boundary is a `penzai.pz.nx.NamedArray` whose
+axes carry one of these names. Layers state which names they read and write in
+their docstrings; sharding rules, converters and interpretability tools refer to
+axes by these names and never by position.
+
+=============  ================================================================
+name           meaning
+=============  ================================================================
+batch          independent sequences (rows)
+seq            token position within a row (the recurrence / causal axis)
+kv_seq         key position, when queries and keys are both laid out in time
+embedding      model width (residual stream), ``hidden_size``
+vocabulary     token ids / logits
+heads          query heads, and RG-LRU gate blocks
+kv_heads       key/value heads (1 for multi-query attention)
+projection     per-head feature dimension (``head_dim``)
+mlp            hidden width of one branch of a gated MLP
+lru            width of the RG-LRU recurrence (``lru_width``)
+block_in       input features of one block of a block-diagonal linear layer
+block_out      output features of one block of a block-diagonal linear layer
+conv_taps      taps of a causal depthwise convolution (oldest first)
+state          width of a state-space model's hidden state
+layers         stacked per-layer results (e.g. a captured residual stream)
+=============  ================================================================
+"""
+
+BATCH = "batch"
+SEQ = "seq"
+KV_SEQ = "kv_seq"
+EMBEDDING = "embedding"
+VOCABULARY = "vocabulary"
+HEADS = "heads"
+KV_HEADS = "kv_heads"
+PROJECTION = "projection"
+MLP = "mlp"
+LRU = "lru"
+BLOCK_IN = "block_in"
+BLOCK_OUT = "block_out"
+CONV_TAPS = "conv_taps"
+STATE = "state"
+LAYERS = "layers"
+
+TOKEN_AXES = (BATCH, SEQ)
+"""Named axes of model inputs (token ids and segment positions)."""

@@ -1,0 +1,104 @@
+"""Our own on-disk format: `save(model, path)` / `load(path)`.
+
+A directory holding ``recurrent_lm.json`` (format version, architecture, config,
+and each parameter's named axes) and ``params/``, an orbax checkpoint of
+``{label: array}``. Loading builds the architecture's skeleton from the config
+and binds the arrays by label, so any mismatch is reported by label.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+from penzai import pz
+
+from recurrent_lm import models
+from recurrent_lm.params import abstract_parameters, bind_parameters, parameter_values
+
+FORMAT_VERSION = 1
+METADATA_FILE = "recurrent_lm.json"
+PARAMS_DIR = "params"
+
+
+def save(model, path: str | os.PathLike) -> None:
+    """Writes `model` (any registered architecture) to the directory `path`."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} already exists; choose a new directory.")
+    model_type = models.model_type_of(model.config)
+    values = parameter_values(model)
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "model_type": model_type.name,
+        "config": model.config.to_dict(),
+        "parameters": {
+            label: {"axes": list(v.named_shape), "shape": list(v.named_shape.values()),
+                    "dtype": str(v.dtype)}
+            for label, v in values.items()
+        },
+    }
+    arrays = {label: v.unwrap(*v.named_shape) for label, v in values.items()}
+    os.makedirs(path)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(path, PARAMS_DIR), arrays)
+    with open(os.path.join(path, METADATA_FILE), "w") as f:
+        json.dump(metadata, f, indent=1)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    file = os.path.join(os.fspath(path), METADATA_FILE)
+    if not os.path.exists(file):
+        raise FileNotFoundError(
+            f"{file} not found: {path} is not a recurrent_lm checkpoint (for an official"
+            " checkpoint use checkpoints_conversion)."
+        )
+    with open(file) as f:
+        metadata = json.load(f)
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{file} has format_version {metadata.get('format_version')!r}; this"
+            f" recurrent_lm reads version {FORMAT_VERSION}."
+        )
+    return metadata
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    sharding: jax.sharding.Sharding | None = None,
+    **build_kwargs,
+):
+    """Reads a directory written by `save`.
+
+    Args:
+      path: the directory.
+      sharding: where to place the arrays (default: first local device).
+      **build_kwargs: passed to the architecture's ``build_model`` (e.g.
+        ``scan_method``).
+    """
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.fspath(path))
+    metadata = read_metadata(path)
+    model_type = models.get_model_type(metadata["model_type"])
+    config = model_type.config_class.from_dict(metadata["config"])
+    build = lambda key: model_type.build_model(config, key, **build_kwargs)
+    expected = abstract_parameters(build)
+    stored = metadata["parameters"]
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {
+        label: jax.ShapeDtypeStruct(tuple(info["shape"]), info["dtype"], sharding=sharding)
+        for label, info in stored.items()
+    }
+    with ocp.StandardCheckpointer() as checkpointer:
+        arrays = checkpointer.restore(os.path.join(path, PARAMS_DIR), target)
+    values = {
+        label: pz.nx.wrap(arrays[label]).tag(*info["axes"]) for label, info in stored.items()
+    }
+    return bind_parameters(build(None), values, expected, source=f"checkpoint {path}")

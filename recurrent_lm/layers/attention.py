@@ -1,0 +1,168 @@
+"""Causal self-attention: multi-head, multi-query or grouped-query, global or local."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from penzai import pz
+
+from recurrent_lm import axes
+from recurrent_lm.layers import linear, positions, rope as rope_lib
+
+# Finite fill for masked logits (the official Griffin value): a fully masked row
+# becomes uniform instead of NaN.
+MASKED_LOGIT = -2.3819763e38
+
+
+def attend(q, k, v, mask, *, query_scale: float, logits_soft_cap: float | None):
+    """Softmax attention for one row, on positional arrays.
+
+    Args:
+      q: [T, H, D] queries; head h uses key/value head ``h // (H / KV)``.
+      k: [S, KV, D] keys.
+      v: [S, KV, D] values.
+      mask: [T, S] bool, True where a query may attend to a key.
+      query_scale: multiplies the query-key products.
+      logits_soft_cap: if set, ``cap * tanh(logits / cap)`` before masking.
+
+    Returns:
+      [T, H, D] in the dtype of `v`. Softmax runs in float32.
+    """
+    steps, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(steps, kv_heads, heads // kv_heads, dim)
+    logits = jnp.einsum("tkgd,skd->kgts", q, k) * query_scale
+    if logits_soft_cap:
+        logits = jnp.tanh(logits / logits_soft_cap) * logits_soft_cap
+    logits = jnp.where(mask, logits, MASKED_LOGIT).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    encoded = jnp.einsum("kgts,skd->tkgd", probs, v)
+    return encoded.reshape(steps, heads, dim)
+
+
+def causal_mask(
+    segment_pos: pz.nx.NamedArray, window_size: int | None
+) -> pz.nx.NamedArray:
+    """Boolean {"batch", "seq", "kv_seq"} mask of the full-sequence pass.
+
+    Query n sees key m iff both are in the same document, ``m <= n`` and
+    (with a window W) ``n - m <= W``: W + 1 keys including itself, as in the
+    official Griffin. Distances are array indices, so left padding is free.
+    """
+    ids = positions.segment_ids(segment_pos)
+    seq_len = segment_pos.named_shape[axes.SEQ]
+    q_index = pz.nx.arange(axes.SEQ, seq_len)
+    k_index = pz.nx.arange(axes.KV_SEQ, seq_len)
+    mask = (ids == ids.untag(axes.SEQ).tag(axes.KV_SEQ)) & (k_index <= q_index)
+    if window_size is not None:
+        mask = mask & (q_index - k_index <= window_size)
+    return mask
+
+
+@pz.pytree_dataclass
+class Attention(pz.nn.Layer):
+    """Causal self-attention with rotary positions and an optional window.
+
+    Named axes: in {..., "seq", "embedding"} -> out {..., "seq", "embedding"}.
+    Side input: ``segment_pos`` {"batch", "seq"} (document cuts, RoPE positions).
+    Sublayers: ``query`` {"embedding"} -> {"heads", "projection"}; ``key``,
+    ``value`` {"embedding"} -> {"kv_heads", "projection"}; ``output``
+    {"heads", "projection"} -> {"embedding"}; ``rope`` (or None).
+    Static: ``window_size`` (None = global), ``query_scale``,
+    ``logits_soft_cap`` (None = off).
+    """
+
+    query: pz.nn.Layer
+    key: pz.nn.Layer
+    value: pz.nn.Layer
+    output: pz.nn.Layer
+    rope: rope_lib.RotaryEmbedding | None
+    window_size: int | None = dataclasses.field(metadata={"pytree_node": False})
+    query_scale: float = dataclasses.field(metadata={"pytree_node": False})
+    logits_soft_cap: float | None = dataclasses.field(
+        default=None, metadata={"pytree_node": False}
+    )
+
+    @classmethod
+    def from_config(
+        cls,
+        name: str,
+        init_base_rng: jax.Array | None,
+        *,
+        width: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        window_size: int | None,
+        rotary_fraction: float,
+        rope_max_wavelength: float,
+        query_scale: float | None = None,
+        logits_soft_cap: float | None = None,
+        qkv_bias: bool = False,
+        output_bias: bool = True,
+        output_init_scale: float = 1.0,
+        dtype=jnp.float32,
+    ) -> "Attention":
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}."
+            )
+        embed = {axes.EMBEDDING: width}
+        q_axes = {axes.HEADS: num_heads, axes.PROJECTION: head_dim}
+        kv_axes = {axes.KV_HEADS: num_kv_heads, axes.PROJECTION: head_dim}
+        return cls(
+            query=linear.dense(f"{name}.query", init_base_rng, embed, q_axes, use_bias=qkv_bias, dtype=dtype),
+            key=linear.dense(f"{name}.key", init_base_rng, embed, kv_axes, use_bias=qkv_bias, dtype=dtype),
+            value=linear.dense(f"{name}.value", init_base_rng, embed, kv_axes, use_bias=qkv_bias, dtype=dtype),
+            output=linear.dense(
+                f"{name}.output", init_base_rng, q_axes, embed,
+                use_bias=output_bias, init_scale=output_init_scale, dtype=dtype,
+            ),
+            rope=(
+                rope_lib.RotaryEmbedding(rotary_fraction, rope_max_wavelength)
+                if rotary_fraction
+                else None
+            ),
+            window_size=window_size,
+            query_scale=head_dim**-0.5 if query_scale is None else query_scale,
+            logits_soft_cap=logits_soft_cap or None,
+        )
+
+    def project(self, x: pz.nx.NamedArray, segment_pos: pz.nx.NamedArray):
+        """Queries, keys and values of `x`, with RoPE applied to q and k.
+
+        Returns q {..., "seq", "heads", "projection"} and k, v
+        {..., "seq", "kv_heads", "projection"}.
+        """
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        if self.rope is not None:
+            q = self.rope(q, segment_pos=segment_pos)
+            k = self.rope(k, segment_pos=segment_pos)
+        return q, k, v
+
+    def attend(self, q, k, v, mask) -> pz.nx.NamedArray:
+        """Attention of q {"seq"} over k, v {"kv_seq"} under mask {"seq", "kv_seq"},
+        followed by the output projection."""
+        encoded = pz.nx.nmap(
+            lambda q, k, v, m: attend(
+                q, k, v, m,
+                query_scale=self.query_scale,
+                logits_soft_cap=self.logits_soft_cap,
+            )
+        )(
+            q.untag(axes.SEQ, axes.HEADS, axes.PROJECTION),
+            k.untag(axes.KV_SEQ, axes.KV_HEADS, axes.PROJECTION),
+            v.untag(axes.KV_SEQ, axes.KV_HEADS, axes.PROJECTION),
+            mask.untag(axes.SEQ, axes.KV_SEQ),
+        ).tag(axes.SEQ, axes.HEADS, axes.PROJECTION)
+        return self.output(encoded)
+
+    def __call__(
+        self, x: pz.nx.NamedArray, *, segment_pos=None, **_unused_side_inputs
+    ) -> pz.nx.NamedArray:
+        segment_pos = positions.require_segment_pos(segment_pos, "Attention")
+        q, k, v = self.project(x, segment_pos)
+        to_kv_seq = lambda t: t.untag(axes.SEQ).tag(axes.KV_SEQ)
+        return self.attend(q, to_kv_seq(k), to_kv_seq(v), causal_mask(segment_pos, self.window_size))

@@ -1,0 +1,42 @@
+"""Parameter initialisers over named shapes.
+
+Each takes ``(key, named_shape, dtype, ...)`` and returns a NamedArray, which is
+the calling convention of `pz.nn.make_parameter(label, rng, initializer,
+named_shape, dtype, ...)`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from penzai import pz
+
+
+def zeros(key, named_shape: Mapping[str, int], dtype) -> pz.nx.NamedArray:
+    del key
+    return pz.nx.zeros(dict(named_shape), dtype)
+
+
+def fan_in_normal(
+    key,
+    named_shape: Mapping[str, int],
+    dtype,
+    *,
+    fan_in_axes: Sequence[str],
+    scale: float = 1.0,
+) -> pz.nx.NamedArray:
+    """Normal with variance ``scale / fan_in``, fan_in = product of `fan_in_axes`.
+
+    This is `variance_scaling(scale, "fan_in", "normal")`, the initialiser of
+    every dense weight in the official Griffin code.
+    """
+    missing = [a for a in fan_in_axes if a not in named_shape]
+    if missing:
+        raise ValueError(f"fan-in axes {missing} not in shape {dict(named_shape)}")
+    fan_in = math.prod(named_shape[a] for a in fan_in_axes)
+    std = math.sqrt(scale / fan_in)
+    data = std * jax.random.normal(key, tuple(named_shape.values()), jnp.float32)
+    return pz.nx.wrap(data.astype(dtype)).tag(*named_shape)

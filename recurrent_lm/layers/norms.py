@@ -1,0 +1,62 @@
+"""RMS normalisation with a zero-centred scale (Gemma / Griffin convention)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from penzai import pz
+
+from recurrent_lm import axes
+from recurrent_lm.layers import init
+
+
+@pz.pytree_dataclass
+class RMSNorm(pz.nn.Layer):
+    """``x * rsqrt(mean(x^2) + eps) * (1 + scale)`` over one named axis.
+
+    The parameter is stored zero-centred, exactly as the official checkpoints
+    store it, and the 1 is added at run time: conversion is then bit-exact in
+    both directions (storing ``1 + scale`` would round).
+
+    Named axes: in {..., axis} -> out {..., axis}. Parameter ``scale``: {axis}.
+    Computation follows the promoted dtype of the input and the scale.
+    """
+
+    scale: pz.nn.ParameterLike[pz.nx.NamedArray]
+    axis: str = dataclasses.field(default=axes.EMBEDDING, metadata={"pytree_node": False})
+    eps: float = dataclasses.field(default=1e-6, metadata={"pytree_node": False})
+
+    @classmethod
+    def from_config(
+        cls,
+        name: str,
+        init_base_rng: jax.Array | None,
+        width: int,
+        *,
+        axis: str = axes.EMBEDDING,
+        eps: float = 1e-6,
+        dtype=jnp.float32,
+    ) -> "RMSNorm":
+        return cls(
+            scale=pz.nn.make_parameter(
+                f"{name}.scale", init_base_rng, init.zeros, {axis: width}, dtype
+            ),
+            axis=axis,
+            eps=eps,
+        )
+
+    def __call__(self, x: pz.nx.NamedArray, **_unused_side_inputs) -> pz.nx.NamedArray:
+        eps = self.eps
+
+        def normalize(v, scale):
+            v, scale = jnp.asarray(v), jnp.asarray(scale)
+            dtype = jnp.result_type(v, scale)
+            v, scale = v.astype(dtype), scale.astype(dtype)
+            var = jnp.mean(jnp.square(v))
+            return v * jax.lax.rsqrt(var + eps) * (scale + 1)
+
+        return pz.nx.nmap(normalize)(
+            x.untag(self.axis), self.scale.value.untag(self.axis)
+        ).tag(self.axis)

@@ -1,0 +1,241 @@
+"""The linear-recurrence primitive shared by every recurrent layer.
+
+    h_t = a_t * h_{t-1} + b_t        along a named axis (default "seq")
+
+with an optional initial state ``h0`` and an optional reset mask (``h_t = b_t``
+where a document starts). RG-LRU, RWKV's WKV and H3's diagonal SSM all run
+through `linear_scan`, so an improvement here (a new kernel, a sharded scan)
+reaches every architecture.
+
+Three implementations, same results (up to float rounding order):
+
+* ``"sequential"``: `jax.lax.scan` over time; one pass, O(T) steps. Fastest on
+  XLA:CPU (see ``benchmarks/scan_methods.py``), where the extra passes of a tree
+  scan cost more than the parallelism buys.
+* ``"associative"``: `jax.lax.associative_scan` over ``(a, b)`` pairs;
+  O(log T) depth, so it parallelises over the sequence on TPU/GPU.
+* ``"chunked"``: sequential inside chunks of ``chunk_size`` steps (all chunks at
+  once), an associative scan over the chunk summaries, then a fused fix-up.
+
+Accumulation runs in float32 (or wider, for float64/complex inputs) whatever
+the input dtype; outputs come back in the inputs' dtype and the final state in
+the accumulation dtype, ready to be carried as recurrent state.
+
+Never replace these with `jnp.cumsum`/`lax.cumlogsumexp` along the sequence: in
+JAX 0.10 they lower to `reduce_window`, which XLA:CPU runs in O(T^2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from penzai import pz
+
+from recurrent_lm.layers import named
+
+ScanMethod = Literal["associative", "sequential", "chunked"]
+SCAN_METHODS: tuple[str, ...] = ("associative", "sequential", "chunked")
+DEFAULT_CHUNK_SIZE = 128
+
+# Measured per backend (benchmarks/scan_methods.py; README table). On TPU/GPU
+# the tree scan is the portable parallel choice.
+_DEFAULT_METHOD_BY_BACKEND = {
+    "cpu": "sequential",
+    "gpu": "associative",
+    "cuda": "associative",
+    "rocm": "associative",
+    "tpu": "associative",
+}
+
+
+def default_scan_method(backend: str | None = None) -> str:
+    """The scan implementation used when none is chosen, for `backend`."""
+    backend = backend or jax.default_backend()
+    return _DEFAULT_METHOD_BY_BACKEND.get(backend, "associative")
+
+
+def check_scan_method(method: str | None) -> None:
+    if method is not None and method not in SCAN_METHODS:
+        raise ValueError(
+            f"unknown scan method {method!r}; choose one of {SCAN_METHODS}"
+            " (or None for the backend default)."
+        )
+
+
+def with_scan_method(model, method: str | None):
+    """Returns `model` with every recurrent layer's ``scan_method`` set to `method`.
+
+    Works on any model: it selects every layer struct that has a
+    ``scan_method`` field (RG-LRU, and the recurrent layers of other
+    architectures).
+    """
+    check_scan_method(method)
+
+    def has_field(node) -> bool:
+        return isinstance(node, pz.Struct) and any(
+            f.name == "scan_method" for f in dataclasses.fields(node)
+        )
+
+    return (
+        pz.select(model)
+        .at_subtrees_where(has_field)
+        .apply(lambda layer: dataclasses.replace(layer, scan_method=method))
+    )
+
+
+def accumulation_dtype(*dtypes) -> jnp.dtype:
+    """float32, or wider if an input is wider (float64, complex)."""
+    return jnp.promote_types(jnp.float32, jnp.result_type(*dtypes))
+
+
+# ---------------------------------------------------------------------------
+# Positional implementations: time on axis 0, any trailing axes.
+# ---------------------------------------------------------------------------
+
+
+def _combine(earlier, later):
+    """Composes two affine maps h -> a*h + b (earlier first)."""
+    a_e, b_e = earlier
+    a_l, b_l = later
+    return a_l * a_e, a_l * b_e + b_l
+
+
+def sequential_scan(a, b, h0, acc_dtype):
+    """`lax.scan` form. Returns (h [T, ...] in acc_dtype, h_last)."""
+
+    def step(h, ab):
+        a_t, b_t = ab
+        h = a_t.astype(acc_dtype) * h + b_t.astype(acc_dtype)
+        return h, h
+
+    h_last, h = jax.lax.scan(step, h0.astype(acc_dtype), (a, b))
+    return h, h_last
+
+
+def associative_scan(a, b, h0, acc_dtype):
+    """`lax.associative_scan` form. Returns (h [T, ...] in acc_dtype, h_last)."""
+    a = a.astype(acc_dtype)
+    b = b.astype(acc_dtype)
+    # Fold the initial state into the first step: h_0 = a_0 * h0 + b_0.
+    b = b.at[0].set(a[0] * h0.astype(acc_dtype) + b[0])
+    _, h = jax.lax.associative_scan(_combine, (a, b), axis=0)
+    return h, h[-1]
+
+
+def chunked_scan(a, b, h0, acc_dtype, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """Sequential within chunks, associative across chunk summaries."""
+    steps, rest = a.shape[0], a.shape[1:]
+    chunk = min(chunk_size, steps)
+    num_chunks = -(-steps // chunk)
+    pad = num_chunks * chunk - steps
+    if pad:
+        # Identity steps (a=1, b=0) at the end leave the final state unchanged.
+        a = jnp.concatenate([a, jnp.ones((pad, *rest), a.dtype)])
+        b = jnp.concatenate([b, jnp.zeros((pad, *rest), b.dtype)])
+    # [chunk, num_chunks, ...]: scan over the position inside the chunk, with
+    # every chunk advanced at once.
+    a = jnp.swapaxes(a.reshape(num_chunks, chunk, *rest), 0, 1)
+    b = jnp.swapaxes(b.reshape(num_chunks, chunk, *rest), 0, 1)
+
+    def step(carry, ab):
+        h, prod = carry
+        a_t, b_t = ab
+        a_t = a_t.astype(acc_dtype)
+        h = a_t * h + b_t.astype(acc_dtype)
+        prod = a_t * prod
+        return (h, prod), (h, prod)
+
+    init = (
+        jnp.zeros((num_chunks, *rest), acc_dtype),
+        jnp.ones((num_chunks, *rest), acc_dtype),
+    )
+    (chunk_b, chunk_a), (h_local, prod_local) = jax.lax.scan(step, init, (a, b))
+    # State leaving each chunk, then the state entering each chunk.
+    h_out, _ = associative_scan(chunk_a, chunk_b, h0, acc_dtype)
+    h_in = jnp.concatenate([h0.astype(acc_dtype)[None], h_out[:-1]])
+    h = h_local + prod_local * h_in[None]
+    h = jnp.swapaxes(h, 0, 1).reshape(num_chunks * chunk, *rest)[:steps]
+    return h, h_out[-1]
+
+
+# ---------------------------------------------------------------------------
+# Named-axis entry point.
+# ---------------------------------------------------------------------------
+
+
+def linear_scan(
+    a: pz.nx.NamedArray,
+    b: pz.nx.NamedArray,
+    *,
+    axis: str = "seq",
+    h0: pz.nx.NamedArray | None = None,
+    reset: pz.nx.NamedArray | None = None,
+    method: str | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray]:
+    """Runs ``h_t = a_t * h_{t-1} + b_t`` along the named axis `axis`.
+
+    Args:
+      a: decay, NamedArray; broadcast by name against `b` (it may lack `axis`,
+        e.g. a decay constant in time).
+      b: input, NamedArray with `axis`.
+      axis: the named axis to scan along.
+      h0: optional initial state: the union of `a`'s and `b`'s axes minus
+        `axis` (or a subset, broadcast). Zeros if None.
+      reset: optional boolean NamedArray with `axis` (typically {"batch",
+        "seq"}); where True the recurrence restarts, ``h_t = b_t``.
+      method: "sequential", "associative", "chunked", or None for the
+        backend default (`default_scan_method`).
+      chunk_size: chunk length of the "chunked" method.
+
+    Returns:
+      ``(h, h_last)``: ``h`` has the union named shape (with `axis`) in the
+      result dtype of `a` and `b`; ``h_last`` is the state after the last step
+      (no `axis`) in the accumulation dtype (float32 or wider).
+    """
+    check_scan_method(method)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
+    for what, x in (("a", a), ("b", b)):
+        named.check_named(x, (), f"linear_scan input {what!r}", exact=False)
+    named.check_named(b, (axis,), "linear_scan input 'b'", exact=False)
+    shape = named.union_named_shape(b, a, reset)
+    if h0 is not None:
+        named.check_named(h0, (), "linear_scan h0", exact=False)
+        if axis in h0.named_shape:
+            raise ValueError(f"h0 must not have the scanned axis {axis!r}.")
+        named.union_named_shape(h0, b, a)
+        extra = set(h0.named_shape) - set(shape)
+        if extra:
+            raise ValueError(f"h0 has axes {sorted(extra)} that a and b lack.")
+    if reset is not None:
+        named.check_named(reset, (axis,), "linear_scan reset", exact=False)
+        a = pz.nx.nmap(jnp.where)(reset, jnp.zeros((), a.dtype), a)
+    if shape[axis] == 0:
+        raise ValueError(f"cannot scan along an empty {axis!r} axis.")
+
+    out_dtype = jnp.result_type(a.dtype, b.dtype)
+    acc_dtype = accumulation_dtype(a.dtype, b.dtype)
+    layout = {axis: shape[axis], **{n: s for n, s in shape.items() if n != axis}}
+    state_layout = {n: s for n, s in layout.items() if n != axis}
+    a_raw = named.to_positional(a, layout)
+    b_raw = named.to_positional(b, layout)
+    if h0 is None:
+        h0_raw = jnp.zeros(tuple(state_layout.values()), acc_dtype)
+    else:
+        h0_raw = named.to_positional(h0, state_layout)
+
+    method = method or default_scan_method()
+    if method == "sequential":
+        h, h_last = sequential_scan(a_raw, b_raw, h0_raw, acc_dtype)
+    elif method == "associative":
+        h, h_last = associative_scan(a_raw, b_raw, h0_raw, acc_dtype)
+    else:
+        h, h_last = chunked_scan(a_raw, b_raw, h0_raw, acc_dtype, chunk_size)
+    return (
+        named.from_positional(h.astype(out_dtype), layout),
+        named.from_positional(h_last, state_layout),
+    )

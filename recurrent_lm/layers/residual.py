@@ -1,0 +1,36 @@
+"""The pre-norm residual block shared by every architecture."""
+
+from __future__ import annotations
+
+from penzai import pz
+
+
+@pz.pytree_dataclass
+class ResidualBlock(pz.nn.Layer):
+    """``r = x + temporal(norm(x)); out = r + channel(norm(r))``.
+
+    The temporal block mixes along "seq" (recurrence, attention, convolution);
+    the channel block mixes features per token (MLP). Optional post-norms are
+    applied to each branch before the residual add (Gemma 2); they are None
+    elsewhere.
+
+    Named axes: in {..., "seq", "embedding"} -> out {..., "seq", "embedding"}.
+    Side inputs are forwarded to every sublayer.
+    """
+
+    temporal_pre_norm: pz.nn.Layer
+    temporal_block: pz.nn.Layer
+    channel_pre_norm: pz.nn.Layer
+    mlp_block: pz.nn.Layer
+    temporal_post_norm: pz.nn.Layer | None = None
+    channel_post_norm: pz.nn.Layer | None = None
+
+    def __call__(self, x, **side_inputs):
+        branch = self.temporal_block(self.temporal_pre_norm(x, **side_inputs), **side_inputs)
+        if self.temporal_post_norm is not None:
+            branch = self.temporal_post_norm(branch, **side_inputs)
+        residual = branch + x
+        branch = self.mlp_block(self.channel_pre_norm(residual, **side_inputs), **side_inputs)
+        if self.channel_post_norm is not None:
+            branch = self.channel_post_norm(branch, **side_inputs)
+        return branch + residual

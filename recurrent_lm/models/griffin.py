@@ -1,0 +1,309 @@
+"""RecurrentGemma / Griffin (arXiv 2402.19427, 2404.07839).
+
+A decoder stack of `ResidualBlock`s whose temporal block is either the
+recurrent block (gated GELU branch x [Conv1D -> RG-LRU] branch) or local
+multi-query attention with half-head RoPE; tied, sqrt(D)-scaled embeddings and
+a tanh logit soft cap. Parameter labels mirror the official tree
+(``blocks.3.recurrent_block.rg_lru.a_param`` ...), see
+`checkpoints_conversion.recurrentgemma`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from penzai import pz
+
+from recurrent_lm import axes
+from recurrent_lm.layers import (
+    Attention,
+    CausalConv1D,
+    GatedMLP,
+    RGLRU,
+    RMSNorm,
+    ResidualBlock,
+    bfloat16_sqrt,
+    dense,
+    embedding_table,
+    gelu_tanh,
+)
+from recurrent_lm.layers import recurrence, rope
+from recurrent_lm.models import base
+
+RECURRENT = "recurrent"
+ATTENTION = "attention"
+BLOCK_TYPES = (RECURRENT, ATTENTION)
+PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def griffin_pattern(num_layers: int) -> tuple[str, ...]:
+    """(recurrent, recurrent, attention) repeated, as in both releases."""
+    cycle = itertools.cycle((RECURRENT, RECURRENT, ATTENTION))
+    return tuple(itertools.islice(cycle, num_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class GriffinConfig:
+    """Griffin hyper-parameters, with the field names of HF's RecurrentGemmaConfig.
+
+    Attributes:
+      vocab_size: number of tokens.
+      hidden_size: model width D ("embedding").
+      lru_width: RG-LRU width L ("lru"); None means hidden_size.
+      num_attention_heads: query heads, and blocks of the RG-LRU gates.
+      intermediate_size: width of ONE branch of the gated MLP (7680 for 2B).
+      num_hidden_layers: number of residual blocks.
+      block_types: one of "recurrent"/"attention" per layer; None means the
+        (recurrent, recurrent, attention) pattern.
+      attention_window_size: local attention sees this many previous tokens
+        (plus itself).
+      conv1d_width: taps of the causal convolution.
+      logits_soft_cap: ``cap * tanh(logits / cap)``; 0 disables it.
+      rms_norm_eps: RMSNorm epsilon.
+      partial_rotary_factor: fraction of each head that RoPE rotates.
+      rope_theta: RoPE base wavelength.
+      num_key_value_heads: key/value heads of the attention (1 = MQA).
+      embeddings_scale_by_sqrt_dim: multiply embeddings by bf16(sqrt(D)).
+      param_dtype: dtype of the parameters; computation follows it (as in the
+        official code), the recurrence and softmax always accumulate in float32.
+    """
+
+    vocab_size: int = 256_000
+    hidden_size: int = 2560
+    lru_width: int | None = None
+    num_attention_heads: int = 10
+    intermediate_size: int = 7680
+    num_hidden_layers: int = 26
+    block_types: tuple[str, ...] | None = None
+    attention_window_size: int = 2048
+    conv1d_width: int = 4
+    logits_soft_cap: float = 30.0
+    rms_norm_eps: float = 1e-6
+    partial_rotary_factor: float = 0.5
+    rope_theta: float = 10000.0
+    num_key_value_heads: int = 1
+    embeddings_scale_by_sqrt_dim: bool = True
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)
+        if self.block_types is None:
+            set_("block_types", griffin_pattern(self.num_hidden_layers))
+        else:
+            set_("block_types", tuple(self.block_types))
+        if self.lru_width is None:
+            set_("lru_width", self.hidden_size)
+        set_("param_dtype", jnp.dtype(self.param_dtype).name)
+        self._validate()
+
+    def _validate(self):
+        errors = []
+        for name in (
+            "vocab_size", "hidden_size", "lru_width", "num_attention_heads",
+            "intermediate_size", "num_hidden_layers", "attention_window_size",
+            "conv1d_width", "num_key_value_heads",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                errors.append(f"{name} must be a positive integer, got {value!r}")
+        if errors:
+            raise ValueError("invalid GriffinConfig: " + "; ".join(errors) + ".")
+        bad = [t for t in self.block_types if t not in BLOCK_TYPES]
+        if bad:
+            errors.append(f"block_types has {bad}; each must be one of {BLOCK_TYPES}")
+        if len(self.block_types) != self.num_hidden_layers:
+            errors.append(
+                f"len(block_types) = {len(self.block_types)} but num_hidden_layers ="
+                f" {self.num_hidden_layers}"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            errors.append(
+                f"num_attention_heads {self.num_attention_heads} does not divide"
+                f" hidden_size {self.hidden_size}"
+            )
+        if self.lru_width % self.num_attention_heads:
+            errors.append(
+                f"num_attention_heads {self.num_attention_heads} does not divide"
+                f" lru_width {self.lru_width}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            errors.append(
+                f"num_key_value_heads {self.num_key_value_heads} does not divide"
+                f" num_attention_heads {self.num_attention_heads}"
+            )
+        if not errors:
+            try:
+                rope.rotary_dims(self.head_dim, self.partial_rotary_factor)
+            except ValueError as e:
+                errors.append(f"partial_rotary_factor: {e}")
+        if self.logits_soft_cap < 0:
+            errors.append(f"logits_soft_cap must be >= 0 (0 = off), got {self.logits_soft_cap}")
+        if not self.rms_norm_eps > 0:
+            errors.append(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if not self.rope_theta > 0:
+            errors.append(f"rope_theta must be > 0, got {self.rope_theta}")
+        if self.param_dtype not in PARAM_DTYPES:
+            errors.append(f"param_dtype {self.param_dtype!r} is not one of {PARAM_DTYPES}")
+        if errors:
+            raise ValueError("invalid GriffinConfig: " + "; ".join(errors) + ".")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "GriffinConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown GriffinConfig fields {unknown}; known: {sorted(known)}.")
+        return cls(**values)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GriffinConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown Griffin preset {name!r}; presets: {sorted(PRESETS)}.")
+        if "num_hidden_layers" in overrides and "block_types" not in overrides:
+            overrides["block_types"] = None  # re-derive the pattern for the new depth
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, GriffinConfig] = {
+    "recurrentgemma-2b": GriffinConfig(
+        vocab_size=256_000, hidden_size=2560, lru_width=2560, num_attention_heads=10,
+        intermediate_size=7680, num_hidden_layers=26,
+    ),
+    "recurrentgemma-9b": GriffinConfig(
+        vocab_size=256_000, hidden_size=4096, lru_width=4096, num_attention_heads=16,
+        intermediate_size=12288, num_hidden_layers=38,
+    ),
+}
+
+
+@pz.pytree_dataclass
+class RecurrentBlock(pz.nn.Layer):
+    """Griffin's temporal recurrent block.
+
+    ``linear_out(RG-LRU(Conv1D(linear_x(x))) * gelu(linear_y(x)))``.
+
+    Named axes: in {..., "seq", "embedding"} -> out {..., "seq", "embedding"};
+    inside, both branches are {..., "seq", "lru"}.
+    Side input: ``segment_pos`` (document cuts for the conv and the RG-LRU).
+    """
+
+    linear_y: pz.nn.Layer
+    linear_x: pz.nn.Layer
+    conv_1d: CausalConv1D
+    rg_lru: RGLRU
+    linear_out: pz.nn.Layer
+
+    def __call__(self, x, **side_inputs):
+        gate = gelu_tanh(self.linear_y(x))
+        h = self.rg_lru(self.conv_1d(self.linear_x(x), **side_inputs), **side_inputs)
+        return self.linear_out(h * gate)
+
+
+def _recurrent_block(name, key, config: GriffinConfig, dtype, scan_method) -> RecurrentBlock:
+    embed, lru = {axes.EMBEDDING: config.hidden_size}, {axes.LRU: config.lru_width}
+    return RecurrentBlock(
+        linear_y=dense(f"{name}.linear_y", key, embed, lru, use_bias=True, dtype=dtype),
+        linear_x=dense(f"{name}.linear_x", key, embed, lru, use_bias=True, dtype=dtype),
+        conv_1d=CausalConv1D.from_config(
+            f"{name}.conv_1d", key, config.lru_width, config.conv1d_width, dtype=dtype
+        ),
+        rg_lru=RGLRU.from_config(
+            f"{name}.rg_lru", key, config.lru_width, config.num_attention_heads,
+            scan_method=scan_method, dtype=dtype,
+        ),
+        linear_out=dense(
+            f"{name}.linear_out", key, lru, embed, use_bias=True,
+            init_scale=2.0 / config.num_hidden_layers, dtype=dtype,
+        ),
+    )
+
+
+def _attention_block(name, key, config: GriffinConfig, dtype) -> Attention:
+    return Attention.from_config(
+        name,
+        key,
+        width=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        window_size=config.attention_window_size,
+        rotary_fraction=config.partial_rotary_factor,
+        rope_max_wavelength=config.rope_theta,
+        output_bias=True,
+        output_init_scale=2.0 / config.num_hidden_layers,
+        dtype=dtype,
+    )
+
+
+def build_model(
+    config: GriffinConfig,
+    key: jax.Array | None,
+    *,
+    scan_method: str | None = None,
+) -> base.DecoderLM:
+    """Builds a Griffin initialised as the official code does.
+
+    Args:
+      config: the hyper-parameters.
+      key: PRNG key; None builds the structure with empty parameter slots, to
+        be filled from a checkpoint (``pz.bind_variables``).
+      scan_method: the RG-LRU scan implementation (see
+        `recurrent_lm.layers.recurrence`); None picks the backend default at
+        trace time. Change it later with `recurrence.with_scan_method`.
+    """
+    recurrence.check_scan_method(scan_method)
+    dtype = jnp.dtype(config.param_dtype)
+    table = embedding_table("embedder", key, config.vocab_size, config.hidden_size, dtype=dtype)
+    embedder = [pz.nn.EmbeddingLookup(table)]
+    if config.embeddings_scale_by_sqrt_dim:
+        embedder.append(pz.nn.ConstantRescale(by=bfloat16_sqrt(config.hidden_size)))
+    head = [pz.nn.EmbeddingDecode(table)]
+    if config.logits_soft_cap:
+        head.append(pz.nn.TanhSoftCap(soft_cap=config.logits_soft_cap))
+
+    blocks = []
+    for i, block_type in enumerate(config.block_types):
+        name = f"blocks.{i}"
+        if block_type == RECURRENT:
+            temporal = _recurrent_block(f"{name}.recurrent_block", key, config, dtype, scan_method)
+        else:
+            temporal = _attention_block(f"{name}.attention_block", key, config, dtype)
+        norm = lambda part: RMSNorm.from_config(
+            f"{name}.{part}", key, config.hidden_size, eps=config.rms_norm_eps, dtype=dtype
+        )
+        blocks.append(
+            ResidualBlock(
+                temporal_pre_norm=norm("temporal_pre_norm"),
+                temporal_block=temporal,
+                channel_pre_norm=norm("channel_pre_norm"),
+                mlp_block=GatedMLP.from_config(
+                    f"{name}.mlp_block", key,
+                    width=config.hidden_size, hidden_width=config.intermediate_size,
+                    use_bias=True, down_init_scale=2.0 / config.num_hidden_layers,
+                    dtype=dtype,
+                ),
+            )
+        )
+    return base.DecoderLM(
+        config=config,
+        embedder=pz.nn.Sequential(embedder),
+        blocks=pz.nn.Sequential(blocks),
+        final_norm=RMSNorm.from_config(
+            "final_norm", key, config.hidden_size, eps=config.rms_norm_eps, dtype=dtype
+        ),
+        head=pz.nn.Sequential(head),
+    )
+
+
+base.register_model_type("griffin", GriffinConfig, build_model)

@@ -1,0 +1,112 @@
+"""Parameters by label: read them out of a model, bind them into a skeleton.
+
+Build-then-bind: a model built with ``key=None`` has an empty
+`pz.ParameterSlot` for every parameter; loaders fill the slots by label and
+then check that nothing is missing, left over, or of the wrong shape, reporting
+every problem at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+from penzai import pz
+
+
+class CheckpointMismatchError(ValueError):
+    """Parameters missing, unexpected or mis-shaped; the message lists each."""
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        missing: Mapping[str, Any] | None = None,
+        unexpected: Mapping[str, Any] | None = None,
+        misshaped: Mapping[str, tuple[Any, Any]] | None = None,
+        hint: str = "",
+    ):
+        self.missing = dict(missing or {})
+        self.unexpected = dict(unexpected or {})
+        self.misshaped = dict(misshaped or {})
+        lines = [f"{source} does not match the model:"]
+        for path, shape in sorted(self.missing.items()):
+            lines.append(f"  missing     {path}: expected shape {shape}")
+        for path, shape in sorted(self.unexpected.items()):
+            lines.append(f"  unexpected  {path}: found shape {shape}")
+        for path, (expected, found) in sorted(self.misshaped.items()):
+            lines.append(f"  mis-shaped  {path}: expected {expected}, found {found}")
+        if hint:
+            lines.append(hint)
+        super().__init__("\n".join(lines))
+
+    @property
+    def has_problems(self) -> bool:
+        return bool(self.missing or self.unexpected or self.misshaped)
+
+
+def parameter_values(model) -> dict[str, pz.nx.NamedArray]:
+    """``{label: value}`` of every parameter (bound or frozen) in `model`."""
+    found = (
+        pz.select(model)
+        .at_instances_of(pz.Parameter | pz.ParameterValue)
+        .get_sequence()
+    )
+    return {p.label: p.value for p in found}
+
+
+def abstract_parameters(build: Callable[[jax.Array], Any]) -> dict[str, pz.nx.NamedArray]:
+    """``{label: NamedArray of jax.ShapeDtypeStruct}`` that `build(key)` creates.
+
+    Runs no initialiser (`jax.eval_shape`), so it is cheap for any model size.
+    """
+
+    def init(key):
+        return parameter_values(build(key))
+
+    return jax.eval_shape(init, jax.random.key(0))
+
+
+def named_shape_str(x) -> str:
+    return "{" + ", ".join(f"{n}: {s}" for n, s in x.named_shape.items()) + "}"
+
+
+def bind_parameters(
+    skeleton,
+    values: Mapping[str, pz.nx.NamedArray],
+    expected: Mapping[str, pz.nx.NamedArray],
+    *,
+    source: str,
+):
+    """Fills `skeleton`'s parameter slots with `values`, checking everything.
+
+    Args:
+      skeleton: a model with `pz.ParameterSlot`s (built with ``key=None``).
+      values: ``{label: NamedArray}``.
+      expected: ``{label: abstract NamedArray}`` from `abstract_parameters`.
+      source: how to name the checkpoint in errors.
+
+    Raises:
+      CheckpointMismatchError: listing every missing, unexpected or mis-shaped
+        parameter (by label and named shape).
+    """
+    missing = {k: named_shape_str(v) for k, v in expected.items() if k not in values}
+    unexpected = {k: named_shape_str(v) for k, v in values.items() if k not in expected}
+    misshaped = {
+        k: (named_shape_str(expected[k]), named_shape_str(v))
+        for k, v in values.items()
+        if k in expected and dict(v.named_shape) != dict(expected[k].named_shape)
+    }
+    error = CheckpointMismatchError(
+        source, missing=missing, unexpected=unexpected, misshaped=misshaped
+    )
+    if error.has_problems:
+        raise error
+    variables = [
+        pz.Parameter(label=label, value=values[label].order_as(*expected[label].named_shape))
+        for label in expected
+    ]
+    model = pz.bind_variables(skeleton, variables)
+    pz.nn.assert_no_parameter_slots(model)
+    return model
