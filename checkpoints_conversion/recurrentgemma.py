@@ -118,10 +118,11 @@ def infer_config(params: Mapping[str, Any], **overrides) -> griffin.GriffinConfi
     for i in indices:
         if f"blocks.{i}/recurrent_block/rg_lru/a_gate/w" in flat:
             block_types.append(griffin.RECURRENT)
-            heads, block, _ = shape(f"blocks.{i}/recurrent_block/rg_lru/a_gate/w")
-            inferred["num_attention_heads"], inferred["lru_width"] = heads, heads * block
-            if f"blocks.{i}/recurrent_block/conv_1d/w" in flat:
-                inferred["conv1d_width"] = shape(f"blocks.{i}/recurrent_block/conv_1d/w")[0]
+            if "lru_width" not in inferred:  # the first recurrent block decides
+                heads, block, _ = shape(f"blocks.{i}/recurrent_block/rg_lru/a_gate/w")
+                inferred["num_attention_heads"], inferred["lru_width"] = heads, heads * block
+                if f"blocks.{i}/recurrent_block/conv_1d/w" in flat:
+                    inferred["conv1d_width"] = shape(f"blocks.{i}/recurrent_block/conv_1d/w")[0]
         elif f"blocks.{i}/attention_block/proj_k/kernel" in flat:
             block_types.append(griffin.ATTENTION)
         else:

@@ -13,7 +13,9 @@ padding (see `recurrent_lm.layers.positions`). Logits are {"batch", "seq",
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -96,9 +98,46 @@ class DecoderLM(pz.nn.Layer):
             segment_pos = positions.default_segment_pos(tokens)
         else:
             check_segment_pos(segment_pos, tokens)
+        if _auto_jit_enabled() and not _any_tracer(tokens, segment_pos):
+            return _compiled_forward(self, tokens, segment_pos)
+        return self.forward(tokens, segment_pos)
+
+    def forward(self, tokens, segment_pos):
+        """The computation of ``__call__``, without input checks or auto-jit."""
         x = self.embedder(tokens, segment_pos=segment_pos)
         x = self.blocks(x, segment_pos=segment_pos)
         return self.head(self.final_norm(x, segment_pos=segment_pos), segment_pos=segment_pos)
+
+
+# Eager calls (concrete inputs, e.g. in a notebook) run through one compiled
+# function per model structure and input shape instead of op by op: the first
+# call compiles once instead of compiling hundreds of tiny kernels, and later
+# calls are fast. Variables (parameters, activation-capturing state) are
+# unbound, passed in and written back by `pz.variable_jit`, so patched and
+# capturing models behave the same. Inside a user's jit/grad, inputs are
+# tracers and the model runs inline.
+_compiled_forward = pz.variable_jit(lambda model, tokens, segment_pos: model.forward(tokens, segment_pos))
+_AUTO_JIT = threading.local()
+
+
+def _auto_jit_enabled() -> bool:
+    return getattr(_AUTO_JIT, "enabled", True)
+
+
+def _any_tracer(*named_arrays) -> bool:
+    return any(isinstance(x.data_array, jax.core.Tracer) for x in named_arrays)
+
+
+@contextlib.contextmanager
+def op_by_op():
+    """Within this context, eager model calls run op by op (for debugging:
+    breakpoints and prints inside layers see concrete values)."""
+    previous = _auto_jit_enabled()
+    _AUTO_JIT.enabled = False
+    try:
+        yield
+    finally:
+        _AUTO_JIT.enabled = previous
 
 
 # ---------------------------------------------------------------------------
@@ -131,3 +170,44 @@ def get_model_type(name: str) -> ModelType:
     if name not in MODEL_TYPES:
         raise ValueError(f"unknown model type {name!r}; known: {sorted(MODEL_TYPES)}.")
     return MODEL_TYPES[name]
+
+
+def jit_forward(model: DecoderLM) -> Callable[..., jax.Array]:
+    """A compiled ``f(ids, segment_pos=None) -> logits`` on raw arrays.
+
+    ``ids`` and ``segment_pos`` are int arrays [batch, seq]; the result is
+    [batch, seq, vocabulary]. The parameters are passed to the compiled function
+    as arguments (not baked in as constants), and the Struct tree is rebuilt
+    inside the trace, so a call costs no pytree flattening of the model. Token
+    ids are range-checked on the host before each call.
+    """
+    skeleton, frozen = pz.unbind_params(model, freeze=True)
+    values = {p.label: p.value for p in frozen}
+    vocab_size = model.config.vocab_size
+
+    @jax.jit
+    def run(values, ids, segment_pos):
+        bound = skeleton.bind_variables(
+            [pz.ParameterValue(label=label, value=v) for label, v in values.items()]
+        )
+        tokens = pz.nx.wrap(ids).tag(*axes.TOKEN_AXES)
+        pos = None if segment_pos is None else pz.nx.wrap(segment_pos).tag(*axes.TOKEN_AXES)
+        if pos is None:
+            pos = positions.default_segment_pos(tokens)
+        logits = bound.forward(tokens, pos)
+        return logits.unwrap(*axes.TOKEN_AXES, axes.VOCABULARY)
+
+    def compiled(ids, segment_pos=None):
+        ids = jnp.asarray(ids)
+        if ids.ndim != 2:
+            raise ValueError(f"ids must be [batch, seq], got shape {ids.shape}.")
+        check_tokens(pz.nx.wrap(ids).tag(*axes.TOKEN_AXES), vocab_size)
+        if segment_pos is not None:
+            segment_pos = jnp.asarray(segment_pos)
+            if segment_pos.shape != ids.shape:
+                raise ValueError(
+                    f"segment_pos has shape {segment_pos.shape}, ids {ids.shape}; they must match."
+                )
+        return run(values, ids, segment_pos)
+
+    return compiled

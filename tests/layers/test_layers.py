@@ -1,0 +1,211 @@
+"""Shared layers against small NumPy references, and stream continuation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from penzai import pz
+
+from recurrent_lm import layers
+from recurrent_lm.layers import attention, conv, linear, norms, rg_lru, rope
+
+
+def named(x, *names):
+    return pz.nx.wrap(jnp.asarray(x)).tag(*names)
+
+
+def random_segment_pos(rng, batch, steps):
+    """Rows with random document starts and some left padding."""
+    pos = np.zeros((batch, steps), np.int32)
+    for row in range(batch):
+        pad = rng.integers(0, 3) if row else 0
+        pos[row, :pad] = -1
+        p = 0
+        for t in range(pad, steps):
+            if t > pad and rng.uniform() < 0.15:
+                p = 0
+            pos[row, t] = p
+            p += 1
+    return pos
+
+
+def numpy_conv(x, pos, w, b):
+    """Depthwise causal conv over axis 1 of [B, T, C] with document cuts."""
+    batch, steps, _ = x.shape
+    taps = w.shape[0]
+    out = np.zeros_like(x, dtype=np.float64)
+    for i in range(batch):
+        for n in range(steps):
+            acc = b.astype(np.float64).copy()
+            for s in range(taps):
+                m = n - s
+                if m < 0 or any(pos[i, k] == 0 for k in range(m + 1, n + 1)):
+                    continue
+                acc += w[taps - 1 - s] * x[i, m]
+            out[i, n] = acc
+    return out
+
+
+@pytest.mark.parametrize("taps", [1, 2, 4, 5])
+def test_conv_matches_numpy_with_document_cuts(taps):
+    rng = np.random.default_rng(taps)
+    x = rng.normal(size=(3, 13, 6)).astype(np.float32)
+    pos = random_segment_pos(rng, 3, 13)
+    layer = conv.CausalConv1D.from_config("conv", jax.random.key(0), 6, taps)
+    w = layer.weights.value.unwrap("conv_taps", "lru")
+    b = rng.normal(size=(6,)).astype(np.float32)
+    layer.bias.value = named(b, "lru")
+    y = layer(named(x, "batch", "seq", "lru"), segment_pos=named(pos, "batch", "seq"))
+    np.testing.assert_allclose(
+        y.unwrap("batch", "seq", "lru"), numpy_conv(x, pos, np.asarray(w), b), rtol=1e-5, atol=1e-6
+    )
+
+
+def split_points(rng, steps, pieces):
+    cuts = sorted(rng.choice(np.arange(1, steps), pieces - 1, replace=False))
+    return [0, *cuts, steps]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_conv_history_continues_the_stream(seed):
+    rng = np.random.default_rng(seed)
+    steps = 17
+    x = named(rng.normal(size=(2, steps, 5)).astype(np.float32), "batch", "seq", "lru")
+    pos = named(random_segment_pos(rng, 2, steps), "batch", "seq")
+    layer = conv.CausalConv1D.from_config("conv", jax.random.key(seed), 5, 4)
+    full, _ = layer.forward(x, pos, None)
+    history, pieces = None, []
+    bounds = split_points(rng, steps, 4)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        y, history = layer.forward(x[{"seq": pz.slice[lo:hi]}], pos[{"seq": pz.slice[lo:hi]}], history)
+        pieces.append(y)
+    chunked = pz.nx.concatenate(pieces, "seq")
+    np.testing.assert_allclose(
+        chunked.unwrap("batch", "seq", "lru"), full.unwrap("batch", "seq", "lru"), rtol=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rg_lru_continues_from_its_state(seed):
+    rng = np.random.default_rng(seed)
+    steps = 23
+    x = named(rng.normal(size=(2, steps, 8)).astype(np.float32), "batch", "seq", "lru")
+    pos = named(random_segment_pos(rng, 2, steps), "batch", "seq")
+    layer = rg_lru.RGLRU.from_config("lru", jax.random.key(seed), 8, 2)
+    full, full_last = layer.forward(x, pos, None)
+    state, pieces = None, []
+    bounds = split_points(rng, steps, 5)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        y, state = layer.forward(x[{"seq": pz.slice[lo:hi]}], pos[{"seq": pz.slice[lo:hi]}], state)
+        pieces.append(y)
+    np.testing.assert_allclose(
+        pz.nx.concatenate(pieces, "seq").unwrap("batch", "seq", "lru"),
+        full.unwrap("batch", "seq", "lru"), rtol=1e-5, atol=1e-6,
+    )
+    np.testing.assert_allclose(state.unwrap("batch", "lru"), full_last.unwrap("batch", "lru"), rtol=1e-5)
+    assert state.dtype == jnp.float32
+
+
+def test_rg_lru_reset_forgets_the_past():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 10, 4)).astype(np.float32)
+    pos = np.array([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]], np.int32)
+    layer = rg_lru.RGLRU.from_config("lru", jax.random.key(0), 4, 2)
+    y = layer(named(x, "batch", "seq", "lru"), segment_pos=named(pos, "batch", "seq"))
+    second = layer(named(x[:, 5:], "batch", "seq", "lru"), segment_pos=named(pos[:, 5:], "batch", "seq"))
+    np.testing.assert_allclose(
+        y.unwrap("batch", "seq", "lru")[:, 5:], second.unwrap("batch", "seq", "lru"), rtol=1e-6, atol=1e-7
+    )
+
+
+def test_rg_lru_gradient_is_finite_at_full_decay():
+    # sqrt(1 - a^2) at a -> 1 has an unbounded derivative; the bound keeps it finite.
+    grad = jax.grad(lambda x: rg_lru.sqrt_bounded_grad(x, 1000.0))(0.0)
+    assert np.isfinite(grad) and grad == pytest.approx(1000.0)
+
+
+def test_block_diagonal_linear_equals_dense_block_matrix():
+    rng = np.random.default_rng(0)
+    layer = linear.BlockDiagonalLinear.from_config("g", jax.random.key(0), 12, 3)
+    layer.bias.value = named(rng.normal(size=(3, 4)).astype(np.float32), "heads", "block_out")
+    w = np.asarray(layer.weights.value.unwrap("heads", "block_in", "block_out"))
+    b = np.asarray(layer.bias.value.unwrap("heads", "block_out"))
+    dense = np.zeros((12, 12))
+    for h in range(3):
+        dense[h * 4 : (h + 1) * 4, h * 4 : (h + 1) * 4] = w[h]
+    x = rng.normal(size=(5, 12)).astype(np.float32)
+    y = layer(named(x, "seq", "lru")).unwrap("seq", "lru")
+    np.testing.assert_allclose(y, x @ dense + b.reshape(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_rms_norm_matches_numpy():
+    rng = np.random.default_rng(0)
+    layer = norms.RMSNorm.from_config("n", jax.random.key(0), 6, eps=1e-6)
+    scale = rng.normal(size=(6,)).astype(np.float32)
+    layer.scale.value = named(scale, "embedding")
+    x = rng.normal(size=(3, 6)).astype(np.float32)
+    expected = x / np.sqrt(np.mean(x**2, -1, keepdims=True) + 1e-6) * (1 + scale)
+    np.testing.assert_allclose(layer(named(x, "seq", "embedding")).unwrap("seq", "embedding"), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 1.0])
+def test_rope_rotates_leading_pairs_in_rotate_half_layout(fraction):
+    rng = np.random.default_rng(0)
+    head_dim, steps = 16, 7
+    x = rng.normal(size=(steps, head_dim)).astype(np.float32)
+    pos = np.array([0, 1, 2, 0, 1, 5, -1], np.int32)
+    layer = rope.RotaryEmbedding(fraction, 10_000.0)
+    y = layer(named(x, "seq", "projection"), segment_pos=named(pos, "seq")).unwrap("seq", "projection")
+    rot = int(head_dim * fraction)
+    half = rot // 2
+    expected = x.astype(np.float64).copy()
+    for t in range(steps):
+        for j in range(half):
+            angle = pos[t] * 10_000.0 ** (-2 * j / rot)
+            a, b = x[t, j], x[t, j + half]
+            expected[t, j] = a * np.cos(angle) - b * np.sin(angle)
+            expected[t, j + half] = b * np.cos(angle) + a * np.sin(angle)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_rejects_odd_rotary_width():
+    with pytest.raises(ValueError, match="must be an even integer"):
+        rope.rotary_dims(12, 0.25)
+
+
+def test_causal_mask_sees_window_plus_one_keys_within_documents():
+    pos = np.array([[-1, -1, 0, 1, 2, 3, 4, 0, 1, 2]], np.int32)
+    mask = attention.causal_mask(named(pos, "batch", "seq"), window_size=2)
+    m = np.asarray(mask.unwrap("batch", "seq", "kv_seq"))[0]
+    for q in range(10):
+        for k in range(10):
+            same_doc = (q < 2 and k < 2) or (2 <= q < 7 and 2 <= k < 7) or (q >= 7 and k >= 7)
+            assert m[q, k] == (same_doc and k <= q and q - k <= 2), (q, k)
+
+
+def test_attention_groups_query_heads_onto_kv_heads():
+    rng = np.random.default_rng(0)
+    steps, heads, kv_heads, dim = 5, 4, 2, 3
+    q = rng.normal(size=(steps, heads, dim)).astype(np.float32)
+    k = rng.normal(size=(steps, kv_heads, dim)).astype(np.float32)
+    v = rng.normal(size=(steps, kv_heads, dim)).astype(np.float32)
+    mask = np.tril(np.ones((steps, steps), bool))
+    out = np.asarray(attention.attend(q, k, v, mask, query_scale=0.5, logits_soft_cap=None))
+    for h in range(heads):
+        g = h // (heads // kv_heads)
+        logits = np.where(mask, q[:, h] @ k[:, g].T * 0.5, -np.inf)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        np.testing.assert_allclose(out[:, h], probs @ v[:, g], rtol=1e-5, atol=1e-6)
+
+
+def test_segment_ids_count_document_starts():
+    pos = np.array([[-1, 0, 1, 0, 0, 1, 2]], np.int32)
+    ids = layers.segment_ids(named(pos, "batch", "seq")).unwrap("batch", "seq")
+    np.testing.assert_array_equal(ids, [[0, 1, 1, 2, 3, 3, 3]])
+
+
+def test_layers_need_segment_pos():
+    layer = conv.CausalConv1D.from_config("conv", jax.random.key(0), 4, 4)
+    with pytest.raises(ValueError, match="needs the side input segment_pos"):
+        layer(named(np.zeros((1, 3, 4), np.float32), "batch", "seq", "lru"))
