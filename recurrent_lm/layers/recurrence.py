@@ -28,6 +28,7 @@ JAX 0.10 they lower to `reduce_window`, which XLA:CPU runs in O(T^2).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
@@ -161,6 +162,17 @@ def chunked_scan(a, b, h0, acc_dtype, chunk_size: int = DEFAULT_CHUNK_SIZE):
     return h, h_out[-1]
 
 
+# One compiled function per shape and method: called eagerly, the scan compiles
+# once instead of op by op; inside an outer jit it is inlined.
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _positional_scan(a, b, h0, method, acc_dtype, chunk_size):
+    if method == "sequential":
+        return sequential_scan(a, b, h0, acc_dtype)
+    if method == "associative":
+        return associative_scan(a, b, h0, acc_dtype)
+    return chunked_scan(a, b, h0, acc_dtype, chunk_size)
+
+
 # ---------------------------------------------------------------------------
 # Named-axis entry point.
 # ---------------------------------------------------------------------------
@@ -228,13 +240,9 @@ def linear_scan(
     else:
         h0_raw = named.to_positional(h0, state_layout)
 
-    method = method or default_scan_method()
-    if method == "sequential":
-        h, h_last = sequential_scan(a_raw, b_raw, h0_raw, acc_dtype)
-    elif method == "associative":
-        h, h_last = associative_scan(a_raw, b_raw, h0_raw, acc_dtype)
-    else:
-        h, h_last = chunked_scan(a_raw, b_raw, h0_raw, acc_dtype, chunk_size)
+    h, h_last = _positional_scan(
+        a_raw, b_raw, h0_raw, method or default_scan_method(), acc_dtype, chunk_size
+    )
     return (
         named.from_positional(h.astype(out_dtype), layout),
         named.from_positional(h_last, state_layout),
