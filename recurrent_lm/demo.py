@@ -85,7 +85,8 @@ def run(prompt: str, output_dir: str, *, seed: int = 0, top_k: int = 5) -> dict:
         raise RuntimeError("the checkpoint round trip changed parameters")
 
     print("\nmodel:")
-    print(treescope.render_to_text(loaded))
+    with treescope.using_expansion_strategy(max_height=None, target_width=120):
+        print(treescope.render_to_text(loaded))
 
     ids = tokenizer.encode(prompt)
     tokens = pz.nx.wrap(jnp.asarray([ids], jnp.int32), "batch", "seq")

@@ -8,6 +8,7 @@ every problem at once.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -109,4 +110,40 @@ def bind_parameters(
     ]
     model = pz.bind_variables(skeleton, variables)
     pz.nn.assert_no_parameter_slots(model)
+    return model
+
+
+def cast_parameters(model, dtype):
+    """`model` with every floating-point parameter cast to `dtype`.
+
+    Running the result computes in `dtype` (bfloat16 inference from float32
+    weights, as the official ``Griffin(dtype=bf16, param_dtype=f32)`` does);
+    recurrences and softmax still accumulate in float32. Parameters stay
+    parameters (with the same labels), so the result can be saved or trained.
+    """
+    import jax.numpy as jnp
+
+    def cast(param):
+        value = param.value
+        if jnp.issubdtype(value.dtype, jnp.floating):
+            value = value.astype(dtype)
+        if isinstance(param, pz.ParameterValue):
+            return pz.ParameterValue(label=param.label, value=value)
+        return pz.Parameter(label=param.label, value=value, metadata=dict(param.metadata))
+
+    found = (
+        pz.select(model).at_instances_of(pz.Parameter | pz.ParameterValue).get_sequence()
+    )
+    # One replacement per Parameter object, so tied parameters stay shared.
+    replacements = {id(p): cast(p) for p in found}
+    model = (
+        pz.select(model)
+        .at_instances_of(pz.Parameter | pz.ParameterValue)
+        .apply(lambda p: replacements[id(p)])
+    )
+    from recurrent_lm.models.base import DecoderLM  # models build on this module
+
+    if isinstance(model, DecoderLM):
+        config = dataclasses.replace(model.config, param_dtype=jnp.dtype(dtype).name)
+        model = dataclasses.replace(model, config=config)
     return model

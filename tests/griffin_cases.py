@@ -72,6 +72,8 @@ CASES = {
     "hawk": OfficialCase("hawk", 24, 3, 36, 30, (R, R), 8, 30.0, True, 29, 23, 3, 2),
     # attention only, the smallest window.
     "attention_only": OfficialCase("attention_only", 32, 2, 32, 16, (A, A), 1, 10.0, True, 50, 9, 3, 3),
+    # a sequence shorter than the convolution, odd widths.
+    "short": OfficialCase("short", 36, 3, 36, 20, (R, A), 2, 30.0, True, 13, 3, 3, 4),
 }
 
 

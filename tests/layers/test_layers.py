@@ -66,6 +66,16 @@ def split_points(rng, steps, pieces):
     return [0, *cuts, steps]
 
 
+def continue_in_pieces(forward, x, pos, bounds):
+    """Runs `forward(x, pos, state) -> (y, state)` chunk by chunk, carrying the state."""
+    state, pieces = None, []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        piece = {"seq": pz.slice[lo:hi]}
+        y, state = forward(x[piece], pos[piece], state)
+        pieces.append(y)
+    return pz.nx.concatenate(pieces, "seq"), state
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_conv_history_continues_the_stream(seed):
     rng = np.random.default_rng(seed)
@@ -74,12 +84,7 @@ def test_conv_history_continues_the_stream(seed):
     pos = named(random_segment_pos(rng, 2, steps), "batch", "seq")
     layer = conv.CausalConv1D.from_config("conv", jax.random.key(seed), 5, 4)
     full, _ = layer.forward(x, pos, None)
-    history, pieces = None, []
-    bounds = split_points(rng, steps, 4)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        y, history = layer.forward(x[{"seq": pz.slice[lo:hi]}], pos[{"seq": pz.slice[lo:hi]}], history)
-        pieces.append(y)
-    chunked = pz.nx.concatenate(pieces, "seq")
+    chunked, _ = continue_in_pieces(layer.forward, x, pos, split_points(rng, steps, 4))
     np.testing.assert_allclose(
         chunked.unwrap("batch", "seq", "lru"), full.unwrap("batch", "seq", "lru"), rtol=1e-6, atol=1e-6
     )
@@ -93,13 +98,9 @@ def test_rg_lru_continues_from_its_state(seed):
     pos = named(random_segment_pos(rng, 2, steps), "batch", "seq")
     layer = rg_lru.RGLRU.from_config("lru", jax.random.key(seed), 8, 2)
     full, full_last = layer.forward(x, pos, None)
-    state, pieces = None, []
-    bounds = split_points(rng, steps, 5)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        y, state = layer.forward(x[{"seq": pz.slice[lo:hi]}], pos[{"seq": pz.slice[lo:hi]}], state)
-        pieces.append(y)
+    chunked, state = continue_in_pieces(layer.forward, x, pos, split_points(rng, steps, 5))
     np.testing.assert_allclose(
-        pz.nx.concatenate(pieces, "seq").unwrap("batch", "seq", "lru"),
+        chunked.unwrap("batch", "seq", "lru"),
         full.unwrap("batch", "seq", "lru"), rtol=1e-5, atol=1e-6,
     )
     np.testing.assert_allclose(state.unwrap("batch", "lru"), full_last.unwrap("batch", "lru"), rtol=1e-5)
