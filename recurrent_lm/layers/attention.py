@@ -42,23 +42,46 @@ def attend(q, k, v, mask, *, query_scale: float, logits_soft_cap: float | None):
     return encoded.reshape(steps, heads, dim)
 
 
-def causal_mask(
-    segment_pos: pz.nx.NamedArray, window_size: int | None
+def attention_mask(
+    q_index: pz.nx.NamedArray,
+    q_document: pz.nx.NamedArray,
+    k_index: pz.nx.NamedArray,
+    k_document: pz.nx.NamedArray,
+    window_size: int | None,
 ) -> pz.nx.NamedArray:
-    """Boolean {"batch", "seq", "kv_seq"} mask of the full-sequence pass.
+    """Which keys each query sees, from stream indices and document ids.
 
-    Query n sees key m iff both are in the same document, ``m <= n`` and
-    (with a window W) ``n - m <= W``: W + 1 keys including itself, as in the
-    official Griffin. Distances are array indices, so left padding is free.
+    Query n sees key m iff m is a real slot (index >= 0), both are in the same
+    document, ``m <= n``, and (with a window W) ``n - m <= W``: W + 1 keys
+    including itself, as in the official Griffin. Indices count tokens in the
+    stream (pads included), so left padding does not shift the window.
+
+    Args:
+      q_index, q_document: int {..., "seq"}.
+      k_index, k_document: int {..., "kv_seq"}; index -1 marks an empty slot.
+
+    Returns:
+      bool {..., "seq", "kv_seq"}.
     """
-    ids = positions.segment_ids(segment_pos)
-    seq_len = segment_pos.named_shape[axes.SEQ]
-    q_index = pz.nx.arange(axes.SEQ, seq_len)
-    k_index = pz.nx.arange(axes.KV_SEQ, seq_len)
-    mask = (ids == ids.untag(axes.SEQ).tag(axes.KV_SEQ)) & (k_index <= q_index)
+    mask = (q_document == k_document) & (k_index <= q_index) & (k_index >= 0)
     if window_size is not None:
         mask = mask & (q_index - k_index <= window_size)
     return mask
+
+
+def to_kv_seq(x: pz.nx.NamedArray) -> pz.nx.NamedArray:
+    """Renames "seq" to "kv_seq" (queries and keys laid out in the same time)."""
+    return x.untag(axes.SEQ).tag(axes.KV_SEQ)
+
+
+def causal_mask(
+    segment_pos: pz.nx.NamedArray, window_size: int | None
+) -> pz.nx.NamedArray:
+    """Boolean {"batch", "seq", "kv_seq"} mask of the full-sequence pass
+    (see `attention_mask`)."""
+    ids = positions.segment_ids(segment_pos)
+    index = pz.nx.arange(axes.SEQ, segment_pos.named_shape[axes.SEQ])
+    return attention_mask(index, ids, to_kv_seq(index), to_kv_seq(ids), window_size)
 
 
 @pz.pytree_dataclass
@@ -130,6 +153,11 @@ class Attention(pz.nn.Layer):
             logits_soft_cap=logits_soft_cap or None,
         )
 
+    def key_spec(self) -> tuple[dict[str, int], jnp.dtype]:
+        """Named axes {"kv_heads", "projection"} and dtype of the keys."""
+        projection = pz.select(self.key).at_instances_of(pz.nn.Linear).get()
+        return projection.output_axes, projection.weights.value.dtype
+
     def project(self, x: pz.nx.NamedArray, segment_pos: pz.nx.NamedArray):
         """Queries, keys and values of `x`, with RoPE applied to q and k.
 
@@ -164,5 +192,4 @@ class Attention(pz.nn.Layer):
     ) -> pz.nx.NamedArray:
         segment_pos = positions.require_segment_pos(segment_pos, "Attention")
         q, k, v = self.project(x, segment_pos)
-        to_kv_seq = lambda t: t.untag(axes.SEQ).tag(axes.KV_SEQ)
         return self.attend(q, to_kv_seq(k), to_kv_seq(v), causal_mask(segment_pos, self.window_size))

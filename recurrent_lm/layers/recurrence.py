@@ -166,6 +166,9 @@ def chunked_scan(a, b, h0, acc_dtype, chunk_size: int = DEFAULT_CHUNK_SIZE):
 # once instead of op by op; inside an outer jit it is inlined.
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def _positional_scan(a, b, h0, method, acc_dtype, chunk_size):
+    if a.shape[0] == 1:  # one step (decoding): no loop at all
+        h = a.astype(acc_dtype) * h0.astype(acc_dtype) + b.astype(acc_dtype)
+        return h, h[0]
     if method == "sequential":
         return sequential_scan(a, b, h0, acc_dtype)
     if method == "associative":

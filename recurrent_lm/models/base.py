@@ -98,15 +98,24 @@ class DecoderLM(pz.nn.Layer):
             segment_pos = positions.default_segment_pos(tokens)
         else:
             check_segment_pos(segment_pos, tokens)
-        if _auto_jit_enabled() and not _any_tracer(tokens, segment_pos):
-            return _compiled_forward(self, tokens, segment_pos)
-        return self.forward(tokens, segment_pos)
+        return call_forward(self, tokens, segment_pos)
 
-    def forward(self, tokens, segment_pos):
-        """The computation of ``__call__``, without input checks or auto-jit."""
-        x = self.embedder(tokens, segment_pos=segment_pos)
-        x = self.blocks(x, segment_pos=segment_pos)
-        return self.head(self.final_norm(x, segment_pos=segment_pos), segment_pos=segment_pos)
+    def forward(self, tokens, segment_pos, *, last_position_only: bool = False, **side_inputs):
+        """The computation of ``__call__``, without input checks or auto-jit.
+
+        Args:
+          tokens, segment_pos: checked NamedArrays {"batch", "seq"}.
+          last_position_only: apply the head to the last position only (the
+            "seq" axis keeps size 1): what a prefill needs.
+          **side_inputs: extra side inputs for every layer (the sampling
+            wrapper passes stream indices and document ids this way).
+        """
+        side_inputs = dict(side_inputs, segment_pos=segment_pos)
+        x = self.embedder(tokens, **side_inputs)
+        x = self.blocks(x, **side_inputs)
+        if last_position_only:
+            x = x[{axes.SEQ: pz.slice[-1:]}]
+        return self.head(self.final_norm(x, **side_inputs), **side_inputs)
 
 
 # Eager calls (concrete inputs, e.g. in a notebook) run through one compiled
@@ -116,8 +125,16 @@ class DecoderLM(pz.nn.Layer):
 # unbound, passed in and written back by `pz.variable_jit`, so patched and
 # capturing models behave the same. Inside a user's jit/grad, inputs are
 # tracers and the model runs inline.
-_compiled_forward = pz.variable_jit(lambda model, tokens, segment_pos: model.forward(tokens, segment_pos))
+_compiled_forward = pz.variable_jit(lambda layer, *args: layer.forward(*args))
 _AUTO_JIT = threading.local()
+
+
+def call_forward(layer, *args):
+    """``layer.forward(*args)``, compiled when the arguments are concrete."""
+    arrays = [x for x in args if isinstance(x, pz.nx.NamedArrayBase)]
+    if _auto_jit_enabled() and not _any_tracer(*arrays):
+        return _compiled_forward(layer, *args)
+    return layer.forward(*args)
 
 
 def _auto_jit_enabled() -> bool:

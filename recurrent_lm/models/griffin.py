@@ -31,7 +31,7 @@ from recurrent_lm.layers import (
     embedding_table,
     gelu_tanh,
 )
-from recurrent_lm.layers import recurrence, rope
+from recurrent_lm.layers import recurrence, rope, stateful
 from recurrent_lm.models import base
 
 RECURRENT = "recurrent"
@@ -307,3 +307,9 @@ def build_model(
 
 
 base.register_model_type("griffin", GriffinConfig, build_model)
+# Sampling mode: the stateful twin of each temporal layer Griffin uses.
+stateful.register_twins({
+    CausalConv1D: stateful.StatefulConv1D.from_layer,
+    RGLRU: stateful.StatefulRGLRU.from_layer,
+    Attention: stateful.CachedAttention.from_layer,
+})

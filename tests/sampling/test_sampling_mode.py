@@ -1,0 +1,159 @@
+"""Sampling mode reproduces the full forward, chunk by chunk."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from penzai import pz
+
+from checkpoints_conversion import recurrentgemma as convert
+from griffin_cases import CASES, case_inputs, max_relative_error, named_tokens, official_params
+from recurrent_lm.layers import Attention, RGLRU, stateful
+from recurrent_lm.models import griffin
+from recurrent_lm.sampling import SamplingLM, functional, to_sampling_mode, to_stateless
+
+
+def our_model(case):
+    return convert.from_official_params(official_params(case), **case.overrides())
+
+
+def feed_in_chunks(sampler, tokens, segment_pos, chunk):
+    seq = tokens.named_shape["seq"]
+    pieces = []
+    for lo in range(0, seq, chunk):
+        piece = {"seq": pz.slice[lo : lo + chunk]}
+        pieces.append(sampler(tokens[piece], segment_pos=segment_pos[piece]).unwrap("batch", "seq", "vocabulary"))
+    return np.concatenate(pieces, axis=1)
+
+
+@pytest.mark.parametrize("case_name", ["hybrid", "attention_first", "hawk"])
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_chunks_equal_the_full_forward(case_name, chunk):
+    """Plain, packed and left-padded rows; window (5) shorter than the sequence (17)."""
+    case = CASES[case_name]
+    model = our_model(case)
+    tokens, segment_pos = named_tokens(*case_inputs(case))
+    full = model(tokens, segment_pos=segment_pos).unwrap("batch", "seq", "vocabulary")
+    sampler = to_sampling_mode(model, batch_size=case.batch)
+    assert max_relative_error(feed_in_chunks(sampler, tokens, segment_pos, chunk), full) <= 1e-5
+
+
+def test_default_positions_continue_the_stream():
+    case = CASES["hybrid"]
+    model = our_model(case)
+    ids, _ = case_inputs(case)
+    full = model(named_tokens(ids)).unwrap("batch", "seq", "vocabulary")
+    sampler = to_sampling_mode(model, batch_size=case.batch)
+    first = sampler(named_tokens(ids[:, :6])).unwrap("batch", "seq", "vocabulary")
+    rest = sampler(named_tokens(ids[:, 6:])).unwrap("batch", "seq", "vocabulary")
+    assert max_relative_error(np.concatenate([first, rest], axis=1), full) <= 1e-5
+    np.testing.assert_array_equal(sampler.stream_index.value.unwrap("batch"), [case.seq] * case.batch)
+
+
+def test_functional_form_under_jit_and_while_loop():
+    case = CASES["hybrid"]
+    model = our_model(case)
+    ids, pos = case_inputs(case)
+    tokens, segment_pos = named_tokens(ids, pos)
+    full = model(tokens, segment_pos=segment_pos).unwrap("batch", "seq", "vocabulary")
+    step, params, state = functional(to_sampling_mode(model, batch_size=case.batch))
+    prefill = jax.jit(step)
+    logits, state = prefill(params, state, ids[:, :9], pos[:, :9])
+
+    @jax.jit
+    def decode(params, state):
+        def body(t, carry):
+            state, out = carry
+            token = jax.lax.dynamic_slice_in_dim(jnp.asarray(ids), t, 1, axis=1)
+            p = jax.lax.dynamic_slice_in_dim(jnp.asarray(pos), t, 1, axis=1)
+            logits, state = step(params, state, token, p)
+            return state, jax.lax.dynamic_update_slice_in_dim(out, logits, t, axis=1)
+
+        out = jnp.zeros_like(jnp.asarray(full))
+        return jax.lax.fori_loop(9, case.seq, body, (state, out))
+
+    state, out = decode(params, state)
+    combined = np.concatenate([logits, np.asarray(out)[:, 9:]], axis=1)
+    assert max_relative_error(combined, full) <= 1e-5
+
+
+def test_twins_share_the_parameters_and_swap_back():
+    model = our_model(CASES["hybrid"])
+    sampler = to_sampling_mode(model, batch_size=2)
+    twins = pz.select(sampler).at_instances_of(stateful.StatefulTwin).get_sequence()
+    assert sorted(type(t).__name__ for t in twins) == [
+        "CachedAttention", "StatefulConv1D", "StatefulConv1D", "StatefulRGLRU", "StatefulRGLRU"]
+    original = pz.select(model).at_instances_of(RGLRU).get_sequence()[0]
+    twin = pz.select(sampler).at_instances_of(stateful.StatefulRGLRU).get_sequence()[0]
+    assert twin.layer.a_param is original.a_param  # the same Parameter object
+    assert to_stateless(sampler) == model
+    assert twin.hidden.value.dtype == jnp.float32
+    conv_twin = pz.select(sampler).at_instances_of(stateful.StatefulConv1D).get_sequence()[0]
+    assert dict(conv_twin.history.value.named_shape) == {"batch": 2, "conv_taps": 3, "lru": 64}
+    attn = pz.select(sampler).at_instances_of(stateful.CachedAttention).get_sequence()[0]
+    assert attn.cache.value.keys.named_shape["kv_seq"] == 5  # the window: a ring buffer
+
+
+def global_attention_model():
+    """A Griffin whose attention layers have no window (global attention)."""
+    case = CASES["hybrid"]
+    return case, pz.select(our_model(case)).at_instances_of(Attention).apply(
+        lambda layer: dataclasses.replace(layer, window_size=None))
+
+
+def test_global_attention_uses_a_full_cache():
+    case, model = global_attention_model()
+    with pytest.raises(ValueError, match="pass max_length"):
+        to_sampling_mode(model, batch_size=case.batch)
+    tokens, segment_pos = named_tokens(*case_inputs(case))
+    full = model(tokens, segment_pos=segment_pos).unwrap("batch", "seq", "vocabulary")
+    sampler = to_sampling_mode(model, batch_size=case.batch, max_length=case.seq)
+    assert max_relative_error(feed_in_chunks(sampler, tokens, segment_pos, 4), full) <= 1e-5
+    with pytest.raises(ValueError, match="would make the stream 18 tokens long.*hold 17"):
+        sampler(tokens[{"seq": pz.slice[:1]}])
+
+
+def test_state_size_is_constant_from_1k_to_8k_tokens():
+    config = griffin.GriffinConfig(vocab_size=32, hidden_size=16, num_attention_heads=2, intermediate_size=16,
+                                   num_hidden_layers=3, attention_window_size=64)
+    model = griffin.build_model(config, jax.random.key(0))
+    step, params, state = functional(to_sampling_mode(model, batch_size=1))
+    size = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+    shapes = lambda tree: [x.shape for x in jax.tree.leaves(tree)]
+
+    @jax.jit
+    def run(params, state, steps):
+        def body(t, carry):
+            state, token = carry
+            logits, state = step(params, state, token)
+            return state, jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(jnp.int32)
+        return jax.lax.fori_loop(0, steps, body, (state, jnp.ones((1, 1), jnp.int32)))
+
+    after_1k, _ = run(params, state, 1024)
+    after_8k, _ = run(params, state, 8192)
+    assert shapes(after_1k) == shapes(after_8k) == shapes(state)
+    assert size(after_1k) == size(after_8k) == size(state)
+    index = [x for x in jax.tree.leaves(after_8k) if x.dtype == jnp.int32 and x.shape == (1,)]
+    assert 8192 in [int(x[0]) for x in index]  # the stream really advanced
+
+
+def test_sampling_mode_bad_inputs():
+    model = our_model(CASES["hybrid"])
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        to_sampling_mode(model, batch_size=0)
+    sampler = to_sampling_mode(model, batch_size=2)
+    with pytest.raises(TypeError, match="already in sampling mode"):
+        to_sampling_mode(sampler, batch_size=2)
+    with pytest.raises(ValueError, match="built for batch_size=2"):
+        sampler(named_tokens(np.zeros((3, 4), np.int32)))
+    with pytest.raises(ValueError, match="outside the vocabulary range"):
+        sampler(named_tokens(np.full((2, 1), 99, np.int32)))
+    with pytest.raises(ValueError, match="empty 'seq' axis"):
+        sampler(named_tokens(np.zeros((2, 0), np.int32)))
+    layer = pz.select(sampler).at_instances_of(stateful.CachedAttention).get_sequence()[0]
+    x = pz.nx.zeros({"batch": 2, "seq": 1, "embedding": 48})
+    with pytest.raises(ValueError, match="needs the side input stream_pos"):
+        layer(x, segment_pos=pz.nx.zeros({"batch": 2, "seq": 1}, jnp.int32))
+    assert isinstance(sampler, SamplingLM)
