@@ -19,7 +19,7 @@ class Tokenizer:
         self.processor = processor
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tokenizer model {path} does not exist.")

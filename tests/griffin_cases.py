@@ -106,7 +106,7 @@ def perturb(params, seed: int, scale: float = 0.1):
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def official_params(case: OfficialCase):
     import recurrentgemma.jax as rg
 
@@ -116,7 +116,7 @@ def official_params(case: OfficialCase):
     return jax.device_get(perturb(params, case.seed))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def official_apply(case: OfficialCase):
     """Compiled official forward (params, ids, pos) -> logits, cached per case."""
     import recurrentgemma.jax as rg

@@ -127,7 +127,7 @@ class Attention(pz.nn.Layer):
         output_bias: bool = True,
         output_init_scale: float = 1.0,
         dtype=jnp.float32,
-    ) -> "Attention":
+    ) -> Attention:
         if num_heads % num_kv_heads:
             raise ValueError(
                 f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}."

@@ -83,7 +83,7 @@ class CausalConv1D(pz.nn.Layer):
         axis: str = axes.LRU,
         init_scale: float = 0.01,
         dtype=jnp.float32,
-    ) -> "CausalConv1D":
+    ) -> CausalConv1D:
         return cls(
             weights=pz.nn.make_parameter(
                 f"{name}.weights",

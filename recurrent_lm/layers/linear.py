@@ -82,7 +82,7 @@ class BlockDiagonalLinear(pz.nn.Layer):
         axis: str = axes.LRU,
         init_scale: float = 1.0,
         dtype=jnp.float32,
-    ) -> "BlockDiagonalLinear":
+    ) -> BlockDiagonalLinear:
         if width % num_blocks:
             raise ValueError(f"width {width} is not divisible by {num_blocks} blocks.")
         block = width // num_blocks

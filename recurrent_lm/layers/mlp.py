@@ -39,7 +39,7 @@ class GatedMLP(pz.nn.Layer):
         use_bias: bool,
         down_init_scale: float = 1.0,
         dtype=jnp.float32,
-    ) -> "GatedMLP":
+    ) -> GatedMLP:
         embed, hidden = {axes.EMBEDDING: width}, {axes.MLP: hidden_width}
         return cls(
             gate=linear.dense(f"{name}.gate", init_base_rng, embed, hidden, use_bias=use_bias, dtype=dtype),

@@ -38,7 +38,7 @@ class RMSNorm(pz.nn.Layer):
         axis: str = axes.EMBEDDING,
         eps: float = 1e-6,
         dtype=jnp.float32,
-    ) -> "RMSNorm":
+    ) -> RMSNorm:
         return cls(
             scale=pz.nn.make_parameter(
                 f"{name}.scale", init_base_rng, init.zeros, {axis: width}, dtype

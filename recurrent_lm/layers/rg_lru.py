@@ -82,7 +82,7 @@ class RGLRU(pz.nn.Layer):
         *,
         scan_method: str | None = None,
         dtype=jnp.float32,
-    ) -> "RGLRU":
+    ) -> RGLRU:
         recurrence.check_scan_method(scan_method)
         return cls(
             a_param=pz.nn.make_parameter(

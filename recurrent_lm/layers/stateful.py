@@ -11,7 +11,10 @@ besides ``segment_pos``:
 * ``stream_pos`` int {"batch", "seq"}: the position of each token in the whole
   stream (pads included), for attention windows and cache slots;
 * ``document_id`` int {"batch", "seq"}: how many documents have started in the
-  stream up to each token, so that attention never crosses a document start.
+  stream up to each token, so that attention never crosses a document start;
+* ``state_is_empty`` (static bool, default False): the caller guarantees the
+  state is the initial one (a prefill of fresh streams), so twins may skip
+  reading it.
 
 Architectures register the twins of their temporal layers with
 `register_twins`; `to_sampling_mode` swaps every registered layer type.
@@ -91,7 +94,7 @@ class StatefulConv1D(StatefulTwin):
     history: pz.StateVariable
 
     @classmethod
-    def from_layer(cls, layer: conv.CausalConv1D, context: TwinContext) -> "StatefulConv1D":
+    def from_layer(cls, layer: conv.CausalConv1D, context: TwinContext) -> StatefulConv1D:
         history = layer.empty_history({axes.BATCH: context.batch_size})
         return cls(layer=layer, history=pz.StateVariable(history, label=context.label))
 
@@ -113,7 +116,7 @@ class StatefulRGLRU(StatefulTwin):
     hidden: pz.StateVariable
 
     @classmethod
-    def from_layer(cls, layer: rg_lru.RGLRU, context: TwinContext) -> "StatefulRGLRU":
+    def from_layer(cls, layer: rg_lru.RGLRU, context: TwinContext) -> StatefulRGLRU:
         width = layer.a_param.value.named_shape[axes.LRU]
         hidden = pz.nx.zeros({axes.BATCH: context.batch_size, axes.LRU: width}, jnp.float32)
         return cls(layer=layer, hidden=pz.StateVariable(hidden, label=context.label))
@@ -143,7 +146,7 @@ class KVCache(pz.Struct):
     document: pz.nx.NamedArray
 
     @classmethod
-    def empty(cls, batch_size: int, slots: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
+    def empty(cls, batch_size: int, slots: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
         kv_shape = {axes.BATCH: batch_size, axes.KV_SEQ: slots, axes.KV_HEADS: kv_heads,
                     axes.PROJECTION: head_dim}
         slot_shape = {axes.BATCH: batch_size, axes.KV_SEQ: slots}
@@ -158,7 +161,7 @@ class KVCache(pz.Struct):
     def slots(self) -> int:
         return self.index.named_shape[axes.KV_SEQ]
 
-    def write(self, keys, values, index, document) -> "KVCache":
+    def write(self, keys, values, index, document) -> KVCache:
         """Stores new tokens ({"kv_seq": T} each) at slots ``index % slots``."""
         slots = self.slots
         steps = index.named_shape[axes.KV_SEQ]
@@ -195,7 +198,7 @@ class CachedAttention(StatefulTwin):
     cache: pz.StateVariable
 
     @classmethod
-    def from_layer(cls, layer: attention.Attention, context: TwinContext) -> "CachedAttention":
+    def from_layer(cls, layer: attention.Attention, context: TwinContext) -> CachedAttention:
         if layer.window_size is not None:
             slots = layer.window_size
         elif context.max_length is not None:
@@ -217,7 +220,7 @@ class CachedAttention(StatefulTwin):
         return self.layer.window_size is None
 
     def __call__(self, x, *, segment_pos=None, stream_pos=None, document_id=None,
-                 **_unused_side_inputs):
+                 state_is_empty: bool = False, **_unused_side_inputs):
         segment_pos = positions.require_segment_pos(segment_pos, "CachedAttention")
         stream_pos = require_side_input(stream_pos, "stream_pos", "CachedAttention")
         document_id = require_side_input(document_id, "document_id", "CachedAttention")
@@ -225,13 +228,15 @@ class CachedAttention(StatefulTwin):
         q, k, v = self.layer.project(x, segment_pos)
         k, v = attention.to_kv_seq(k), attention.to_kv_seq(v)
         new_index, new_document = attention.to_kv_seq(stream_pos), attention.to_kv_seq(document_id)
-        join = lambda old, new: pz.nx.concatenate([old, new.astype(old.dtype)], axes.KV_SEQ)
-        mask = attention.attention_mask(
-            stream_pos, document_id,
-            join(cache.index, new_index), join(cache.document, new_document),
-            self.layer.window_size,
-        )
-        out = self.layer.attend(q, join(cache.keys, k), join(cache.values, v), mask)
+        if state_is_empty:
+            # A fresh stream (the caller knows): nothing cached to attend to.
+            keys, values, index, document = k, v, new_index, new_document
+        else:
+            join = lambda old, new: pz.nx.concatenate([old, new.astype(old.dtype)], axes.KV_SEQ)
+            keys, values = join(cache.keys, k), join(cache.values, v)
+            index, document = join(cache.index, new_index), join(cache.document, new_document)
+        mask = attention.attention_mask(stream_pos, document_id, index, document, self.layer.window_size)
+        out = self.layer.attend(q, keys, values, mask)
         _write_state(self.cache, cache.write(k, v, new_index, new_document))
         return out
 

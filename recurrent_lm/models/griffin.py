@@ -159,7 +159,7 @@ class GriffinConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "GriffinConfig":
+    def from_dict(cls, values: dict[str, Any]) -> GriffinConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -167,7 +167,7 @@ class GriffinConfig:
         return cls(**values)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "GriffinConfig":
+    def from_preset(cls, name: str, **overrides) -> GriffinConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown Griffin preset {name!r}; presets: {sorted(PRESETS)}.")
         if "num_hidden_layers" in overrides and "block_types" not in overrides:

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from penzai import pz
 
-from recurrent_lm import axes
 from recurrent_lm.models import base
 from recurrent_lm.sampling import mode, strategies
 
@@ -80,15 +79,6 @@ class _Carry(NamedTuple):
     key: jax.Array
 
 
-def _step(skeleton, params, state, ids, segment_pos, last_position_only):
-    """The sampling-mode model as a pure function of raw arrays."""
-    tokens = pz.nx.wrap(ids).tag(*axes.TOKEN_AXES)
-    pos = None if segment_pos is None else pz.nx.wrap(segment_pos).tag(*axes.TOKEN_AXES)
-    runner = mode._Forward(skeleton.bind_variables(params), last_position_only)
-    logits, state = runner.stateless_call(state, tokens, segment_pos=pos)
-    return logits.unwrap(*axes.TOKEN_AXES, axes.VOCABULARY), state
-
-
 def _record(carry: _Carry, logits, settings: DecodeSettings) -> _Carry:
     """Chooses the next token of every row from `logits` [batch, vocab]."""
     logits = logits.astype(jnp.float32)
@@ -123,13 +113,13 @@ def _prefill(skeleton, params, state, ids, segment_pos, key, settings: DecodeSet
              chunk_size: int | None) -> _Carry:
     batch, length = ids.shape
     if chunk_size is None or chunk_size >= length:
-        logits, state = _step(skeleton, params, state, ids, segment_pos, True)
+        logits, state = mode.pure_step(skeleton, params, state, ids, segment_pos, True, state_is_empty=True)
     else:
         # A scan over equal chunks: one compiled chunk, activations of one chunk live.
         chunks = lambda a: a.reshape(batch, length // chunk_size, chunk_size).swapaxes(0, 1)
 
         def body(state, chunk):
-            logits, state = _step(skeleton, params, state, chunk[0], chunk[1], True)
+            logits, state = mode.pure_step(skeleton, params, state, chunk[0], chunk[1], True)
             return state, logits
 
         state, logits = jax.lax.scan(body, state, (chunks(ids), chunks(segment_pos)))
@@ -156,7 +146,7 @@ def _decode(skeleton, params, carry: _Carry, until, settings: DecodeSettings) ->
 
     def body(carry):
         last = jax.lax.dynamic_slice_in_dim(carry.tokens, carry.step - 1, 1, axis=1)
-        logits, state = _step(skeleton, params, carry.state, last, None, False)
+        logits, state = mode.pure_step(skeleton, params, carry.state, last)
         return _record(carry._replace(state=state), logits[:, 0], settings)
 
     return jax.lax.while_loop(cond, body, carry)
@@ -244,12 +234,26 @@ def _prepare(model, prompts, settings_kwargs, prompt_bucket, prefill_chunk_size)
         raise ValueError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size!r}.")
     ids, pos = pad_prompts(prompts, batch_size, pad_id=settings.pad_id, bucket=prompt_bucket,
                            multiple_of=prefill_chunk_size or 1)
-    sampler = mode.to_sampling_mode(
-        stateless, batch_size=batch_size, max_length=ids.shape[1] + settings.max_new_tokens
-    )
-    stateless_sampler, state = pz.unbind_state_vars(sampler, freeze=True)
-    skeleton, params = pz.unbind_params(stateless_sampler, freeze=True)
+    skeleton, params, state = _split_sampler(stateless, batch_size, ids.shape[1] + settings.max_new_tokens)
     return skeleton, params, state, ids, pos, settings, len(prompts)
+
+
+# Building the sampling mode walks the whole model with selectors (tens of ms
+# for a small model); generation reuses it for the same model object.
+_SPLIT_CACHE: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _split_sampler(model, batch_size: int, max_length: int):
+    ref, entries = _SPLIT_CACHE.get(id(model), (None, None))
+    if ref is None or ref() is not model:
+        entries = {}
+        _SPLIT_CACHE[id(model)] = (weakref.ref(model, lambda _, key=id(model): _SPLIT_CACHE.pop(key, None)),
+                                   entries)
+    key = (batch_size, max_length)
+    if key not in entries:
+        entries.clear()  # keep one sampling mode per model
+        entries[key] = mode.split(mode.to_sampling_mode(model, batch_size=batch_size, max_length=max_length))
+    return entries[key]
 
 
 def _results(carry: _Carry, count: int, return_logprobs: bool) -> GenerationOutput:

@@ -20,6 +20,7 @@ Functional form, for `jax.jit` / `lax.while_loop` (state in, state out)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -93,7 +94,8 @@ class SamplingLM(pz.nn.Layer):
                 " sampling mode with a larger max_length."
             )
 
-    def forward(self, tokens, segment_pos=None, last_position_only: bool = False):
+    def forward(self, tokens, segment_pos=None, last_position_only: bool = False,
+                state_is_empty: bool = False):
         """Runs the chunk and advances the state.
 
         Args:
@@ -101,6 +103,9 @@ class SamplingLM(pz.nn.Layer):
           last_position_only: compute logits for the last position only (the
             "seq" axis keeps size 1), skipping the vocabulary projection
             elsewhere: all a prefill needs.
+          state_is_empty: promise that the state is the initial one (fresh
+            streams), so that layers skip reading it. A wrong promise gives
+            wrong results; only the generation prefill makes it.
         """
         steps = pz.nx.arange(axes.SEQ, tokens.named_shape[axes.SEQ], dtype=jnp.int32)
         if segment_pos is None:
@@ -112,6 +117,7 @@ class SamplingLM(pz.nn.Layer):
             last_position_only=last_position_only,
             stream_pos=self.stream_index.value + steps,
             document_id=document_id,
+            state_is_empty=state_is_empty,
         )
         last = {axes.SEQ: -1}
         last_pos = segment_pos[last]
@@ -199,17 +205,30 @@ def functional(sampler: SamplingLM) -> tuple[Callable, Any, Any]:
     values (pytrees), to pass through `jax.jit` and to carry in
     `lax.while_loop`. No host checks run inside: validate inputs before.
     """
+    skeleton, params, state = split(sampler)
+    return functools.partial(pure_step, skeleton), params, state
+
+
+def split(sampler: SamplingLM):
+    """``(skeleton, params, state)``: the sampler without its variables, and their
+    frozen values. The skeleton holds no arrays (a pytree with static leaves
+    only), so it can be passed to a jitted function at no cost."""
     stateless, state = pz.unbind_state_vars(sampler, freeze=True)
     skeleton, params = pz.unbind_params(stateless, freeze=True)
+    return skeleton, params, state
 
-    def step(params, state, ids, segment_pos=None, last_position_only=False):
-        tokens = pz.nx.wrap(ids).tag(*axes.TOKEN_AXES)
-        pos = None if segment_pos is None else pz.nx.wrap(segment_pos).tag(*axes.TOKEN_AXES)
-        runner = _Forward(skeleton.bind_variables(params), last_position_only)
-        logits, new_state = runner.stateless_call(state, tokens, segment_pos=pos)
-        return logits.unwrap(*axes.TOKEN_AXES, axes.VOCABULARY), new_state
 
-    return step, params, state
+def pure_step(skeleton, params, state, ids, segment_pos=None, last_position_only=False,
+              state_is_empty=False):
+    """One call of the sampling-mode model on raw arrays: ``(logits, state)``.
+
+    See `functional`; `state_is_empty` is `SamplingLM.forward`'s promise.
+    """
+    tokens = pz.nx.wrap(ids).tag(*axes.TOKEN_AXES)
+    pos = None if segment_pos is None else pz.nx.wrap(segment_pos).tag(*axes.TOKEN_AXES)
+    runner = _Forward(skeleton.bind_variables(params), last_position_only, state_is_empty)
+    logits, state = runner.stateless_call(state, tokens, segment_pos=pos)
+    return logits.unwrap(*axes.TOKEN_AXES, axes.VOCABULARY), state
 
 
 @pz.pytree_dataclass
@@ -218,6 +237,7 @@ class _Forward(pz.nn.Layer):
 
     sampler: SamplingLM
     last_position_only: bool = dataclasses.field(metadata={"pytree_node": False})
+    state_is_empty: bool = dataclasses.field(default=False, metadata={"pytree_node": False})
 
     def __call__(self, tokens, *, segment_pos=None, **_unused_side_inputs):
-        return self.sampler.forward(tokens, segment_pos, self.last_position_only)
+        return self.sampler.forward(tokens, segment_pos, self.last_position_only, self.state_is_empty)
