@@ -90,9 +90,12 @@ class Official:
 
     def decode_memory(self, ids, steps) -> int:
         state = self.prefill(ids, steps)
-        # Lower the undecorated loop (lowering the donating jit trips its type checks).
-        loop = jax.jit(lambda params, state: self.sampler._sample_fn(params, state, False))
-        return memory_bytes(loop.lower(self.params, state).compile())
+        # Lower on flat leaves: lowering rebuilds argument trees with placeholder
+        # leaves, which the official SamplingState's type checks reject.
+        leaves, treedef = jax.tree.flatten(state)
+        loop = jax.jit(lambda params, leaves: self.sampler._sample_fn(
+            params, jax.tree.unflatten(treedef, leaves), False))
+        return memory_bytes(loop.lower(self.params, leaves).compile())
 
 
 class Ours:
