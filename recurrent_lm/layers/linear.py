@@ -30,12 +30,17 @@ def dense(
     {*out_axes}, zeros. Named axes: in {..., *in_axes} -> out {..., *out_axes}.
     """
     in_axes, out_axes = dict(in_axes), dict(out_axes)
+    # Storage order. A plain matrix is stored [out, in]: XLA:CPU's matrix-vector
+    # product (decoding) reads it ~15% faster than [in, out]. With several
+    # output axes (attention heads x head_dim) XLA would copy an [out..., in]
+    # weight to a matrix on every call, so those stay [in, out...].
+    layout = {**out_axes, **in_axes} if len(out_axes) == len(in_axes) == 1 else {**in_axes, **out_axes}
     linear = pz.nn.Linear(
         weights=pz.nn.make_parameter(
             f"{name}.weights",
             init_base_rng,
             init.fan_in_normal,
-            {**in_axes, **out_axes},
+            layout,
             dtype,
             fan_in_axes=tuple(in_axes),
             scale=init_scale,

@@ -136,8 +136,10 @@ class KVCache(pz.Struct):
     RoPE. ``index`` is the stream index of each slot's token (-1: empty);
     ``document`` its document id.
 
-    Named axes: keys, values {"batch", "kv_seq", "kv_heads", "projection"};
-    index, document {"batch", "kv_seq"}.
+    Named axes: keys, values {"batch", "kv_heads", "projection", "kv_seq"};
+    index, document {"batch", "kv_seq"}. "kv_seq" is stored last: a one-token
+    write is then an in-place update and attention reads the keys without a
+    transposed copy (measured on XLA:CPU decoding).
     """
 
     keys: pz.nx.NamedArray
@@ -147,8 +149,8 @@ class KVCache(pz.Struct):
 
     @classmethod
     def empty(cls, batch_size: int, slots: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
-        kv_shape = {axes.BATCH: batch_size, axes.KV_SEQ: slots, axes.KV_HEADS: kv_heads,
-                    axes.PROJECTION: head_dim}
+        kv_shape = {axes.BATCH: batch_size, axes.KV_HEADS: kv_heads, axes.PROJECTION: head_dim,
+                    axes.KV_SEQ: slots}
         slot_shape = {axes.BATCH: batch_size, axes.KV_SEQ: slots}
         return cls(
             keys=pz.nx.zeros(kv_shape, dtype),
@@ -186,11 +188,14 @@ class KVCache(pz.Struct):
 
 @pz.pytree_dataclass
 class CachedAttention(StatefulTwin):
-    """`Attention` over a KV cache: a ring buffer of the window for local
-    attention, or a cache of ``max_length`` slots for global attention.
+    """`Attention` over a KV cache: a ring buffer of the window (W + 1 slots:
+    the W previous tokens and the current one) for local attention, or a cache
+    of ``max_length`` slots for global attention.
 
-    A call attends over the cached tokens plus the new chunk (so a chunk of any
-    length continues the stream), then writes the chunk into the cache.
+    A chunk attends over the cached tokens plus itself (so a chunk of any
+    length continues the stream), then is written into the cache. A single
+    token (decoding) is written first and attends over the cache alone, which
+    saves copying the cache into a concatenation every step.
     Side inputs: ``segment_pos``, ``stream_pos``, ``document_id``.
     """
 
@@ -200,7 +205,7 @@ class CachedAttention(StatefulTwin):
     @classmethod
     def from_layer(cls, layer: attention.Attention, context: TwinContext) -> CachedAttention:
         if layer.window_size is not None:
-            slots = layer.window_size
+            slots = layer.window_size + 1
         elif context.max_length is not None:
             slots = context.max_length
         else:
@@ -228,15 +233,19 @@ class CachedAttention(StatefulTwin):
         q, k, v = self.layer.project(x, segment_pos)
         k, v = attention.to_kv_seq(k), attention.to_kv_seq(v)
         new_index, new_document = attention.to_kv_seq(stream_pos), attention.to_kv_seq(document_id)
+        updated = cache.write(k, v, new_index, new_document)
         if state_is_empty:
             # A fresh stream (the caller knows): nothing cached to attend to.
             keys, values, index, document = k, v, new_index, new_document
+        elif x.named_shape[axes.SEQ] == 1:
+            # Every slot the token may see survives its own write.
+            keys, values, index, document = updated.keys, updated.values, updated.index, updated.document
         else:
             join = lambda old, new: pz.nx.concatenate([old, new.astype(old.dtype)], axes.KV_SEQ)
             keys, values = join(cache.keys, k), join(cache.values, v)
             index, document = join(cache.index, new_index), join(cache.document, new_document)
         mask = attention.attention_mask(stream_pos, document_id, index, document, self.layer.window_size)
         out = self.layer.attend(q, keys, values, mask)
-        _write_state(self.cache, cache.write(k, v, new_index, new_document))
+        _write_state(self.cache, updated)
         return out
 

@@ -93,7 +93,7 @@ def test_twins_share_the_parameters_and_swap_back():
     conv_twin = pz.select(sampler).at_instances_of(stateful.StatefulConv1D).get_sequence()[0]
     assert dict(conv_twin.history.value.named_shape) == {"batch": 2, "conv_taps": 3, "lru": 64}
     attn = pz.select(sampler).at_instances_of(stateful.CachedAttention).get_sequence()[0]
-    assert attn.cache.value.keys.named_shape["kv_seq"] == 5  # the window: a ring buffer
+    assert attn.cache.value.keys.named_shape["kv_seq"] == 6  # a ring buffer of window + 1
 
 
 def global_attention_model():
