@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import recurrentgemma.jax as rg  # noqa: E402
 from recurrentgemma import common  # noqa: E402
 
+from benchmarks import common as common_args  # noqa: E402
 from checkpoints_conversion import recurrentgemma as convert  # noqa: E402
 from recurrent_lm.sampling import decode  # noqa: E402
 
@@ -139,23 +140,13 @@ class Ours:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=32_000)
-    parser.add_argument("--window", type=int, default=2048)
+    common_args.add_model_arguments(parser)
     parser.add_argument("--prompt", type=int, default=256, help="prompt length")
     parser.add_argument("--steps", type=int, default=128, help="decode steps timed")
     parser.add_argument("--batches", default="1,8")
     args = parser.parse_args(argv)
 
-    pattern = [common.TemporalBlockType.RECURRENT] * 2 + [common.TemporalBlockType.ATTENTION]
-    config = rg.GriffinConfig(
-        vocab_size=args.vocab, width=args.width, mlp_expanded_width=3 * args.width,
-        num_heads=args.heads, block_types=tuple(pattern[i % 3] for i in range(args.layers)),
-        embeddings_scale_by_sqrt_dim=True, attention_window_size=args.window, logits_soft_cap=30.0,
-        lru_width=args.width, scan_type=common.ScanType.LINEAR_NATIVE,
-    )
+    config = common_args.official_config(args, common.ScanType.LINEAR_NATIVE)
     init_ids = jnp.zeros((1, 8), jnp.int32)
     params = rg.Griffin(config).init(jax.random.key(0), init_ids, jnp.arange(8)[None])["params"]
     model = convert.from_official_params(jax.device_get(params), attention_window_size=args.window)

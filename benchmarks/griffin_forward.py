@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import recurrentgemma.jax as rg  # noqa: E402
 from recurrentgemma import common  # noqa: E402
 
+from benchmarks import common as common_args  # noqa: E402
 from checkpoints_conversion import recurrentgemma as convert  # noqa: E402
 from recurrent_lm.layers import recurrence  # noqa: E402
 from recurrent_lm.models import base  # noqa: E402
@@ -52,30 +53,15 @@ def time_first_call(fn):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=32_000)
+    common_args.add_model_arguments(parser)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--window", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip-official-linear", action="store_true",
                         help="skip the official LINEAR_NATIVE scan (slow to compile)")
     args = parser.parse_args(argv)
 
-    pattern = [common.TemporalBlockType.RECURRENT] * 2 + [common.TemporalBlockType.ATTENTION]
-    config = rg.GriffinConfig(
-        vocab_size=args.vocab,
-        width=args.width,
-        mlp_expanded_width=3 * args.width,
-        num_heads=args.heads,
-        block_types=tuple(pattern[i % 3] for i in range(args.layers)),
-        embeddings_scale_by_sqrt_dim=True,
-        attention_window_size=args.window,
-        logits_soft_cap=30.0,
-        lru_width=args.width,
-    )
+    config = common_args.official_config(args)
     ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, args.vocab)
     pos = jnp.broadcast_to(jnp.arange(args.seq), ids.shape)
     params = rg.Griffin(config).init(jax.random.key(0), ids[:, :8], pos[:, :8])["params"]

@@ -1,19 +1,16 @@
 """The SentencePiece wrapper, on a tokenizer trained here with the Gemma special ids."""
 
-import numpy as np
 import pytest
+
+from corpora import train_tokenizer
 
 from recurrent_lm import tokenizer as tokenizer_lib
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("sp")
-    rng = np.random.default_rng(0)
-    words = ["".join(rng.choice(list("abcdefghij"), size=rng.integers(2, 7))) for _ in range(300)]
-    corpus = directory / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(400)))
-    return tokenizer_lib.train([corpus], directory / "tok", vocab_size=120)
+    return train_tokenizer(tmp_path_factory.mktemp("sp"), letters="abcdefghij", words=300,
+                           max_word_length=7, words_per_line=12, lines=400, vocab_size=120)
 
 
 def test_special_ids_follow_gemma(tokenizer):

@@ -9,19 +9,15 @@ import pytest
 
 from checkpoints_conversion import recurrentgemma as convert
 from griffin_cases import OfficialCase, official_params
-from recurrent_lm import tokenizer as tokenizer_lib
+from corpora import train_tokenizer
 from recurrent_lm.sampling import generate, stream, to_sampling_mode
 from recurrent_lm.sampling import strategies
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("sp")
-    rng = np.random.default_rng(0)
-    words = ["".join(rng.choice(list("abcdefghij"), size=rng.integers(2, 6))) for _ in range(200)]
-    corpus = directory / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(words, 10)) for _ in range(300)))
-    return tokenizer_lib.train([corpus], directory / "tok", vocab_size=64)
+    return train_tokenizer(tmp_path_factory.mktemp("sp"), letters="abcdefghij", words=200,
+                           max_word_length=6, words_per_line=10, lines=300, vocab_size=64)
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,11 @@
 import io
 
 import jax
-import numpy as np
 import pytest
 
 import recurrent_lm
-from recurrent_lm import sample, tokenizer as tokenizer_lib
+from corpora import train_tokenizer
+from recurrent_lm import sample
 from recurrent_lm.models import griffin
 from recurrent_lm.sampling import generate
 
@@ -15,10 +15,8 @@ from recurrent_lm.sampling import generate
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     directory = tmp_path_factory.mktemp("cli")
-    rng = np.random.default_rng(0)
-    words = ["".join(rng.choice(list("klmnopqrst"), size=rng.integers(2, 6))) for _ in range(150)]
-    (directory / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words, 8)) for _ in range(200)))
-    tokenizer = tokenizer_lib.train([directory / "corpus.txt"], directory / "tok", vocab_size=60)
+    tokenizer = train_tokenizer(directory, letters="klmnopqrst", words=150, max_word_length=6,
+                                words_per_line=8, lines=200, vocab_size=60)
     config = griffin.GriffinConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_attention_heads=2,
                                    intermediate_size=16, num_hidden_layers=3, attention_window_size=8,
                                    embeddings_scale_by_sqrt_dim=False)
