@@ -28,10 +28,6 @@ from recurrent_lm import axes
 from recurrent_lm.layers import named, positions
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 def check_tokens(tokens, vocab_size: int) -> None:
     """Validates model inputs; the range check runs when the ids are concrete."""
     named.check_named(tokens, axes.TOKEN_AXES, "tokens")
@@ -40,7 +36,7 @@ def check_tokens(tokens, vocab_size: int) -> None:
     if tokens.named_shape[axes.SEQ] == 0:
         raise ValueError("tokens has an empty 'seq' axis: there is nothing to run.")
     ids = tokens.unwrap(*axes.TOKEN_AXES)
-    if _is_concrete(ids) and ids.size:
+    if not _any_tracer(tokens) and ids.size:
         ids = np.asarray(ids)
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= vocab_size:
@@ -142,6 +138,7 @@ def _auto_jit_enabled() -> bool:
 
 
 def _any_tracer(*named_arrays) -> bool:
+    """True under tracing (jit, grad, ...): then inputs have no values to check."""
     return any(isinstance(x.data_array, jax.core.Tracer) for x in named_arrays)
 
 
