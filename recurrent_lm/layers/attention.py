@@ -9,26 +9,26 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import linear, positions, rope as rope_lib
+from recurrent_lm.layers import linear, positions, rope as rope_lib, sites
 
 # Finite fill for masked logits (the official Griffin value): a fully masked row
 # becomes uniform instead of NaN.
 MASKED_LOGIT = -2.3819763e38
 
 
-def attend(q, k, v, mask, *, query_scale: float, logits_soft_cap: float | None):
-    """Softmax attention for one row, on positional arrays.
+def attention_probs(q, k, mask, *, query_scale: float, logits_soft_cap: float | None, dtype):
+    """Attention weights for one row, on positional arrays.
 
     Args:
       q: [T, H, D] queries; head h uses key/value head ``h // (H / KV)``.
       k: [S, KV, D] keys.
-      v: [S, KV, D] values.
       mask: [T, S] bool, True where a query may attend to a key.
       query_scale: multiplies the query-key products.
       logits_soft_cap: if set, ``cap * tanh(logits / cap)`` before masking.
+      dtype: dtype of the result (the values' dtype).
 
     Returns:
-      [T, H, D] in the dtype of `v`. Softmax runs in float32.
+      [H, T, S]; the softmax runs in float32.
     """
     steps, heads, dim = q.shape
     kv_heads = k.shape[1]
@@ -37,9 +37,26 @@ def attend(q, k, v, mask, *, query_scale: float, logits_soft_cap: float | None):
     if logits_soft_cap:
         logits = jnp.tanh(logits / logits_soft_cap) * logits_soft_cap
     logits = jnp.where(mask, logits, MASKED_LOGIT).astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    encoded = jnp.einsum("kgts,skd->tkgd", probs, v)
-    return encoded.reshape(steps, heads, dim)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    return probs.reshape(heads, steps, -1)
+
+
+def mix_values(probs, v):
+    """[H, T, S] weights times [S, KV, D] values -> [T, H, D]."""
+    heads, steps, keys = probs.shape
+    kv_heads = v.shape[1]
+    probs = probs.reshape(kv_heads, heads // kv_heads, steps, keys)
+    return jnp.einsum("kgts,skd->tkgd", probs, v).reshape(steps, heads, v.shape[-1])
+
+
+def attend(q, k, v, mask, *, query_scale: float, logits_soft_cap: float | None):
+    """Softmax attention for one row, on positional arrays: q [T, H, D], k and
+    v [S, KV, D], mask [T, S] -> [T, H, D] in the dtype of `v` (see
+    `attention_probs`)."""
+    probs = attention_probs(
+        q, k, mask, query_scale=query_scale, logits_soft_cap=logits_soft_cap, dtype=v.dtype
+    )
+    return mix_values(probs, v)
 
 
 def attention_mask(
@@ -95,6 +112,9 @@ class Attention(pz.nn.Layer):
     {"heads", "projection"} -> {"embedding"}; ``rope`` (or None).
     Static: ``window_size`` (None = global), ``query_scale``,
     ``logits_soft_cap`` (None = off).
+    Sites: ``pattern`` (attention weights {..., "heads", "seq", "kv_seq"}) and
+    ``head_outputs`` (each head's mix of values {..., "seq", "heads",
+    "projection"}, before the output projection).
     """
 
     query: pz.nn.Layer
@@ -107,6 +127,8 @@ class Attention(pz.nn.Layer):
     logits_soft_cap: float | None = dataclasses.field(
         default=None, metadata={"pytree_node": False}
     )
+    pattern: sites.Hook = sites.site_field()
+    head_outputs: sites.Hook = sites.site_field()
 
     @classmethod
     def from_config(
@@ -173,19 +195,24 @@ class Attention(pz.nn.Layer):
     def attend(self, q, k, v, mask) -> pz.nx.NamedArray:
         """Attention of q {"seq"} over k, v {"kv_seq"} under mask {"seq", "kv_seq"},
         followed by the output projection."""
-        encoded = pz.nx.nmap(
-            lambda q, k, v, m: attend(
-                q, k, v, m,
+        probs = pz.nx.nmap(
+            lambda q, k, m: attention_probs(
+                q, k, m,
                 query_scale=self.query_scale,
                 logits_soft_cap=self.logits_soft_cap,
+                dtype=v.dtype,
             )
         )(
             q.untag(axes.SEQ, axes.HEADS, axes.PROJECTION),
             k.untag(axes.KV_SEQ, axes.KV_HEADS, axes.PROJECTION),
-            v.untag(axes.KV_SEQ, axes.KV_HEADS, axes.PROJECTION),
             mask.untag(axes.SEQ, axes.KV_SEQ),
+        ).tag(axes.HEADS, axes.SEQ, axes.KV_SEQ)
+        probs = self.pattern(probs)
+        encoded = pz.nx.nmap(mix_values)(
+            probs.untag(axes.HEADS, axes.SEQ, axes.KV_SEQ),
+            v.untag(axes.KV_SEQ, axes.KV_HEADS, axes.PROJECTION),
         ).tag(axes.SEQ, axes.HEADS, axes.PROJECTION)
-        return self.output(encoded)
+        return self.output(self.head_outputs(encoded))
 
     def __call__(
         self, x: pz.nx.NamedArray, *, segment_pos=None, **_unused_side_inputs

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import init, positions
+from recurrent_lm.layers import init, positions, sites
 
 
 def causal_conv_1d(x, starts, w, b, history):
@@ -66,11 +66,13 @@ class CausalConv1D(pz.nn.Layer):
     Side input: ``segment_pos`` {"batch", "seq"}.
     Parameters: ``weights`` {"conv_taps", axis} (oldest tap first, the last tap
     multiplies the current token), ``bias`` {axis}.
+    Site: ``output`` {..., "seq", axis}.
     """
 
     weights: pz.nn.ParameterLike[pz.nx.NamedArray]
     bias: pz.nn.ParameterLike[pz.nx.NamedArray]
     axis: str = dataclasses.field(default=axes.LRU, metadata={"pytree_node": False})
+    output: sites.Hook = sites.site_field()
 
     @classmethod
     def from_config(
@@ -133,7 +135,7 @@ class CausalConv1D(pz.nn.Layer):
             self.bias.value,
             history.untag(axes.CONV_TAPS),
         )
-        return y.tag(axes.SEQ), new_history.tag(axes.CONV_TAPS)
+        return self.output(y.tag(axes.SEQ)), new_history.tag(axes.CONV_TAPS)
 
     def __call__(
         self, x: pz.nx.NamedArray, *, segment_pos=None, **_unused_side_inputs

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import linear
+from recurrent_lm.layers import linear, sites
 
 
 def gelu_tanh(x: pz.nx.NamedArray) -> pz.nx.NamedArray:
@@ -22,11 +22,13 @@ class GatedMLP(pz.nn.Layer):
     Named axes: in {..., "embedding"} -> out {..., "embedding"}.
     Sublayers: ``gate`` and ``up`` {"embedding"} -> {"mlp"}; ``down``
     {"mlp"} -> {"embedding"} (each a penzai Linear or Affine).
+    Site: ``hidden`` {..., "mlp"} (the gated product fed to ``down``).
     """
 
     gate: pz.nn.Layer
     up: pz.nn.Layer
     down: pz.nn.Layer
+    hidden: sites.Hook = sites.site_field()
 
     @classmethod
     def from_config(
@@ -51,4 +53,4 @@ class GatedMLP(pz.nn.Layer):
         )
 
     def __call__(self, x: pz.nx.NamedArray, **side_inputs) -> pz.nx.NamedArray:
-        return self.down(gelu_tanh(self.gate(x)) * self.up(x), **side_inputs)
+        return self.down(self.hidden(gelu_tanh(self.gate(x)) * self.up(x)), **side_inputs)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from penzai import pz
 
+from recurrent_lm.layers import sites
+
 
 @pz.pytree_dataclass
 class ResidualBlock(pz.nn.Layer):
@@ -16,6 +18,9 @@ class ResidualBlock(pz.nn.Layer):
 
     Named axes: in {..., "seq", "embedding"} -> out {..., "seq", "embedding"}.
     Side inputs are forwarded to every sublayer.
+    Sites, all {..., "seq", "embedding"}: ``temporal_output`` and
+    ``mlp_output`` (each branch as it is added to the stream) and ``output``
+    (the residual stream after the block).
     """
 
     temporal_pre_norm: pz.nn.Layer
@@ -24,13 +29,16 @@ class ResidualBlock(pz.nn.Layer):
     mlp_block: pz.nn.Layer
     temporal_post_norm: pz.nn.Layer | None = None
     channel_post_norm: pz.nn.Layer | None = None
+    temporal_output: sites.Hook = sites.site_field()
+    mlp_output: sites.Hook = sites.site_field()
+    output: sites.Hook = sites.site_field()
 
     def __call__(self, x, **side_inputs):
         branch = self.temporal_block(self.temporal_pre_norm(x, **side_inputs), **side_inputs)
         if self.temporal_post_norm is not None:
             branch = self.temporal_post_norm(branch, **side_inputs)
-        residual = branch + x
+        residual = self.temporal_output(branch) + x
         branch = self.mlp_block(self.channel_pre_norm(residual, **side_inputs), **side_inputs)
         if self.channel_post_norm is not None:
             branch = self.channel_post_norm(branch, **side_inputs)
-        return branch + residual
+        return self.output(self.mlp_output(branch) + residual)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import linear, positions, recurrence
+from recurrent_lm.layers import linear, positions, recurrence, sites
 
 # `a = sigma(Lambda)^(c r)` with c = 8 (paper section 2.4).
 GATE_EXPONENT = 8.0
@@ -62,6 +62,9 @@ class RGLRU(pz.nn.Layer):
     Side input: ``segment_pos`` {"batch", "seq"}.
     Parameters: ``a_param`` {"lru"}; ``input_gate`` and ``a_gate`` are
     `BlockDiagonalLinear` over "lru" with {"heads"} blocks.
+    Sites: ``input_gate_value`` (i_t), ``recurrence_gate_value`` (r_t) and the
+    state site ``hidden_state`` (h_t, which is also the output), all
+    {..., "seq", "lru"}.
     The recurrence accumulates in float32; the output has the input's dtype.
     """
 
@@ -71,6 +74,9 @@ class RGLRU(pz.nn.Layer):
     scan_method: str | None = dataclasses.field(
         default=None, metadata={"pytree_node": False}
     )
+    input_gate_value: sites.Hook = sites.site_field()
+    recurrence_gate_value: sites.Hook = sites.site_field()
+    hidden_state: sites.Hook = sites.state_site_field()
 
     @classmethod
     def from_config(
@@ -108,8 +114,8 @@ class RGLRU(pz.nn.Layer):
         Returns ``(y, h_last)``, ``h_last`` in float32.
         """
         sigmoid = pz.nx.nmap(jax.nn.sigmoid)
-        gate_x = sigmoid(self.input_gate(x))
-        gate_a = sigmoid(self.a_gate(x))
+        gate_x = self.input_gate_value(sigmoid(self.input_gate(x)))
+        gate_a = self.recurrence_gate_value(sigmoid(self.a_gate(x)))
         a_param = self.a_param.value.astype(jnp.result_type(x.dtype, self.a_param.value.dtype))
         log_a = -GATE_EXPONENT * gate_a * pz.nx.nmap(jax.nn.softplus)(a_param)
         a = pz.nx.nmap(jnp.exp)(log_a)
@@ -121,9 +127,11 @@ class RGLRU(pz.nn.Layer):
         )
         multiplier = pz.nx.nmap(jnp.where)(reset, jnp.ones((), multiplier.dtype), multiplier)
         normalized_x = (x * gate_x) * multiplier.astype(x.dtype)
-        return recurrence.linear_scan(
+        a, normalized_x = self.hidden_state.update(a, normalized_x)
+        h, h_last = recurrence.linear_scan(
             a, normalized_x, h0=h0, reset=reset, method=self.scan_method
         )
+        return self.hidden_state(h), h_last
 
     def __call__(
         self, x: pz.nx.NamedArray, *, segment_pos=None, **_unused_side_inputs

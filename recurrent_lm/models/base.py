@@ -25,7 +25,7 @@ import numpy as np
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import named, positions
+from recurrent_lm.layers import named, positions, sites
 
 
 def check_tokens(tokens, vocab_size: int) -> None:
@@ -75,6 +75,8 @@ class DecoderLM(pz.nn.Layer):
         ``pz.select(model).at_instances_of(ResidualBlock)``.
       final_norm: normalisation of the last residual stream.
       head: {"embedding"} -> {"vocabulary"} (tied decode, soft cap, ...).
+      embeddings: site of the embedder's output {"batch", "seq", "embedding"}
+        (the residual stream before the first block).
     """
 
     config: Any = dataclasses.field(metadata={"pytree_node": False})
@@ -82,6 +84,7 @@ class DecoderLM(pz.nn.Layer):
     blocks: pz.nn.Sequential
     final_norm: pz.nn.Layer
     head: pz.nn.Layer
+    embeddings: sites.Hook = sites.site_field()
 
     def __call__(self, tokens, /, *, segment_pos=None, **side_inputs):
         if side_inputs:
@@ -107,7 +110,7 @@ class DecoderLM(pz.nn.Layer):
             wrapper passes stream indices and document ids this way).
         """
         side_inputs = dict(side_inputs, segment_pos=segment_pos)
-        x = self.embedder(tokens, **side_inputs)
+        x = self.embeddings(self.embedder(tokens, **side_inputs))
         x = self.blocks(x, **side_inputs)
         if last_position_only:
             x = x[{axes.SEQ: pz.slice[-1:]}]
