@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 from penzai import pz
 
 
@@ -44,6 +45,39 @@ class Site(Hook):
 @pz.pytree_dataclass
 class StateSite(Hook):
     """The states of a linear recurrence (identity); see the module docstring."""
+
+
+# Fields that site names skip: containers whose nesting says nothing about the
+# model ("blocks.sublayers.3" reads "blocks.3"; a sampling twin's wrapped layer).
+_TRANSPARENT_FIELDS: dict[type, tuple[str, ...]] = {pz.nn.Sequential: ("sublayers",)}
+
+
+def register_transparent_fields(cls: type, *field_names: str) -> None:
+    """Declares fields of `cls` that do not appear in site names."""
+    _TRANSPARENT_FIELDS[cls] = _TRANSPARENT_FIELDS.get(cls, ()) + field_names
+
+
+def path_name(root, keypath) -> str:
+    """The dotted site name of the subtree of `root` at `keypath`."""
+    parts, node = [], root
+    for key in keypath:
+        if isinstance(key, jax.tree_util.GetAttrKey):
+            skip = any(
+                isinstance(node, cls) and key.name in names
+                for cls, names in _TRANSPARENT_FIELDS.items()
+            )
+            node = getattr(node, key.name)
+            if not skip:
+                parts.append(key.name)
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            node = node[key.idx]
+            parts.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.DictKey):
+            node = node[key.key]
+            parts.append(str(key.key))
+        else:
+            raise TypeError(f"unexpected key {key!r} in a model path.")
+    return ".".join(parts)
 
 
 def site_field() -> dataclasses.Field:

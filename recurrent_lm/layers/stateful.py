@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import attention, conv, positions, rg_lru
+from recurrent_lm.layers import attention, conv, positions, rg_lru, sites
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +65,9 @@ class StatefulTwin(pz.nn.Layer):
     """Base of every stateful twin: it wraps the ordinary layer as ``layer``."""
 
     layer: pz.nn.Layer
+
+
+sites.register_transparent_fields(StatefulTwin, "layer")
 
 
 def _write_state(variable: pz.StateVariable, value) -> None:

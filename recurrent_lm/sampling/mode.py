@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import positions, stateful
+from recurrent_lm.layers import positions, sites, stateful
 from recurrent_lm.models import base
 
 
@@ -128,6 +128,9 @@ class SamplingLM(pz.nn.Layer):
             self.next_position.value,
         )
         return logits
+
+
+sites.register_transparent_fields(SamplingLM, "model")
 
 
 def _twin_factory(layer, twins) -> Callable | None:
