@@ -58,11 +58,16 @@ window.addEventListener('load', () => setTimeout(poll, 500));
 
 
 def render_in_chromium(value, tmp_path) -> tuple[list[str], str]:
-    """(script errors, rendered text) of treescope's HTML for `value`."""
+    """(script errors, rendered text) of treescope's HTML for `value`.
+
+    Uncompressed: compressed output (the notebook default) is the same HTML,
+    gzipped, and decoded only once an IntersectionObserver reports the element
+    visible, which headless Chromium on a loaded machine does not always do.
+    """
     page = tmp_path / "page.html"
     page.write_text(
         f"<!DOCTYPE html><html><head>{PROBE}</head><body>"
-        f"{treescope.render_to_html(value, roundtrip_mode=False)}</body></html>"
+        f"{treescope.render_to_html(value, roundtrip_mode=False, compressed=False)}</body></html>"
     )
     result = subprocess.run(
         [
