@@ -102,7 +102,7 @@ def test_state_patch_changes_only_later_positions(model, tokens, clean, propagat
 
 def test_state_add_propagates_like_the_recurrence(model, tokens, clean):
     """h_t += d at t gives h_s += (prod_{t<u<=s} a_u) d for s > t."""
-    logits, cache = clean
+    _, cache = clean
     t, d = 3, 0.5
     patched = interp.patch(model, {STATE: interp.Add(d, positions=[t])})
     _, new_cache = interp.run_with_cache(patched, tokens, names=STATE)
@@ -213,7 +213,7 @@ def test_sampling_mode_has_the_same_sites(model, tokens, clean):
     sampler = to_sampling_mode(model, batch_size=2)
     names = interp.site_names(sampler)
     assert names == interp.site_names(model)
-    logits, cache = interp.run_with_cache(sampler, tokens, names=STATE)
+    _, cache = interp.run_with_cache(sampler, tokens, names=STATE)
     np.testing.assert_allclose(values(cache[STATE]), values(clean[1][STATE]), rtol=1e-5, atol=1e-6)
 
 

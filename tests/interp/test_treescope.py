@@ -80,7 +80,7 @@ def render_in_chromium(value, tmp_path) -> tuple[list[str], str]:
         capture_output=True, text=True, timeout=180, check=True,
     )
     errors = re.findall(r'data-script-errors="([^"]*)"', result.stdout)
-    rendered = re.search(r'<pre id="rendered">(.*?)</pre>', result.stdout, re.S)
+    rendered = re.search(r'<pre id="rendered">(.*?)</pre>', result.stdout, re.DOTALL)
     assert rendered is not None, "the page never finished loading"
     return errors, rendered.group(1)
 
