@@ -155,6 +155,11 @@ def flat_leaves(params: Mapping[str, Any]) -> dict[str, Any]:
     return {path[len(prefix):]: leaf for path, leaf in flat.items()}
 
 
+def _shape(leaf) -> tuple[int, ...]:
+    # Arrays, or shape-only leaves (jax.ShapeDtypeStruct, orbax metadata).
+    return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(np.shape(leaf))
+
+
 def _layer_count(flat: Mapping[str, Any]) -> int:
     indices = sorted({int(m.group(1)) for path in flat if (m := _LAYER.match(path))})
     if indices != list(range(len(indices))):
@@ -165,7 +170,7 @@ def _layer_count(flat: Mapping[str, Any]) -> int:
 def infer_config(params: Mapping[str, Any], **overrides) -> gemma.GemmaConfig:
     """A `GemmaConfig` from the shapes of an official tree, plus `overrides`."""
     flat = flat_leaves(params)
-    shape = lambda path: tuple(np.shape(flat[path]))
+    shape = lambda path: _shape(flat[path])
     need = ["embedder/input_embedding", "layer_0/attn/attn_vec_einsum/w", "layer_0/mlp/linear/w"]
     absent = [p for p in need if p not in flat]
     if absent:
@@ -203,7 +208,7 @@ def _gating_transposed(flat, config: gemma.GemmaConfig, requested: bool | None) 
     gating = flat.get("layer_0/mlp/gating_einsum/w")
     transposed = (2, config.mlp_width, config.hidden_dim)
     # A square MLP cannot tell: the standard layout unless asked.
-    return gating is not None and tuple(np.shape(gating)) == transposed and (
+    return gating is not None and _shape(gating) == transposed and (
         config.mlp_width != config.hidden_dim
     )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -149,11 +150,15 @@ def penzai_model(case: GemmaCase, params=None, **kwargs):
         return pz_gemma.gemma_from_pretrained_checkpoint(params, preset_name=preset, **kwargs)
 
 
+# One compiled function for every call: same structure and shapes compile once.
+_penzai_forward = pz.variable_jit(lambda model, tokens, pos: model(tokens, token_positions=pos))
+
+
 def penzai_logits(model, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """penzai's logits [batch, seq, vocab] (compiled)."""
     tokens = pz.nx.wrap(jnp.asarray(ids)).tag("batch", "seq")
     pos = pz.nx.wrap(jnp.asarray(positions)).tag("batch", "seq")
-    out = pz.variable_jit(lambda m, t, p: m(t, token_positions=p))(model, tokens, pos)
+    out = _penzai_forward(model, tokens, pos)
     return np.asarray(out.unwrap("batch", "seq", "vocabulary"))
 
 
@@ -162,7 +167,7 @@ def documents(pos: np.ndarray) -> list[tuple[int, int, int]]:
     docs = []
     for row in range(pos.shape[0]):
         starts = list(np.flatnonzero(pos[row] == 0)) + [pos.shape[1]]
-        docs += [(row, a, b) for a, b in zip(starts[:-1], starts[1:])]
+        docs += [(row, a, b) for a, b in itertools.pairwise(starts)]
     return docs
 
 
