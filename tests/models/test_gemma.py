@@ -94,17 +94,6 @@ def test_padded_row_gives_the_unpadded_logits():
     np.testing.assert_allclose(logits_of(model, padded_ids, padded_pos)[:, 5:], alone, rtol=1e-5, atol=1e-5)
 
 
-def test_packed_documents_do_not_interact():
-    case = CASES["gemma1_mha"]
-    model = our_model(case)
-    a = np.asarray(jax.random.randint(jax.random.key(4), (1, 6), 0, case.vocab), np.int32)
-    b = np.asarray(jax.random.randint(jax.random.key(5), (1, 5), 0, case.vocab), np.int32)
-    pos = np.concatenate([np.arange(6), np.arange(5)]).astype(np.int32)[None]
-    logits = logits_of(model, np.concatenate([a, b], axis=1), pos)
-    for doc, sl in ((a, slice(0, 6)), (b, slice(6, 11))):
-        np.testing.assert_allclose(logits[:, sl], logits_of(model, doc), rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize(
     "preset, total, layouts",
     [("gemma-2b", 2_506_434_560, 128), ("gemma-7b", 8_538_074_112, 170),
