@@ -29,7 +29,6 @@ import math
 import os
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -38,19 +37,11 @@ from penzai import pz
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.griffin_decode import timed  # noqa: E402
 from checkpoints_conversion import gemma as convert  # noqa: E402
 from recurrent_lm.models import base, gemma, griffin  # noqa: E402
 from recurrent_lm.params import abstract_parameters, parameter_values  # noqa: E402
 from recurrent_lm.sampling import functional, to_sampling_mode  # noqa: E402
-
-
-def timed(fn, repeats=1):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return result, statistics.median(times)
 
 
 def official_tree(config: gemma.GemmaConfig, seed: int = 0) -> dict:
@@ -143,15 +134,30 @@ def greedy_decoder(step, steps: int):
     return run
 
 
-def decode_rate(step, params, state, prompt, steps: int) -> tuple[float, float]:
-    """(tokens/s per row, compile+first-run seconds) of `steps` greedy steps."""
-    prefill = jax.jit(step)
-    logits, state = prefill(params, state, prompt)
-    logits = logits[:, -1:]
-    run = greedy_decoder(step, steps)
-    _, first = timed(lambda: run(params, state, logits))
-    _, seconds = timed(lambda: run(params, state, logits), repeats=3)
-    return steps / seconds, first
+def decoder(step, params, state, prompt, steps: int):
+    """``(run, first)``: `run()` decodes `steps` greedy tokens after the prompt
+    (compiled; `first` is its compile + first-run seconds)."""
+    logits, state = jax.jit(step)(params, state, prompt)
+    loop = greedy_decoder(step, steps)
+    run = lambda: loop(params, state, logits[:, -1:])
+    _, first = timed(run)
+    return run, first
+
+
+def round_robin(runs: dict, repeats: int) -> dict:
+    """Median seconds of each callable, timed in turns (the machine is shared:
+    load changes hit every implementation alike)."""
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(timed(run)[1])
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def decode_rate(step, params, state, prompt, steps: int) -> float:
+    """Tokens/s per row of `steps` greedy steps."""
+    run, _ = decoder(step, params, state, prompt, steps)
+    return steps / round_robin({"run": run}, 3)["run"]
 
 
 def state_bytes(state) -> int:
@@ -182,11 +188,9 @@ def compare_with_penzai(args, rng):
 
     ids = jnp.asarray(rng.integers(0, args.vocab, (1, args.seq)), jnp.int32)
     forwards = {"recurrent_lm": base.jit_forward(ours), "penzai": penzai_forward(theirs)}
-    results = {}
-    for name, forward in forwards.items():
-        logits, first = timed(lambda: forward(ids))
-        _, run = timed(lambda: forward(ids), repeats=args.repeats)
-        results[name] = (logits, first, run)
+    results = {name: timed(lambda forward=forward: forward(ids)) for name, forward in forwards.items()}
+    medians = round_robin({name: lambda f=f: f(ids) for name, f in forwards.items()}, args.repeats)
+    results = {name: (logits, first, medians[name]) for name, (logits, first) in results.items()}
     a, b = (np.asarray(results[n][0], np.float64) for n in ("recurrent_lm", "penzai"))
     print(f"\nlogits agree to {np.abs(a - b).max() / np.abs(b).max():.1e} relative")
     print(f"\n| forward, batch 1 x {args.seq} | first call s | median run ms | tokens/s | throughput vs penzai |")
@@ -200,10 +204,11 @@ def compare_with_penzai(args, rng):
     print("|---|---|---|---|---|")
     for batch in (int(b) for b in args.batches.split(",")):
         prompt = jnp.asarray(rng.integers(1, args.vocab, (batch, args.prompt)), jnp.int32)
-        rates = {}
+        runs, firsts = {}, {}
         for name, build, model in (("recurrent_lm", our_step, ours), ("penzai", penzai_step, theirs)):
             step, params, state = build(model, batch, args.prompt + args.steps + 1)
-            rates[name] = decode_rate(step, params, state, prompt, args.steps)
+            runs[name], firsts[name] = decoder(step, params, state, prompt, args.steps)
+        rates = {name: (args.steps / t, firsts[name]) for name, t in round_robin(runs, 3).items()}
         for name, (rate, first) in rates.items():
             print(f"| {name} | {batch} | {batch * rate:,.1f} | {first:.1f} |"
                   f" {rate / rates['penzai'][0]:.2f}x |")
@@ -235,7 +240,7 @@ def griffin_vs_gemma(args, rng):
         cells = []
         for context in contexts:
             step, params, state = our_step(model, 1, context + args.steps + args.prompt)
-            rate, _ = decode_rate(step, params, state, prompt, args.steps)
+            rate = decode_rate(step, params, state, prompt, args.steps)
             cells.append(f"{rate:,.1f}, {state_bytes(state) / 1e6:,.3f}")
         print(f"| {name} | {param_count(model) / 1e6:.1f}M | " + " | ".join(cells) + " |")
 
