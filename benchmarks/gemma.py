@@ -154,12 +154,6 @@ def round_robin(runs: dict, repeats: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def decode_rate(step, params, state, prompt, steps: int) -> float:
-    """Tokens/s per row of `steps` greedy steps."""
-    run, _ = decoder(step, params, state, prompt, steps)
-    return steps / round_robin({"run": run}, 3)["run"]
-
-
 def state_bytes(state) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(state))
 
@@ -236,13 +230,17 @@ def griffin_vs_gemma(args, rng):
     print("| model | parameters | " + " | ".join(f"C = {c:,}: tokens/s, state MB" for c in contexts) + " |")
     print("|---|---|" + "---|" * len(contexts))
     prompt = jnp.asarray(rng.integers(1, args.vocab, (1, args.prompt)), jnp.int32)
-    for name, model in models.items():
-        cells = []
-        for context in contexts:
+    cells = {name: [] for name in models}
+    for context in contexts:
+        runs, sizes = {}, {}
+        for name, model in models.items():
             step, params, state = our_step(model, 1, context + args.steps + args.prompt)
-            rate = decode_rate(step, params, state, prompt, args.steps)
-            cells.append(f"{rate:,.1f}, {state_bytes(state) / 1e6:,.3f}")
-        print(f"| {name} | {param_count(model) / 1e6:.1f}M | " + " | ".join(cells) + " |")
+            runs[name], _ = decoder(step, params, state, prompt, args.steps)
+            sizes[name] = state_bytes(state)
+        for name, seconds in round_robin(runs, 3).items():
+            cells[name].append(f"{args.steps / seconds:,.1f}, {sizes[name] / 1e6:,.3f}")
+    for name, model in models.items():
+        print(f"| {name} | {param_count(model) / 1e6:.1f}M | " + " | ".join(cells[name]) + " |")
 
 
 def main(argv=None):
