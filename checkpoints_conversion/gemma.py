@@ -1,0 +1,353 @@
+"""Official Gemma 1 / Gemma 2 (Flax / orbax) checkpoints <-> our Gemma.
+
+The release is an orbax PyTree checkpoint whose keys are flat module paths
+under a "transformer" root (``"transformer/layer_3/attn/q_einsum": {"w":
+...}``); the official package nests them (``{"transformer": {"layer_3":
+...}}``). Both forms load, with or without a ``{"params": ...}`` wrapper.
+
+Leaves (D width, F one MLP branch, H query heads, KV key/value heads, hd head
+width): ``embedder/input_embedding`` [V, D]; ``final_norm/scale`` [D]; per
+layer ``pre_attention_norm``, ``pre_ffw_norm`` (and in Gemma 2
+``post_attention_norm``, ``post_ffw_norm``) ``/scale`` [D] (zero-centred, as we
+store them); ``mlp/gating_einsum/w`` [2, D, F] (gate, up; the 9B/27B Gemma 2
+releases store [2, F, D]); ``mlp/linear/w`` [F, D]; ``attn/qkv_einsum/w``
+[3, H, D, hd] when KV == H, else ``attn/q_einsum/w`` [H, D, hd] and
+``attn/kv_einsum/w`` [2, KV, D, hd]; ``attn/attn_vec_einsum/w`` [H, hd, D].
+
+The config is inferred from the shapes (vocabulary, widths, heads, layers,
+post norms); what shapes cannot give (soft caps, sliding window, query
+scaling) comes from the released preset with the same shapes, else from the
+Gemma 1 / Gemma 2 defaults (post norms present = Gemma 2), and can be
+overridden with keyword arguments.
+
+CLI::
+
+    python -m checkpoints_conversion.gemma convert SRC DST [--sliding-window-size N ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from checkpoints_conversion.common import (
+    LeafLayout,
+    check_leaves,
+    convert_leaves,
+    flatten,
+    unflatten,
+)
+from checkpoints_conversion.recurrentgemma import _restore
+from recurrent_lm import axes
+from recurrent_lm.models import gemma
+from recurrent_lm.params import (
+    CheckpointMismatchError,
+    abstract_parameters,
+    bind_parameters,
+    parameter_values,
+)
+
+E, V, M = axes.EMBEDDING, axes.VOCABULARY, axes.MLP
+H, KV, P = axes.HEADS, axes.KV_HEADS, axes.PROJECTION
+ROOT = "transformer"
+SOURCE = "Gemma checkpoint"
+_LAYER = re.compile(r"^layer_(\d+)/")
+# Config fields the shapes determine; the rest come from presets/defaults.
+_SHAPE_FIELDS = ("vocabulary_size", "num_layers", "num_query_heads", "num_key_value_heads",
+                 "hidden_dim", "intermediate_dim", "head_dim", "use_post_ffw_norm",
+                 "use_post_attention_norm")
+
+
+@dataclasses.dataclass(frozen=True)
+class _QKVLayout(LeafLayout):
+    """``qkv_einsum`` [3, H, D, hd]: one dims tuple for the three slices, with
+    "kv_heads" (== "heads" in size here) on the key and value slices."""
+
+    def to_named(self, array, named_shape):
+        values = super().to_named(array, named_shape)
+        return {
+            label: value if label == self.labels[0] else value.untag(H).tag(KV)
+            for label, value in values.items()
+        }
+
+    def from_named(self, values):
+        renamed = {
+            label: values[label] if label == self.labels[0] else values[label].untag(KV).tag(H)
+            for label in self.labels
+        }
+        return super().from_named(renamed)
+
+
+def leaf_layouts(
+    config: gemma.GemmaConfig, *, qkv_einsum: bool | None = None, gating_transposed: bool = False
+) -> list[LeafLayout]:
+    """Every leaf of the official tree (without the "transformer" root).
+
+    Args:
+      config: the model's config.
+      qkv_einsum: one fused ``qkv_einsum`` leaf per layer (None: the official
+        convention, fused iff num_key_value_heads == num_query_heads).
+      gating_transposed: ``gating_einsum`` stored [2, F, D] (Gemma 2 9B/27B).
+    """
+    if qkv_einsum is None:
+        qkv_einsum = config.num_key_value_heads == config.num_query_heads
+    if qkv_einsum and config.num_key_value_heads != config.num_query_heads:
+        raise ValueError(
+            f"a fused qkv_einsum needs num_key_value_heads == num_query_heads, got"
+            f" {config.num_key_value_heads} and {config.num_query_heads}."
+        )
+    layouts = [
+        LeafLayout("embedder/input_embedding", ("embedder.embeddings",), (V, E)),
+        LeafLayout("final_norm/scale", ("final_norm.scale",), (E,)),
+    ]
+    for i in range(config.num_layers):
+        name = f"layer_{i}"
+        labels = lambda *parts, name=name: tuple(f"{name}.{p}" for p in parts)
+        norms = ["pre_attention_norm", "pre_ffw_norm"]
+        if config.use_post_attention_norm:
+            norms.append("post_attention_norm")
+        if config.use_post_ffw_norm:
+            norms.append("post_ffw_norm")
+        layouts += [LeafLayout(f"{name}/{n}/scale", labels(f"{n}.scale"), (E,)) for n in norms]
+        layouts += [
+            LeafLayout(f"{name}/mlp/gating_einsum/w", labels("mlp.gate.weights", "mlp.up.weights"),
+                       (M, E) if gating_transposed else (E, M)),
+            LeafLayout(f"{name}/mlp/linear/w", labels("mlp.down.weights"), (M, E)),
+            LeafLayout(f"{name}/attn/attn_vec_einsum/w", labels("attn.output.weights"), (H, P, E)),
+        ]
+        if qkv_einsum:
+            layouts.append(_QKVLayout(
+                f"{name}/attn/qkv_einsum/w",
+                labels("attn.query.weights", "attn.key.weights", "attn.value.weights"), (H, E, P),
+            ))
+        else:
+            layouts += [
+                LeafLayout(f"{name}/attn/q_einsum/w", labels("attn.query.weights"), (H, E, P)),
+                LeafLayout(f"{name}/attn/kv_einsum/w", labels("attn.key.weights", "attn.value.weights"),
+                           (KV, E, P)),
+            ]
+    return layouts
+
+
+def flat_leaves(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"layer_0/attn/q_einsum/w": leaf, ...}`` from any accepted form of the
+    official tree (flat-key or nested, under "transformer", optionally under
+    "params")."""
+    if set(params) == {"params"} and isinstance(params["params"], Mapping):
+        params = params["params"]
+    flat = flatten(params)
+    prefix = ROOT + "/"
+    if not flat or not all(path.startswith(prefix) for path in flat):
+        roots = sorted({path.split("/", 1)[0] for path in flat})
+        raise CheckpointMismatchError(
+            SOURCE,
+            missing={f"{ROOT}/embedder/input_embedding": "(V, D)"},
+            hint=f"(the official tree has every leaf under {ROOT!r}; found roots {roots})",
+        )
+    return {path[len(prefix):]: leaf for path, leaf in flat.items()}
+
+
+def _shape(leaf) -> tuple[int, ...]:
+    # Arrays, or shape-only leaves (jax.ShapeDtypeStruct, orbax metadata).
+    return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(np.shape(leaf))
+
+
+def _layer_count(flat: Mapping[str, Any]) -> int:
+    indices = sorted({int(m.group(1)) for path in flat if (m := _LAYER.match(path))})
+    if indices != list(range(len(indices))):
+        raise ValueError(f"checkpoint layers are not numbered 0..n-1: found layers {indices}.")
+    return len(indices)
+
+
+def infer_config(params: Mapping[str, Any], **overrides) -> gemma.GemmaConfig:
+    """A `GemmaConfig` from the shapes of an official tree, plus `overrides`."""
+    flat = flat_leaves(params)
+    shape = lambda path: _shape(flat[path])
+    need = ["embedder/input_embedding", "layer_0/attn/attn_vec_einsum/w", "layer_0/mlp/linear/w"]
+    absent = [p for p in need if p not in flat]
+    if absent:
+        raise CheckpointMismatchError(
+            SOURCE, missing={f"{ROOT}/{p}": "?" for p in absent},
+            hint="(cannot infer the config without these leaves)",
+        )
+    inferred: dict[str, Any] = {}
+    inferred["vocabulary_size"], inferred["hidden_dim"] = shape("embedder/input_embedding")
+    inferred["num_query_heads"], inferred["head_dim"], _ = shape("layer_0/attn/attn_vec_einsum/w")
+    inferred["intermediate_dim"] = 2 * shape("layer_0/mlp/linear/w")[0]
+    inferred["num_layers"] = _layer_count(flat)
+    if "layer_0/attn/kv_einsum/w" in flat:
+        inferred["num_key_value_heads"] = shape("layer_0/attn/kv_einsum/w")[1]
+    else:  # fused qkv_einsum: multi-head
+        inferred["num_key_value_heads"] = inferred["num_query_heads"]
+    inferred["use_post_attention_norm"] = "layer_0/post_attention_norm/scale" in flat
+    inferred["use_post_ffw_norm"] = "layer_0/post_ffw_norm/scale" in flat
+    inferred["param_dtype"] = jnp.dtype(flat["embedder/input_embedding"].dtype).name
+    # Fields shapes cannot give: from the release with these shapes, else the
+    # defaults of the generation (post norms = Gemma 2).
+    preset = next(
+        (p for p in gemma.PRESETS.values()
+         if all(getattr(p, f) == inferred[f] for f in _SHAPE_FIELDS)),
+        None,
+    )
+    if preset is None:
+        preset = gemma.PRESETS["gemma2-2b" if inferred["use_post_ffw_norm"] else "gemma-2b"]
+    return dataclasses.replace(preset, **{**inferred, **overrides})
+
+
+def _gating_transposed(flat, config: gemma.GemmaConfig, requested: bool | None) -> bool:
+    if requested is not None:
+        return requested
+    gating = flat.get("layer_0/mlp/gating_einsum/w")
+    transposed = (2, config.mlp_width, config.hidden_dim)
+    # A square MLP cannot tell: the standard layout unless asked.
+    return gating is not None and _shape(gating) == transposed and (
+        config.mlp_width != config.hidden_dim
+    )
+
+
+def from_official_params(
+    params: Mapping[str, Any],
+    *,
+    upcast_activations_to_float32: bool = False,
+    gating_transposed: bool | None = None,
+    **config_overrides,
+):
+    """An official Gemma parameter tree -> our Gemma (`DecoderLM`).
+
+    Args:
+      params: the official tree (see the module docstring), leaves array-like.
+      upcast_activations_to_float32: keep the checkpoint's parameter dtype but
+        run activations in float32 (as penzai's option of the same name).
+      gating_transposed: ``gating_einsum`` is [2, F, D]; None infers it from
+        the shapes (the standard [2, D, F] when D == F).
+      **config_overrides: `GemmaConfig` fields, e.g. ``sliding_window_size``,
+        ``attention_logit_soft_cap`` or ``param_dtype`` (leaves are cast to it).
+
+    Raises:
+      CheckpointMismatchError: listing every missing, unexpected or mis-shaped
+        leaf, with expected and found shapes.
+    """
+    config = infer_config(params, **config_overrides)
+    flat = flat_leaves(params)
+    build = lambda key: gemma.build_model(
+        config, key, upcast_activations_to_float32=upcast_activations_to_float32
+    )
+    expected = abstract_parameters(build)
+    layouts = leaf_layouts(
+        config,
+        qkv_einsum="layer_0/attn/qkv_einsum/w" in flat,
+        gating_transposed=_gating_transposed(flat, config, gating_transposed),
+    )
+    check_leaves(
+        {f"{ROOT}/{p}": v for p, v in flat.items()},
+        [dataclasses.replace(layout, path=f"{ROOT}/{layout.path}") for layout in layouts],
+        expected, source=SOURCE, hint=f"(config: {config})",
+    )
+    values = convert_leaves(flat, layouts, expected, jnp.dtype(config.param_dtype))
+    return bind_parameters(build(None), values, expected, source=SOURCE)
+
+
+def to_official_params(
+    model, *, flat_keys: bool = False, gating_transposed: bool = False
+) -> dict[str, Any]:
+    """Our Gemma -> the official tree (the exact inverse of loading).
+
+    Args:
+      model: a Gemma `DecoderLM`.
+      flat_keys: the release's flat-key form (``{"transformer/layer_0/attn/
+        q_einsum": {"w": ...}}``) instead of the nested one.
+      gating_transposed: write ``gating_einsum`` as [2, F, D] (as the Gemma 2
+        9B/27B releases do).
+    """
+    config = model.config
+    if not isinstance(config, gemma.GemmaConfig):
+        raise TypeError(f"expected a Gemma model, got one with {type(config).__name__}.")
+    values = parameter_values(model)
+    flat = {
+        layout.path: layout.from_named(values)
+        for layout in leaf_layouts(config, gating_transposed=gating_transposed)
+    }
+    if flat_keys:
+        modules: dict[str, dict[str, Any]] = {}
+        for path, leaf in flat.items():
+            module, name = path.rsplit("/", 1)
+            modules.setdefault(f"{ROOT}/{module}", {})[name] = leaf
+        return modules
+    return {ROOT: unflatten(flat)}
+
+
+def load_official_checkpoint(
+    path: str,
+    *,
+    upcast_activations_to_float32: bool = False,
+    gating_transposed: bool | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+    **config_overrides,
+):
+    """Loads an official Gemma orbax checkpoint directory.
+
+    Args:
+      path: the checkpoint directory (e.g. ``.../gemma2-2b/gemma2-2b``).
+      upcast_activations_to_float32, gating_transposed, **config_overrides:
+        see `from_official_params`.
+      sharding: where to place the restored leaves (default: first local device).
+    """
+    return from_official_params(
+        _restore(str(path), sharding),
+        upcast_activations_to_float32=upcast_activations_to_float32,
+        gating_transposed=gating_transposed,
+        **config_overrides,
+    )
+
+
+def _overrides_from_args(args) -> dict[str, Any]:
+    overrides = {}
+    for field in ("sliding_window_size", "attention_logit_soft_cap", "final_logit_soft_cap",
+                  "layer_norm_epsilon", "param_dtype"):
+        value = getattr(args, field)
+        if value is not None:
+            overrides[field] = value
+    for field in ("query_head_dim_normalize", "use_sliding_window_attention"):
+        value = getattr(args, field)
+        if value is not None:
+            overrides[field] = value == "true"
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m checkpoints_conversion.gemma",
+        description="Convert an official Gemma / Gemma 2 Flax checkpoint to recurrent_lm's format.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    convert = sub.add_parser("convert", help="official orbax directory -> recurrent_lm.save directory")
+    convert.add_argument("src", help="official checkpoint directory")
+    convert.add_argument("dst", help="output directory (must not exist)")
+    convert.add_argument("--sliding-window-size", type=int)
+    convert.add_argument("--attention-logit-soft-cap", type=float)
+    convert.add_argument("--final-logit-soft-cap", type=float)
+    convert.add_argument("--layer-norm-epsilon", type=float)
+    convert.add_argument("--param-dtype", choices=gemma.PARAM_DTYPES)
+    convert.add_argument("--query-head-dim-normalize", choices=("true", "false"))
+    convert.add_argument("--use-sliding-window-attention", choices=("true", "false"))
+    args = parser.parse_args(argv)
+
+    import recurrent_lm.checkpoint
+
+    model = load_official_checkpoint(args.src, **_overrides_from_args(args))
+    recurrent_lm.checkpoint.save(model, args.dst)
+    print(f"converted {args.src} -> {args.dst}")
+    print(f"config: {model.config.to_dict()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

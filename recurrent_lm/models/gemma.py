@@ -1,0 +1,352 @@
+"""Gemma 1 and Gemma 2 (arXiv 2403.08295, 2408.00118) on the shared layers.
+
+A decoder stack of `ResidualBlock`s whose temporal block is rotary attention
+(multi-head, multi-query or grouped-query), with a gated-GELU MLP, tied
+sqrt(D)-scaled embeddings and RMSNorm. Gemma 2 adds post-attention and
+post-MLP norms, tanh soft caps on the attention and final logits, and local
+sliding-window attention on every other layer (layer 0 local, layer 1
+global, ...). Parameter labels mirror the official Flax tree
+(``layer_3.attn.query.weights`` ...), see `checkpoints_conversion.gemma`.
+
+The math follows the official Flax code (and penzai's port of it): RoPE over
+the whole head with angle ``position / timescale``, queries scaled before the
+query-key product, a sliding window of W keys including the current one, and
+the embedding scale ``sqrt(D)`` rounded to the activation dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from penzai import pz
+
+from recurrent_lm.layers import (
+    Attention,
+    GatedMLP,
+    ResidualBlock,
+    RMSNorm,
+    embedding_table,
+    rope,
+    stateful,
+)
+from recurrent_lm.models import base
+
+PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")
+ROPE_MAX_WAVELENGTH = 10_000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmaConfig:
+    """Gemma hyper-parameters, with the argument names of Keras' `GemmaBackbone`.
+
+    Attributes:
+      vocabulary_size: number of tokens.
+      num_layers: number of residual blocks.
+      num_query_heads: query heads H.
+      num_key_value_heads: key/value heads (1 = multi-query, H = multi-head,
+        otherwise grouped-query; must divide H).
+      hidden_dim: model width D ("embedding").
+      intermediate_dim: as in Keras, the width of BOTH branches of the gated
+        MLP together; each branch ("mlp") has ``intermediate_dim // 2`` units
+        (32768 for Gemma 2B, whose official MLP is 16384 wide).
+      head_dim: per-head width ("projection").
+      query_head_dim_normalize: scale queries by ``head_dim ** -0.5``; if
+        False by ``(hidden_dim // num_query_heads) ** -0.5`` (Gemma 2 27B).
+      use_post_ffw_norm: RMSNorm on the MLP branch before the residual add.
+      use_post_attention_norm: RMSNorm on the attention branch before the add.
+      attention_logit_soft_cap: ``cap * tanh(logits / cap)`` on the attention
+        logits; None disables it.
+      final_logit_soft_cap: the same on the output logits; None disables it.
+      use_sliding_window_attention: even layers (0, 2, ...) attend to a
+        sliding window; odd layers stay global.
+      sliding_window_size: keys a sliding layer sees, the current one included.
+      layer_norm_epsilon: RMSNorm epsilon.
+      dropout: kept for Keras compatibility; recurrent_lm models are
+        deterministic, so it must be 0.
+      param_dtype: dtype of the parameters; activations follow it unless the
+        model is built with ``upcast_activations_to_float32``.
+    """
+
+    vocabulary_size: int = 256_128
+    num_layers: int = 18
+    num_query_heads: int = 8
+    num_key_value_heads: int = 1
+    hidden_dim: int = 2048
+    intermediate_dim: int = 32_768
+    head_dim: int = 256
+    query_head_dim_normalize: bool = True
+    use_post_ffw_norm: bool = False
+    use_post_attention_norm: bool = False
+    attention_logit_soft_cap: float | None = None
+    final_logit_soft_cap: float | None = None
+    use_sliding_window_attention: bool = False
+    sliding_window_size: int = 4096
+    layer_norm_epsilon: float = 1e-6
+    dropout: float = 0.0
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
+        except TypeError as e:
+            raise ValueError(f"invalid GemmaConfig: param_dtype {self.param_dtype!r}: {e}.") from e
+        self._validate()
+
+    def _validate(self):
+        errors = []
+        for name in (
+            "vocabulary_size", "num_layers", "num_query_heads", "num_key_value_heads",
+            "hidden_dim", "intermediate_dim", "head_dim", "sliding_window_size",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                errors.append(f"{name} must be a positive integer, got {value!r}")
+        if errors:
+            raise ValueError("invalid GemmaConfig: " + "; ".join(errors) + ".")
+        if self.num_query_heads % self.num_key_value_heads:
+            errors.append(
+                f"num_key_value_heads {self.num_key_value_heads} does not divide"
+                f" num_query_heads {self.num_query_heads}"
+            )
+        if self.intermediate_dim % 2:
+            errors.append(
+                f"intermediate_dim {self.intermediate_dim} must be even (two MLP branches of"
+                " intermediate_dim // 2 units)"
+            )
+        if self.head_dim % 2:
+            errors.append(f"head_dim {self.head_dim} must be even (RoPE rotates feature pairs)")
+        if not self.query_head_dim_normalize and self.hidden_dim < self.num_query_heads:
+            errors.append(
+                f"hidden_dim {self.hidden_dim} // num_query_heads {self.num_query_heads} is 0:"
+                " no query scale (query_head_dim_normalize=False)"
+            )
+        for name in ("attention_logit_soft_cap", "final_logit_soft_cap"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                errors.append(f"{name} must be None (off) or > 0, got {value!r}")
+        for name in ("query_head_dim_normalize", "use_post_ffw_norm", "use_post_attention_norm",
+                     "use_sliding_window_attention"):
+            if not isinstance(getattr(self, name), bool):
+                errors.append(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not self.layer_norm_epsilon > 0:
+            errors.append(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
+        if self.dropout != 0:
+            errors.append(
+                f"dropout must be 0, got {self.dropout!r}: recurrent_lm models have no dropout"
+                " layers (the field exists for Keras compatibility)"
+            )
+        if self.param_dtype not in PARAM_DTYPES:
+            errors.append(f"param_dtype {self.param_dtype!r} is not one of {PARAM_DTYPES}")
+        if errors:
+            raise ValueError("invalid GemmaConfig: " + "; ".join(errors) + ".")
+
+    @property
+    def vocab_size(self) -> int:
+        """The name every recurrent_lm model's config answers to."""
+        return self.vocabulary_size
+
+    @property
+    def mlp_width(self) -> int:
+        """Units of ONE branch of the gated MLP (the official ``hidden_dim``)."""
+        return self.intermediate_dim // 2
+
+    @property
+    def query_scale(self) -> float:
+        width = self.head_dim if self.query_head_dim_normalize else self.hidden_dim // self.num_query_heads
+        return width**-0.5
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether `layer` uses the sliding window (even layers, as released)."""
+        return self.use_sliding_window_attention and layer % 2 == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GemmaConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown GemmaConfig fields {unknown}; known: {sorted(known)}.")
+        return cls(**values)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GemmaConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown Gemma preset {name!r}; presets: {sorted(PRESETS)}.")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+_GEMMA2 = dict(
+    use_post_ffw_norm=True, use_post_attention_norm=True, attention_logit_soft_cap=50.0,
+    final_logit_soft_cap=30.0, use_sliding_window_attention=True, sliding_window_size=4096,
+)
+
+# Shapes of the official Flax releases (vocabulary 256128, the Flax embedding
+# size; Keras' presets drop the last 128 rows).
+PRESETS: dict[str, GemmaConfig] = {
+    "gemma-2b": GemmaConfig(
+        num_layers=18, num_query_heads=8, num_key_value_heads=1, hidden_dim=2048,
+        intermediate_dim=32_768, head_dim=256,
+    ),
+    "gemma-7b": GemmaConfig(
+        num_layers=28, num_query_heads=16, num_key_value_heads=16, hidden_dim=3072,
+        intermediate_dim=49_152, head_dim=256,
+    ),
+    "gemma2-2b": GemmaConfig(
+        num_layers=26, num_query_heads=8, num_key_value_heads=4, hidden_dim=2304,
+        intermediate_dim=18_432, head_dim=256, **_GEMMA2,
+    ),
+    "gemma2-9b": GemmaConfig(
+        num_layers=42, num_query_heads=16, num_key_value_heads=8, hidden_dim=3584,
+        intermediate_dim=28_672, head_dim=256, **_GEMMA2,
+    ),
+    "gemma2-27b": GemmaConfig(
+        num_layers=46, num_query_heads=32, num_key_value_heads=16, hidden_dim=4608,
+        intermediate_dim=73_728, head_dim=128, query_head_dim_normalize=False, **_GEMMA2,
+    ),
+    # A small Gemma-2-style model for training runs and tests.
+    "tiny": GemmaConfig(
+        vocabulary_size=256, num_layers=4, num_query_heads=4, num_key_value_heads=2,
+        hidden_dim=128, intermediate_dim=512, head_dim=32,
+        **{**_GEMMA2, "sliding_window_size": 64},
+    ),
+}
+
+
+@pz.pytree_dataclass(has_implicitly_inherited_fields=True)  # Attention's fields first
+class GemmaAttention(Attention):
+    """`Attention` that scales queries before the query-key product.
+
+    The official code (and penzai) multiply the rotated queries by the scale
+    and then take the dot products; in bfloat16 that rounds differently from
+    scaling the logits, so we keep its order (``query_scale`` of the base
+    class is then 1). ``activation_dtype`` is the dtype of the activations
+    when it differs from the parameters' (upcast models): the sampling-mode
+    KV cache stores keys and values in it.
+
+    Named axes, side inputs and sublayers: see `Attention`.
+    """
+
+    query_pre_scale: float = dataclasses.field(default=1.0, metadata={"pytree_node": False})
+    activation_dtype: str | None = dataclasses.field(default=None, metadata={"pytree_node": False})
+
+    def project(self, x, segment_pos):
+        q, k, v = super().project(x, segment_pos)
+        return q * jnp.asarray(self.query_pre_scale, q.dtype), k, v
+
+    def key_spec(self):
+        key_axes, dtype = super().key_spec()
+        if self.activation_dtype is not None:
+            dtype = jnp.promote_types(dtype, self.activation_dtype)
+        return key_axes, dtype
+
+
+def _attention(name, key, config: GemmaConfig, layer: int, dtype, activation_dtype) -> GemmaAttention:
+    # Our windows count the keys before the current one: W keys in all is W - 1.
+    window = config.sliding_window_size - 1 if config.is_sliding(layer) else None
+    base_layer = Attention.from_config(
+        name, key,
+        width=config.hidden_dim,
+        num_heads=config.num_query_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        window_size=window,
+        rotary_fraction=1.0,
+        rope_max_wavelength=ROPE_MAX_WAVELENGTH,
+        query_scale=1.0,
+        logits_soft_cap=config.attention_logit_soft_cap,
+        output_bias=False,
+        dtype=dtype,
+    )
+    fields = {f.name: getattr(base_layer, f.name) for f in dataclasses.fields(base_layer)}
+    fields["rope"] = rope.RotaryEmbedding(1.0, ROPE_MAX_WAVELENGTH, divide_by_timescale=True)
+    return GemmaAttention(
+        **fields,
+        query_pre_scale=config.query_scale,
+        activation_dtype=None if activation_dtype == dtype else jnp.dtype(activation_dtype).name,
+    )
+
+
+@pz.pytree_dataclass
+class EmbeddingScale(pz.nn.Layer):
+    """Multiplies by ``sqrt(width)`` rounded to the input's dtype, as the
+    official code does (``jnp.sqrt(D).astype(x.dtype)``: 45.25 in bfloat16 for
+    D = 2048), whatever dtype the model is later cast to.
+
+    Named axes: any -> same.
+    """
+
+    width: int = dataclasses.field(metadata={"pytree_node": False})
+
+    def __call__(self, x: pz.nx.NamedArray, **_unused_side_inputs) -> pz.nx.NamedArray:
+        return x * jnp.sqrt(jnp.float32(self.width)).astype(x.dtype)
+
+
+def build_model(
+    config: GemmaConfig,
+    key: jax.Array | None,
+    *,
+    upcast_activations_to_float32: bool = False,
+) -> base.DecoderLM:
+    """Builds a Gemma model.
+
+    Args:
+      config: the hyper-parameters.
+      key: PRNG key; None builds the structure with empty parameter slots, to
+        be filled from a checkpoint (``pz.bind_variables``).
+      upcast_activations_to_float32: as in penzai's Gemma: keep the parameters
+        in ``config.param_dtype`` but cast the embeddings to float32, so every
+        activation (and the sampling-mode KV cache) is float32.
+    """
+    dtype = jnp.dtype(config.param_dtype)
+    activation_dtype = jnp.dtype(jnp.float32) if upcast_activations_to_float32 else dtype
+    width = config.hidden_dim
+    table = embedding_table("embedder", key, config.vocabulary_size, width, dtype=dtype)
+    embedder = [pz.nn.EmbeddingLookup(table)]
+    if activation_dtype != dtype:
+        embedder.append(pz.nn.CastToDType(activation_dtype))
+    embedder.append(EmbeddingScale(width))
+    head = [pz.nn.EmbeddingDecode(table)]
+    if config.final_logit_soft_cap:
+        head.append(pz.nn.TanhSoftCap(soft_cap=config.final_logit_soft_cap))
+
+    blocks = []
+    for i in range(config.num_layers):
+        name = f"layer_{i}"
+        norm = lambda part, name=name: RMSNorm.from_config(
+            f"{name}.{part}", key, width, eps=config.layer_norm_epsilon, dtype=dtype
+        )
+        blocks.append(
+            ResidualBlock(
+                temporal_pre_norm=norm("pre_attention_norm"),
+                temporal_block=_attention(f"{name}.attn", key, config, i, dtype, activation_dtype),
+                channel_pre_norm=norm("pre_ffw_norm"),
+                mlp_block=GatedMLP.from_config(
+                    f"{name}.mlp", key, width=width, hidden_width=config.mlp_width,
+                    use_bias=False, dtype=dtype,
+                ),
+                temporal_post_norm=(
+                    norm("post_attention_norm") if config.use_post_attention_norm else None
+                ),
+                channel_post_norm=norm("post_ffw_norm") if config.use_post_ffw_norm else None,
+            )
+        )
+    return base.DecoderLM(
+        config=config,
+        embedder=pz.nn.Sequential(embedder),
+        blocks=pz.nn.Sequential(blocks),
+        final_norm=RMSNorm.from_config(
+            "final_norm", key, width, eps=config.layer_norm_epsilon, dtype=dtype
+        ),
+        head=pz.nn.Sequential(head),
+    )
+
+
+base.register_model_type("gemma", GemmaConfig, build_model)
+# Sampling mode: a `max_length` cache for global layers, a ring buffer of the
+# window for sliding ones (`CachedAttention` sizes itself from the layer).
+stateful.register_twins({GemmaAttention: stateful.CachedAttention.from_layer})
