@@ -62,14 +62,16 @@ def wkv(
     after, last = recurrence.scaled_linear_scan(
         log_decay, (v, ones), k, h0=state, reset=reset, method=method
     )
-    # The output at t reads the state before t: shift the states by one. A zero
-    # mantissa with log-scale 0 is an empty state, so the shift's zeros at
-    # document starts (and for a fresh stream) are exactly right.
-    previous = (None,) * 3 if state is None else (*state.mantissas, state.log_scale)
-    num, den, scale = (
-        token_shift(x, segment_pos, p)[0]
-        for x, p in zip((*after.mantissas, after.log_scale), previous)
+    if state is None:
+        state = recurrence.empty_scaled_state(last.log_scale.named_shape, 2, acc)
+    # The output at t reads the state before t: the states shifted by one, empty
+    # where a document starts. Empty means zero mantissas and the log-scale
+    # sentinel: with log-scale 0 instead, a key below -88 would give 0 / 0.
+    num, den = (
+        token_shift(x, segment_pos, p)[0] for x, p in zip(after.mantissas, state.mantissas)
     )
+    scale = token_shift(after.log_scale, segment_pos, state.log_scale)[0]
+    scale = pz.nx.nmap(jnp.where)(reset, jnp.asarray(recurrence.NEG_LOG_SCALE, acc), scale)
     bonus = time_first.astype(acc) + k
     top = pz.nx.nmap(jnp.maximum)(scale, bonus)
     e_state, e_token = exp(scale - top), exp(bonus - top)

@@ -37,6 +37,7 @@ from recurrent_lm.layers import (
 from recurrent_lm.layers.channel_mix import ChannelMix, StatefulChannelMix
 from recurrent_lm.layers.wkv import StatefulTimeMix, TimeMix
 from recurrent_lm.models import base
+from recurrent_lm.params import bind_parameters, parameter_values
 
 PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")
 # torch's LayerNorm default: HF builds ln_out without the config's epsilon.
@@ -185,6 +186,20 @@ def build_model(
         `recurrent_lm.layers.recurrence`); None picks the backend default.
     """
     recurrence.check_scan_method(scan_method)
+    if key is None:
+        return _build(config, None, scan_method)
+    # Initialise in one compiled call rather than op by op (orthogonal
+    # matrices take a QR each), then bind into the skeleton.
+    build = functools.partial(_build, config, scan_method=scan_method)
+    values = _initial_values(build, key)
+    return bind_parameters(build(None), values, values, source="RWKV initialisation")
+
+
+def _initial_values(build, key):
+    return jax.jit(lambda key: parameter_values(build(key)))(key)
+
+
+def _build(config: RwkvConfig, key: jax.Array | None, scan_method: str | None) -> base.DecoderLM:
     dtype = jnp.dtype(config.param_dtype)
     width, layers = config.hidden_size, config.num_hidden_layers
     embed = {axes.EMBEDDING: width}
