@@ -164,7 +164,7 @@ def _torch_load(path: str) -> dict[str, Any]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, Mapping):
         raise TypeError(f"{path} holds a {type(state).__name__}, not a state dict.")
-    return dict(state)
+    return {name: _numpy(value) for name, value in state.items()}
 
 
 def _read_safetensors(path: str) -> dict[str, Any]:
@@ -331,7 +331,7 @@ def save_blinkdl_checkpoint(model, path: str | os.PathLike) -> None:
     except ImportError as e:
         raise ImportError(_TORCH_HINT) from e
     state = hf_to_blinkdl_names(to_hf_state_dict(model))
-    torch.save({k: torch.from_numpy(np.asarray(v, np.float32)).to(_torch_dtype(v)) for k, v in state.items()},
+    torch.save({k: torch.from_numpy(np.array(v, np.float32)).to(_torch_dtype(v)) for k, v in state.items()},
                os.fspath(path))
 
 

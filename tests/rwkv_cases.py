@@ -34,12 +34,12 @@ class HFCase:
     seed: int = 0
 
     def config(self, **overrides) -> rwkv.RwkvConfig:
-        return rwkv.RwkvConfig(
+        values = dict(
             vocab_size=self.vocab, hidden_size=self.hidden, num_hidden_layers=self.layers,
             attention_hidden_size=self.attention, intermediate_size=self.intermediate,
             context_length=64, rescale_every=self.rescale_every, tie_word_embeddings=self.tie,
-            **overrides,
         )
+        return rwkv.RwkvConfig(**{**values, **overrides})
 
 
 CASES = {
