@@ -45,8 +45,16 @@ HF_SOURCE = "HF RWKV checkpoint"
 BLINKDL_SOURCE = "BlinkDL RWKV-4 checkpoint"
 # Fields of HF's config.json that RwkvConfig shares.
 _HF_FIELDS = (
-    "vocab_size", "context_length", "hidden_size", "num_hidden_layers", "attention_hidden_size",
-    "intermediate_size", "layer_norm_epsilon", "bos_token_id", "eos_token_id", "rescale_every",
+    "vocab_size",
+    "context_length",
+    "hidden_size",
+    "num_hidden_layers",
+    "attention_hidden_size",
+    "intermediate_size",
+    "layer_norm_epsilon",
+    "bos_token_id",
+    "eos_token_id",
+    "rescale_every",
     "tie_word_embeddings",
 )
 _TORCH_HINT = (
@@ -81,9 +89,17 @@ def leaf_layouts(config: rwkv.RwkvConfig) -> list[LeafLayout]:
             leaf(f"attention.{name}.weight", f"attention.{name}.weights", (A, E))
         leaf("attention.output.weight", "attention.output.weights", (E, A))
         for name in ("key", "receptance"):
-            leaf(f"feed_forward.time_mix_{name}", f"feed_forward.time_mix_{name}", (1, 1, E))
+            leaf(
+                f"feed_forward.time_mix_{name}",
+                f"feed_forward.time_mix_{name}",
+                (1, 1, E),
+            )
         leaf("feed_forward.key.weight", "feed_forward.key.weights", (F, E))
-        leaf("feed_forward.receptance.weight", "feed_forward.receptance.weights", (E, axes.EMBEDDING_IN))
+        leaf(
+            "feed_forward.receptance.weight",
+            "feed_forward.receptance.weights",
+            (E, axes.EMBEDDING_IN),
+        )
         leaf("feed_forward.value.weight", "feed_forward.value.weights", (E, F))
     return layouts
 
@@ -133,10 +149,13 @@ def to_hf_state_dict(model) -> dict[str, np.ndarray]:
     """Our RWKV -> an HF state dict of numpy arrays (the inverse of loading)."""
     config = model.config
     if not isinstance(config, rwkv.RwkvConfig):
-        raise TypeError(f"expected an RWKV model, got one with {type(config).__name__}.")
+        raise TypeError(
+            f"expected an RWKV model, got one with {type(config).__name__}."
+        )
     values = parameter_values(model)
     return {
-        layout.path: np.asarray(layout.from_named(values)) for layout in leaf_layouts(config)
+        layout.path: np.asarray(layout.from_named(values))
+        for layout in leaf_layouts(config)
     }
 
 
@@ -152,8 +171,12 @@ def config_from_hf(values: Mapping[str, Any], **overrides) -> rwkv.RwkvConfig:
 def hf_config_dict(config: rwkv.RwkvConfig) -> dict[str, Any]:
     """HF's config.json contents for `config`."""
     values = {k: getattr(config, k) for k in _HF_FIELDS}
-    return {"architectures": ["RwkvForCausalLM"], "model_type": "rwkv",
-            "dtype": config.param_dtype, **values}
+    return {
+        "architectures": ["RwkvForCausalLM"],
+        "model_type": "rwkv",
+        "dtype": config.param_dtype,
+        **values,
+    }
 
 
 def _torch_load(path: str) -> dict[str, Any]:
@@ -195,7 +218,9 @@ def read_hf_weights(directory: str) -> dict[str, Any]:
     )
 
 
-def load_hf_checkpoint(directory: str | os.PathLike, *, scan_method: str | None = None, **config_overrides):
+def load_hf_checkpoint(
+    directory: str | os.PathLike, *, scan_method: str | None = None, **config_overrides
+):
     """Loads an HF RWKV-4 directory (``config.json`` + weights).
 
     ``param_dtype`` defaults to the dtype of the stored embeddings; any
@@ -204,16 +229,24 @@ def load_hf_checkpoint(directory: str | os.PathLike, *, scan_method: str | None 
     directory = os.fspath(directory)
     config_file = os.path.join(directory, "config.json")
     if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{config_file} not found: not an HF checkpoint directory.")
+        raise FileNotFoundError(
+            f"{config_file} not found: not an HF checkpoint directory."
+        )
     with open(config_file) as f:
         hf_config = json.load(f)
     if hf_config.get("model_type", "rwkv") != "rwkv":
-        raise ValueError(f"{config_file} has model_type {hf_config['model_type']!r}, not 'rwkv'.")
+        raise ValueError(
+            f"{config_file} has model_type {hf_config['model_type']!r}, not 'rwkv'."
+        )
     state = read_hf_weights(directory)
     if "param_dtype" not in config_overrides and "rwkv.embeddings.weight" in state:
-        config_overrides["param_dtype"] = jnp.dtype(state["rwkv.embeddings.weight"].dtype).name
+        config_overrides["param_dtype"] = jnp.dtype(
+            state["rwkv.embeddings.weight"].dtype
+        ).name
     config = config_from_hf(hf_config, **config_overrides)
-    return from_hf_state_dict(state, config, scan_method=scan_method, source=f"{HF_SOURCE} {directory}")
+    return from_hf_state_dict(
+        state, config, scan_method=scan_method, source=f"{HF_SOURCE} {directory}"
+    )
 
 
 def save_hf_checkpoint(model, directory: str | os.PathLike) -> None:
@@ -225,7 +258,9 @@ def save_hf_checkpoint(model, directory: str | os.PathLike) -> None:
         raise FileExistsError(f"{directory} already exists; choose a new directory.")
     state = {k: jnp.asarray(v) for k, v in to_hf_state_dict(model).items()}
     os.makedirs(directory)
-    save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"}
+    )
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf_config_dict(model.config), f, indent=1)
 
@@ -262,9 +297,15 @@ def hf_to_blinkdl_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """HF names -> BlinkDL names (the inverse of `blinkdl_to_hf_names`)."""
     out = {}
     for name, value in state_dict.items():
-        new = name.replace("rwkv.embeddings.weight", "emb.weight").replace(".pre_ln.", ".ln0.")
+        new = name.replace("rwkv.embeddings.weight", "emb.weight").replace(
+            ".pre_ln.", ".ln0."
+        )
         new = new.replace(".attention.", ".att.").replace(".feed_forward.", ".ffn.")
-        new = re.sub(r"\.time_mix_(key|value|receptance)$", lambda m: f".time_mix_{m.group(1)[0]}", new)
+        new = re.sub(
+            r"\.time_mix_(key|value|receptance)$",
+            lambda m: f".time_mix_{m.group(1)[0]}",
+            new,
+        )
         out[new.removeprefix("rwkv.")] = value
     return out
 
@@ -275,19 +316,27 @@ def infer_config(state_dict: Mapping[str, Any], **overrides) -> rwkv.RwkvConfig:
     Fields the shapes cannot give (context_length, epsilon, special ids,
     rescale_every) take the Pile models' values.
     """
-    need = ["rwkv.embeddings.weight", "rwkv.blocks.0.attention.time_decay",
-            "rwkv.blocks.0.feed_forward.key.weight"]
+    need = [
+        "rwkv.embeddings.weight",
+        "rwkv.blocks.0.attention.time_decay",
+        "rwkv.blocks.0.feed_forward.key.weight",
+    ]
     absent = [p for p in need if p not in state_dict]
     if absent:
         raise CheckpointMismatchError(
-            BLINKDL_SOURCE, missing={p: "?" for p in absent},
+            BLINKDL_SOURCE,
+            missing={p: "?" for p in absent},
             hint="(cannot infer the config without these entries)",
         )
     shape = lambda name: tuple(np.shape(state_dict[name]))
     vocab, hidden = shape("rwkv.embeddings.weight")
-    indices = sorted({int(m.group(1)) for name in state_dict if (m := _BLOCK.match(name))})
+    indices = sorted(
+        {int(m.group(1)) for name in state_dict if (m := _BLOCK.match(name))}
+    )
     if indices != list(range(len(indices))):
-        raise ValueError(f"checkpoint blocks are not numbered 0..n-1: found blocks {indices}.")
+        raise ValueError(
+            f"checkpoint blocks are not numbered 0..n-1: found blocks {indices}."
+        )
     inferred = {
         "vocab_size": vocab,
         "hidden_size": hidden,
@@ -295,14 +344,21 @@ def infer_config(state_dict: Mapping[str, Any], **overrides) -> rwkv.RwkvConfig:
         "attention_hidden_size": shape("rwkv.blocks.0.attention.time_decay")[0],
         "intermediate_size": shape("rwkv.blocks.0.feed_forward.key.weight")[0],
         "tie_word_embeddings": "head.weight" not in state_dict,
-        "param_dtype": jnp.dtype(_numpy(state_dict["rwkv.embeddings.weight"]).dtype).name,
+        "param_dtype": jnp.dtype(
+            _numpy(state_dict["rwkv.embeddings.weight"]).dtype
+        ).name,
     }
     return rwkv.RwkvConfig(**{**inferred, **overrides})
 
 
-def from_blinkdl_state_dict(state_dict: Mapping[str, Any], config: rwkv.RwkvConfig | None = None,
-                            *, scan_method: str | None = None, source: str = BLINKDL_SOURCE,
-                            **config_overrides):
+def from_blinkdl_state_dict(
+    state_dict: Mapping[str, Any],
+    config: rwkv.RwkvConfig | None = None,
+    *,
+    scan_method: str | None = None,
+    source: str = BLINKDL_SOURCE,
+    **config_overrides,
+):
     """A BlinkDL state dict -> our RWKV; `config` None: inferred from the shapes."""
     hf = blinkdl_to_hf_names(state_dict)
     if config is None:
@@ -312,16 +368,28 @@ def from_blinkdl_state_dict(state_dict: Mapping[str, Any], config: rwkv.RwkvConf
     return from_hf_state_dict(hf, config, scan_method=scan_method, source=source)
 
 
-def load_blinkdl_checkpoint(path: str | os.PathLike, config: rwkv.RwkvConfig | None = None, *,
-                            scan_method: str | None = None, **config_overrides):
+def load_blinkdl_checkpoint(
+    path: str | os.PathLike,
+    config: rwkv.RwkvConfig | None = None,
+    *,
+    scan_method: str | None = None,
+    **config_overrides,
+):
     """Loads BlinkDL's ``.pth`` (a ``torch.save`` state dict; needs torch) or a
     ``.safetensors`` file with the same names."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist.")
-    state = _read_safetensors(path) if path.endswith(".safetensors") else _torch_load(path)
-    return from_blinkdl_state_dict(state, config, scan_method=scan_method,
-                                   source=f"{BLINKDL_SOURCE} {path}", **config_overrides)
+    state = (
+        _read_safetensors(path) if path.endswith(".safetensors") else _torch_load(path)
+    )
+    return from_blinkdl_state_dict(
+        state,
+        config,
+        scan_method=scan_method,
+        source=f"{BLINKDL_SOURCE} {path}",
+        **config_overrides,
+    )
 
 
 def save_blinkdl_checkpoint(model, path: str | os.PathLike) -> None:
@@ -331,16 +399,23 @@ def save_blinkdl_checkpoint(model, path: str | os.PathLike) -> None:
     except ImportError as e:
         raise ImportError(_TORCH_HINT) from e
     state = hf_to_blinkdl_names(to_hf_state_dict(model))
-    torch.save({k: torch.from_numpy(np.array(v, np.float32)).to(_torch_dtype(v)) for k, v in state.items()},
-               os.fspath(path))
+    torch.save(
+        {
+            k: torch.from_numpy(np.array(v, np.float32)).to(_torch_dtype(v))
+            for k, v in state.items()
+        },
+        os.fspath(path),
+    )
 
 
 def _torch_dtype(value):
     import torch
 
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}.get(
-        jnp.dtype(value.dtype).name, torch.float32
-    )
+    return {
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+        "float64": torch.float64,
+    }.get(jnp.dtype(value.dtype).name, torch.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -392,9 +467,15 @@ class NeoXTokenizer:
     def pad_id(self) -> int:
         return self._eos_id
 
-    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    def encode(
+        self, text: str, *, add_bos: bool = False, add_eos: bool = False
+    ) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if add_bos else []) + list(ids) + ([self.eos_id] if add_eos else [])
+        return (
+            ([self.bos_id] if add_bos else [])
+            + list(ids)
+            + ([self.eos_id] if add_eos else [])
+        )
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids]
@@ -411,7 +492,9 @@ def load_tokenizer(path: str | os.PathLike, **special_ids) -> NeoXTokenizer:
 
 def load_checkpoint(path: str | os.PathLike, **kwargs):
     """An HF directory or a BlinkDL file, told apart by what `path` is."""
-    return (load_hf_checkpoint if os.path.isdir(path) else load_blinkdl_checkpoint)(path, **kwargs)
+    return (load_hf_checkpoint if os.path.isdir(path) else load_blinkdl_checkpoint)(
+        path, **kwargs
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,8 +503,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Convert an RWKV-4 checkpoint (HF directory or BlinkDL .pth) to recurrent_lm's format.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    convert = sub.add_parser("convert", help="HF directory or .pth -> recurrent_lm.save directory")
-    convert.add_argument("src", help="HF checkpoint directory, or a BlinkDL .pth / .safetensors file")
+    convert = sub.add_parser(
+        "convert", help="HF directory or .pth -> recurrent_lm.save directory"
+    )
+    convert.add_argument(
+        "src", help="HF checkpoint directory, or a BlinkDL .pth / .safetensors file"
+    )
     convert.add_argument("dst", help="output directory (must not exist)")
     convert.add_argument("--param-dtype", choices=rwkv.PARAM_DTYPES)
     args = parser.parse_args(argv)

@@ -34,27 +34,70 @@ class HFCase:
     seed: int = 0
 
     def config(self, **overrides) -> rwkv.RwkvConfig:
-        values = dict(
-            vocab_size=self.vocab, hidden_size=self.hidden, num_hidden_layers=self.layers,
-            attention_hidden_size=self.attention, intermediate_size=self.intermediate,
-            context_length=64, rescale_every=self.rescale_every, tie_word_embeddings=self.tie,
-        )
+        values = {
+            "vocab_size": self.vocab,
+            "hidden_size": self.hidden,
+            "num_hidden_layers": self.layers,
+            "attention_hidden_size": self.attention,
+            "intermediate_size": self.intermediate,
+            "context_length": 64,
+            "rescale_every": self.rescale_every,
+            "tie_word_embeddings": self.tie,
+        }
         return rwkv.RwkvConfig(**{**values, **overrides})
 
 
 CASES = {
     # attention_hidden_size != hidden_size, odd widths, rescaling after block 2.
-    "odd": HFCase("odd", vocab=37, hidden=24, layers=3, attention=40, intermediate=52, seq=13, batch=3,
-                  rescale_every=2),
+    "odd": HFCase(
+        "odd",
+        vocab=37,
+        hidden=24,
+        layers=3,
+        attention=40,
+        intermediate=52,
+        seq=13,
+        batch=3,
+        rescale_every=2,
+    ),
     # narrower WKV than the residual stream (HF cannot build one block: its init divides by L-1).
-    "narrow": HFCase("narrow", vocab=50, hidden=32, layers=2, attention=20, intermediate=72, seq=9,
-                     batch=2, seed=1),
+    "narrow": HFCase(
+        "narrow",
+        vocab=50,
+        hidden=32,
+        layers=2,
+        attention=20,
+        intermediate=72,
+        seq=9,
+        batch=2,
+        seed=1,
+    ),
     # square, four blocks, rescale every block.
-    "square": HFCase("square", vocab=29, hidden=16, layers=4, attention=16, intermediate=64, seq=17,
-                     batch=2, rescale_every=1, seed=2),
+    "square": HFCase(
+        "square",
+        vocab=29,
+        hidden=16,
+        layers=4,
+        attention=16,
+        intermediate=64,
+        seq=17,
+        batch=2,
+        rescale_every=1,
+        seed=2,
+    ),
     # tied embeddings.
-    "tied": HFCase("tied", vocab=31, hidden=20, layers=2, attention=28, intermediate=44, seq=7,
-                   batch=2, tie=True, seed=3),
+    "tied": HFCase(
+        "tied",
+        vocab=31,
+        hidden=20,
+        layers=2,
+        attention=28,
+        intermediate=44,
+        seq=7,
+        batch=2,
+        tie=True,
+        seed=3,
+    ),
 }
 
 
@@ -65,8 +108,13 @@ def hf_state_dict(case: HFCase) -> dict[str, np.ndarray]:
     from transformers import RwkvConfig, RwkvForCausalLM
 
     torch.manual_seed(case.seed)
-    config = RwkvConfig(**{k: v for k, v in convert.hf_config_dict(case.config()).items()
-                           if k not in ("architectures", "model_type", "dtype")})
+    config = RwkvConfig(
+        **{
+            k: v
+            for k, v in convert.hf_config_dict(case.config()).items()
+            if k not in ("architectures", "model_type", "dtype")
+        }
+    )
     model = RwkvForCausalLM(config)
     generator = torch.Generator().manual_seed(100 + case.seed)
     with torch.no_grad():
@@ -84,10 +132,17 @@ def hf_model(case: HFCase, *, train: bool = True):
     import torch
     from transformers import RwkvConfig, RwkvForCausalLM
 
-    config = RwkvConfig(**{k: v for k, v in convert.hf_config_dict(case.config()).items()
-                           if k not in ("architectures", "model_type", "dtype")})
+    config = RwkvConfig(
+        **{
+            k: v
+            for k, v in convert.hf_config_dict(case.config()).items()
+            if k not in ("architectures", "model_type", "dtype")
+        }
+    )
     model = RwkvForCausalLM(config)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in hf_state_dict(case).items()})
+    model.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in hf_state_dict(case).items()}
+    )
     return model.train(train)
 
 
@@ -105,4 +160,6 @@ def case_ids(case: HFCase) -> np.ndarray:
 
 @functools.cache
 def our_model(case: HFCase, scan_method: str | None = None):
-    return convert.from_hf_state_dict(hf_state_dict(case), case.config(), scan_method=scan_method)
+    return convert.from_hf_state_dict(
+        hf_state_dict(case), case.config(), scan_method=scan_method
+    )

@@ -46,17 +46,30 @@ class ChannelMix(pz.nn.Layer):
         embed, hidden = {axes.EMBEDDING: width}, {axes.MLP: hidden_width}
         remaining = 1.0 - layer / num_layers
         ratio = lambda label: pz.nn.make_parameter(
-            f"{name}.{label}", init_base_rng, time_mix_init, embed, dtype, exponent=remaining
+            f"{name}.{label}",
+            init_base_rng,
+            time_mix_init,
+            embed,
+            dtype,
+            exponent=remaining,
         )
         return cls(
             time_mix_key=ratio("time_mix_key"),
             time_mix_receptance=ratio("time_mix_receptance"),
-            key=rwkv_dense(f"{name}.key", init_base_rng, embed, hidden, zero=False, dtype=dtype),
-            receptance=rwkv_dense(
-                f"{name}.receptance", init_base_rng, {axes.EMBEDDING_IN: width}, embed,
-                zero=True, dtype=dtype,
+            key=rwkv_dense(
+                f"{name}.key", init_base_rng, embed, hidden, zero=False, dtype=dtype
             ),
-            value=rwkv_dense(f"{name}.value", init_base_rng, hidden, embed, zero=True, dtype=dtype),
+            receptance=rwkv_dense(
+                f"{name}.receptance",
+                init_base_rng,
+                {axes.EMBEDDING_IN: width},
+                embed,
+                zero=True,
+                dtype=dtype,
+            ),
+            value=rwkv_dense(
+                f"{name}.value", init_base_rng, hidden, embed, zero=True, dtype=dtype
+            ),
         )
 
     def empty_state(self, batch_shape) -> pz.nx.NamedArray:
@@ -96,7 +109,9 @@ class StatefulChannelMix(stateful.StatefulTwin):
     shift: pz.StateVariable
 
     @classmethod
-    def from_layer(cls, layer: ChannelMix, context: stateful.TwinContext) -> StatefulChannelMix:
+    def from_layer(
+        cls, layer: ChannelMix, context: stateful.TwinContext
+    ) -> StatefulChannelMix:
         shift = layer.empty_state({axes.BATCH: context.batch_size})
         return cls(layer=layer, shift=pz.StateVariable(shift, label=context.label))
 

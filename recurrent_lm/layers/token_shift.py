@@ -36,7 +36,9 @@ def token_shift(
     if steps == 1:
         shifted = previous
     else:
-        shifted = pz.nx.concatenate([previous, x[{axes.SEQ: pz.slice[: steps - 1]}]], axes.SEQ)
+        shifted = pz.nx.concatenate(
+            [previous, x[{axes.SEQ: pz.slice[: steps - 1]}]], axes.SEQ
+        )
     starts = positions.document_starts(segment_pos)
     shifted = pz.nx.nmap(jnp.where)(starts, jnp.zeros((), x.dtype), shifted)
     return shifted, last

@@ -68,10 +68,13 @@ def wkv(
     # where a document starts. Empty means zero mantissas and the log-scale
     # sentinel: with log-scale 0 instead, a key below -88 would give 0 / 0.
     num, den = (
-        token_shift(x, segment_pos, p)[0] for x, p in zip(after.mantissas, state.mantissas)
+        token_shift(x, segment_pos, p)[0]
+        for x, p in zip(after.mantissas, state.mantissas)
     )
     scale = token_shift(after.log_scale, segment_pos, state.log_scale)[0]
-    scale = pz.nx.nmap(jnp.where)(reset, jnp.asarray(recurrence.NEG_LOG_SCALE, acc), scale)
+    scale = pz.nx.nmap(jnp.where)(
+        reset, jnp.asarray(recurrence.NEG_LOG_SCALE, acc), scale
+    )
     bonus = time_first.astype(acc) + k
     top = pz.nx.nmap(jnp.maximum)(scale, bonus)
     e_state, e_token = exp(scale - top), exp(bonus - top)
@@ -85,7 +88,9 @@ def time_decay_init(key, named_shape, dtype, *, layer: int, num_layers: int):
     (width,) = named_shape.values()
     depth = layer / (num_layers - 1) if num_layers > 1 else 0.0
     h = jnp.arange(width, dtype=jnp.float32) / max(width - 1, 1)
-    return pz.nx.wrap((-5 + 8 * h ** (0.7 + 1.3 * depth)).astype(dtype)).tag(*named_shape)
+    return pz.nx.wrap((-5 + 8 * h ** (0.7 + 1.3 * depth)).astype(dtype)).tag(
+        *named_shape
+    )
 
 
 def time_first_init(key, named_shape, dtype):
@@ -118,9 +123,19 @@ def rwkv_dense(name, key, in_axes, out_axes, *, zero: bool, dtype):
     else:
         fan_in, fan_out = math.prod(in_axes.values()), math.prod(out_axes.values())
         initializer = functools.partial(
-            init.orthogonal, in_axes=tuple(in_axes), scale=math.sqrt(max(fan_out / fan_in, 1.0))
+            init.orthogonal,
+            in_axes=tuple(in_axes),
+            scale=math.sqrt(max(fan_out / fan_in, 1.0)),
         )
-    return dense(name, key, in_axes, out_axes, use_bias=False, initializer=initializer, dtype=dtype)
+    return dense(
+        name,
+        key,
+        in_axes,
+        out_axes,
+        use_bias=False,
+        initializer=initializer,
+        dtype=dtype,
+    )
 
 
 @pz.pytree_dataclass
@@ -161,7 +176,9 @@ class TimeMix(pz.nn.Layer):
     value: pz.nn.Layer
     receptance: pz.nn.Layer
     output: pz.nn.Layer
-    scan_method: str | None = dataclasses.field(default=None, metadata={"pytree_node": False})
+    scan_method: str | None = dataclasses.field(
+        default=None, metadata={"pytree_node": False}
+    )
 
     @classmethod
     def from_config(
@@ -185,19 +202,40 @@ class TimeMix(pz.nn.Layer):
             f"{name}.{label}", init_base_rng, initializer, shape, dtype, **kw
         )
         return cls(
-            time_mix_key=param("time_mix_key", time_mix_init, embed, exponent=remaining),
+            time_mix_key=param(
+                "time_mix_key", time_mix_init, embed, exponent=remaining
+            ),
             time_mix_value=param(
-                "time_mix_value", time_mix_init, embed, exponent=remaining, offset=0.3 * depth
+                "time_mix_value",
+                time_mix_init,
+                embed,
+                exponent=remaining,
+                offset=0.3 * depth,
             ),
             time_mix_receptance=param(
                 "time_mix_receptance", time_mix_init, embed, exponent=0.5 * remaining
             ),
-            time_decay=param("time_decay", time_decay_init, inner, layer=layer, num_layers=num_layers),
+            time_decay=param(
+                "time_decay", time_decay_init, inner, layer=layer, num_layers=num_layers
+            ),
             time_first=param("time_first", time_first_init, inner),
-            key=rwkv_dense(f"{name}.key", init_base_rng, embed, inner, zero=True, dtype=dtype),
-            value=rwkv_dense(f"{name}.value", init_base_rng, embed, inner, zero=False, dtype=dtype),
-            receptance=rwkv_dense(f"{name}.receptance", init_base_rng, embed, inner, zero=True, dtype=dtype),
-            output=rwkv_dense(f"{name}.output", init_base_rng, inner, embed, zero=True, dtype=dtype),
+            key=rwkv_dense(
+                f"{name}.key", init_base_rng, embed, inner, zero=True, dtype=dtype
+            ),
+            value=rwkv_dense(
+                f"{name}.value", init_base_rng, embed, inner, zero=False, dtype=dtype
+            ),
+            receptance=rwkv_dense(
+                f"{name}.receptance",
+                init_base_rng,
+                embed,
+                inner,
+                zero=True,
+                dtype=dtype,
+            ),
+            output=rwkv_dense(
+                f"{name}.output", init_base_rng, inner, embed, zero=True, dtype=dtype
+            ),
             scan_method=scan_method,
         )
 
@@ -220,15 +258,26 @@ class TimeMix(pz.nn.Layer):
 
         Returns ``(y, new_state)``.
         """
-        shifted, last = token_shift(x, segment_pos, None if state is None else state.shift)
+        shifted, last = token_shift(
+            x, segment_pos, None if state is None else state.shift
+        )
         k = self.key(mix(x, shifted, self.time_mix_key.value))
         v = self.value(mix(x, shifted, self.time_mix_value.value))
-        r = pz.nx.nmap(jax.nn.sigmoid)(self.receptance(mix(x, shifted, self.time_mix_receptance.value)))
-        y, wkv_state = wkv(
-            self.time_decay.value, self.time_first.value, k, v, segment_pos,
-            None if state is None else state.wkv, method=self.scan_method,
+        r = pz.nx.nmap(jax.nn.sigmoid)(
+            self.receptance(mix(x, shifted, self.time_mix_receptance.value))
         )
-        return self.output(r * y.astype(r.dtype)), TimeMixState(shift=last, wkv=wkv_state)
+        y, wkv_state = wkv(
+            self.time_decay.value,
+            self.time_first.value,
+            k,
+            v,
+            segment_pos,
+            None if state is None else state.wkv,
+            method=self.scan_method,
+        )
+        return self.output(r * y.astype(r.dtype)), TimeMixState(
+            shift=last, wkv=wkv_state
+        )
 
     def __call__(self, x: pz.nx.NamedArray, *, segment_pos=None, **_unused_side_inputs):
         segment_pos = positions.require_segment_pos(segment_pos, "TimeMix")
@@ -244,7 +293,9 @@ class StatefulTimeMix(stateful.StatefulTwin):
     state: pz.StateVariable
 
     @classmethod
-    def from_layer(cls, layer: TimeMix, context: stateful.TwinContext) -> StatefulTimeMix:
+    def from_layer(
+        cls, layer: TimeMix, context: stateful.TwinContext
+    ) -> StatefulTimeMix:
         state = layer.empty_state({axes.BATCH: context.batch_size})
         return cls(layer=layer, state=pz.StateVariable(state, label=context.label))
 

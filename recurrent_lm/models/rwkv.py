@@ -97,8 +97,14 @@ class RwkvConfig:
 
     def _validate(self):
         errors = []
-        for name in ("vocab_size", "context_length", "hidden_size", "num_hidden_layers",
-                     "attention_hidden_size", "intermediate_size"):
+        for name in (
+            "vocab_size",
+            "context_length",
+            "hidden_size",
+            "num_hidden_layers",
+            "attention_hidden_size",
+            "intermediate_size",
+        ):
             value = getattr(self, name)
             if not _is_positive_int(value):
                 errors.append(f"{name} must be a positive integer, got {value!r}")
@@ -107,15 +113,30 @@ class RwkvConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 errors.append(f"{name} must be a non-negative integer, got {value!r}")
             elif _is_positive_int(self.vocab_size) and value >= self.vocab_size:
-                errors.append(f"{name} {value} is outside the vocabulary [0, {self.vocab_size})")
-        if not isinstance(self.rescale_every, int) or isinstance(self.rescale_every, bool):
-            errors.append(f"rescale_every must be an integer (<= 0: off), got {self.rescale_every!r}")
-        if not isinstance(self.layer_norm_epsilon, (int, float)) or not self.layer_norm_epsilon > 0:
-            errors.append(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
+                errors.append(
+                    f"{name} {value} is outside the vocabulary [0, {self.vocab_size})"
+                )
+        if not isinstance(self.rescale_every, int) or isinstance(
+            self.rescale_every, bool
+        ):
+            errors.append(
+                f"rescale_every must be an integer (<= 0: off), got {self.rescale_every!r}"
+            )
+        if (
+            not isinstance(self.layer_norm_epsilon, (int, float))
+            or not self.layer_norm_epsilon > 0
+        ):
+            errors.append(
+                f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}"
+            )
         if not isinstance(self.tie_word_embeddings, bool):
-            errors.append(f"tie_word_embeddings must be a bool, got {self.tie_word_embeddings!r}")
+            errors.append(
+                f"tie_word_embeddings must be a bool, got {self.tie_word_embeddings!r}"
+            )
         if self.param_dtype not in PARAM_DTYPES:
-            errors.append(f"param_dtype {self.param_dtype!r} is not one of {PARAM_DTYPES}")
+            errors.append(
+                f"param_dtype {self.param_dtype!r} is not one of {PARAM_DTYPES}"
+            )
         if errors:
             raise ValueError("invalid RwkvConfig: " + "; ".join(errors) + ".")
 
@@ -127,17 +148,23 @@ class RwkvConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown RwkvConfig fields {unknown}; known: {sorted(known)}.")
+            raise ValueError(
+                f"unknown RwkvConfig fields {unknown}; known: {sorted(known)}."
+            )
         return cls(**values)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> RwkvConfig:
         if name not in PRESETS:
-            raise ValueError(f"unknown RWKV preset {name!r}; presets: {sorted(PRESETS)}.")
+            raise ValueError(
+                f"unknown RWKV preset {name!r}; presets: {sorted(PRESETS)}."
+            )
         preset = PRESETS[name]
         if "hidden_size" in overrides:  # re-derive the widths that default from it
             for field in ("attention_hidden_size", "intermediate_size"):
-                if field not in overrides and getattr(preset, field) == _derived(preset, field):
+                if field not in overrides and getattr(preset, field) == _derived(
+                    preset, field
+                ):
                     overrides[field] = None
         return dataclasses.replace(preset, **overrides)
 
@@ -164,7 +191,10 @@ PRESETS: dict[str, RwkvConfig] = {
     "14b": _pile(5120, 40),
     # For tests, demos and training smoke runs.
     "tiny": RwkvConfig(
-        vocab_size=512, context_length=256, hidden_size=128, num_hidden_layers=4,
+        vocab_size=512,
+        context_length=256,
+        hidden_size=128,
+        num_hidden_layers=4,
         intermediate_size=512,
     ),
 }
@@ -199,14 +229,20 @@ def _initial_values(build, key):
     return jax.jit(lambda key: parameter_values(build(key)))(key)
 
 
-def _build(config: RwkvConfig, key: jax.Array | None, scan_method: str | None) -> base.DecoderLM:
+def _build(
+    config: RwkvConfig, key: jax.Array | None, scan_method: str | None
+) -> base.DecoderLM:
     dtype = jnp.dtype(config.param_dtype)
     width, layers = config.hidden_size, config.num_hidden_layers
     embed = {axes.EMBEDDING: width}
     vocab = {axes.VOCABULARY: config.vocab_size}
     table = pz.nn.EmbeddingTable(
         embeddings=pz.nn.make_parameter(
-            "embeddings.embeddings", key, _uniform_init, {**vocab, **embed}, dtype,
+            "embeddings.embeddings",
+            key,
+            _uniform_init,
+            {**vocab, **embed},
+            dtype,
             bound=EMBEDDING_INIT,
         ),
         vocabulary_axis=axes.VOCABULARY,
@@ -222,13 +258,24 @@ def _build(config: RwkvConfig, key: jax.Array | None, scan_method: str | None) -
         ResidualBlock(
             temporal_pre_norm=norm(f"blocks.{i}.ln1"),
             temporal_block=TimeMix.from_config(
-                f"blocks.{i}.attention", key, width, config.attention_hidden_size,
-                layer=i, num_layers=layers, scan_method=scan_method, dtype=dtype,
+                f"blocks.{i}.attention",
+                key,
+                width,
+                config.attention_hidden_size,
+                layer=i,
+                num_layers=layers,
+                scan_method=scan_method,
+                dtype=dtype,
             ),
             channel_pre_norm=norm(f"blocks.{i}.ln2"),
             mlp_block=ChannelMix.from_config(
-                f"blocks.{i}.feed_forward", key, width, config.intermediate_size,
-                layer=i, num_layers=layers, dtype=dtype,
+                f"blocks.{i}.feed_forward",
+                key,
+                width,
+                config.intermediate_size,
+                layer=i,
+                num_layers=layers,
+                dtype=dtype,
             ),
         )
         for i in range(layers)
@@ -236,7 +283,9 @@ def _build(config: RwkvConfig, key: jax.Array | None, scan_method: str | None) -
     return base.DecoderLM(
         config=config,
         # Block 0's pre_ln normalises the embeddings: it belongs to the embedder.
-        embedder=pz.nn.Sequential([pz.nn.EmbeddingLookup(table), norm("blocks.0.pre_ln")]),
+        embedder=pz.nn.Sequential(
+            [pz.nn.EmbeddingLookup(table), norm("blocks.0.pre_ln")]
+        ),
         blocks=pz.nn.Sequential(blocks),
         final_norm=norm("ln_out", LN_OUT_EPS),
         head=head,
@@ -244,7 +293,9 @@ def _build(config: RwkvConfig, key: jax.Array | None, scan_method: str | None) -
 
 
 def _uniform_init(key, named_shape, dtype, *, bound: float):
-    data = jax.random.uniform(key, tuple(named_shape.values()), jnp.float32, -bound, bound)
+    data = jax.random.uniform(
+        key, tuple(named_shape.values()), jnp.float32, -bound, bound
+    )
     return pz.nx.wrap(data.astype(dtype)).tag(*named_shape)
 
 
@@ -253,12 +304,16 @@ def _head(key, embed, vocab, dtype):
     (width,), (size,) = embed.values(), vocab.values()
     gain = 0.5 * math.sqrt(max(size / width, 1.0))
     initializer = functools.partial(init.orthogonal, in_axes=tuple(embed), scale=gain)
-    return dense("head", key, embed, vocab, use_bias=False, initializer=initializer, dtype=dtype)
+    return dense(
+        "head", key, embed, vocab, use_bias=False, initializer=initializer, dtype=dtype
+    )
 
 
 base.register_model_type("rwkv", RwkvConfig, build_model)
 # Sampling mode: the stateful twins of RWKV's two temporal layers.
-stateful.register_twins({
-    TimeMix: StatefulTimeMix.from_layer,
-    ChannelMix: StatefulChannelMix.from_layer,
-})
+stateful.register_twins(
+    {
+        TimeMix: StatefulTimeMix.from_layer,
+        ChannelMix: StatefulChannelMix.from_layer,
+    }
+)

@@ -6,11 +6,11 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from rwkv_cases import CASES, case_ids, hf_logits, hf_model, hf_state_dict, our_model
 
 from checkpoints_conversion import rwkv as convert
 from recurrent_lm.models import rwkv
 from recurrent_lm.params import CheckpointMismatchError, parameter_values
-from rwkv_cases import CASES, case_ids, hf_logits, hf_model, hf_state_dict, our_model
 
 # Original BlinkDL names for a few HF ones (RWKV-LM's model.py / ChatRWKV).
 BLINKDL_NAMES = {
@@ -30,7 +30,9 @@ BLINKDL_NAMES = {
 def assert_same_state_dict(actual, expected):
     assert sorted(actual) == sorted(expected)
     for name in expected:
-        np.testing.assert_array_equal(np.asarray(actual[name]), np.asarray(expected[name]), err_msg=name)
+        np.testing.assert_array_equal(
+            np.asarray(actual[name]), np.asarray(expected[name]), err_msg=name
+        )
 
 
 @pytest.mark.parametrize("case_name", ["odd", "tied"])
@@ -59,7 +61,9 @@ def test_hf_directory_round_trip_and_transformers_reads_ours(tmp_path):
     assert_same_state_dict(convert.to_hf_state_dict(loaded), hf_state_dict(case))
     theirs = RwkvForCausalLM.from_pretrained(directory).train()
     ids = case_ids(case)
-    np.testing.assert_array_equal(hf_logits(theirs, ids), hf_logits(hf_model(case), ids))
+    np.testing.assert_array_equal(
+        hf_logits(theirs, ids), hf_logits(hf_model(case), ids)
+    )
     with pytest.raises(FileExistsError):
         convert.save_hf_checkpoint(model, directory)
 
@@ -69,8 +73,13 @@ def test_pytorch_model_bin_directory(tmp_path):
 
     case = CASES["narrow"]
     state = hf_state_dict(case)
-    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "pytorch_model.bin")
-    (tmp_path / "config.json").write_text(json.dumps(convert.hf_config_dict(case.config())))
+    torch.save(
+        {k: torch.from_numpy(v) for k, v in state.items()},
+        tmp_path / "pytorch_model.bin",
+    )
+    (tmp_path / "config.json").write_text(
+        json.dumps(convert.hf_config_dict(case.config()))
+    )
     loaded = convert.load_hf_checkpoint(tmp_path)
     assert loaded.config == case.config()
     assert_same_state_dict(convert.to_hf_state_dict(loaded), state)
@@ -106,13 +115,17 @@ def test_blinkdl_bfloat16_loads_in_bfloat16(tmp_path):
     blinkdl = convert.hf_to_blinkdl_names(hf_state_dict(case))
     del blinkdl["head.weight"]  # HF's state dict repeats the tied table
     path = tmp_path / "bf16.pth"
-    torch.save({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in blinkdl.items()}, path)
+    torch.save(
+        {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in blinkdl.items()}, path
+    )
     model = convert.load_blinkdl_checkpoint(path)
     assert model.config.param_dtype == "bfloat16"
     assert model.config.tie_word_embeddings  # no head.weight in the file
     table = parameter_values(model)["embeddings.embeddings"]
     expected = np.asarray(jnp.asarray(blinkdl["emb.weight"], jnp.bfloat16))
-    np.testing.assert_array_equal(np.asarray(table.unwrap("vocabulary", "embedding")), expected)
+    np.testing.assert_array_equal(
+        np.asarray(table.unwrap("vocabulary", "embedding")), expected
+    )
 
 
 def test_mismatch_lists_every_bad_name_with_shapes():
@@ -124,10 +137,18 @@ def test_mismatch_lists_every_bad_name_with_shapes():
     with pytest.raises(CheckpointMismatchError) as info:
         convert.from_hf_state_dict(state, case.config())
     message = str(info.value)
-    assert "missing     rwkv.blocks.1.attention.time_first: expected shape (40,)" in message
+    assert (
+        "missing     rwkv.blocks.1.attention.time_first: expected shape (40,)"
+        in message
+    )
     assert "unexpected  rwkv.blocks.1.attention.bonus: found shape (3,)" in message
-    assert "mis-shaped  rwkv.blocks.2.feed_forward.key.weight: expected (52, 24), found (51, 24)" in message
-    with pytest.raises(CheckpointMismatchError, match="missing     rwkv.embeddings.weight"):
+    assert (
+        "mis-shaped  rwkv.blocks.2.feed_forward.key.weight: expected (52, 24), found (51, 24)"
+        in message
+    )
+    with pytest.raises(
+        CheckpointMismatchError, match="missing     rwkv.embeddings.weight"
+    ):
         convert.infer_config({"emb": np.zeros(3)})
 
 
@@ -148,11 +169,19 @@ def test_missing_files_and_torch_hint(tmp_path, monkeypatch):
 
 
 def test_config_from_hf_ignores_hf_only_keys():
-    config = convert.config_from_hf({
-        "vocab_size": 50277, "hidden_size": 768, "num_hidden_layers": 12,
-        "attention_hidden_size": None, "intermediate_size": None, "eos_token_id": [0],
-        "use_cache": True, "torch_dtype": "float32", "architectures": ["RwkvForCausalLM"],
-    })
+    config = convert.config_from_hf(
+        {
+            "vocab_size": 50277,
+            "hidden_size": 768,
+            "num_hidden_layers": 12,
+            "attention_hidden_size": None,
+            "intermediate_size": None,
+            "eos_token_id": [0],
+            "use_cache": True,
+            "torch_dtype": "float32",
+            "architectures": ["RwkvForCausalLM"],
+        }
+    )
     assert config == rwkv.RwkvConfig.from_preset("169m")
 
 
@@ -165,9 +194,14 @@ def tokenizer_file(tmp_path_factory):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(["Hello my name is RWKV.", "the quick brown fox"] * 20, trainer)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(
+        ["Hello my name is RWKV.", "the quick brown fox"] * 20, trainer
+    )
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tokenizer.save(str(path))
     return path
