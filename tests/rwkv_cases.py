@@ -101,21 +101,23 @@ CASES = {
 }
 
 
+def new_hf_model(case: HFCase):
+    """HF's RwkvForCausalLM for the case's config, with HF's own initialisation."""
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    values = convert.hf_config_dict(case.config())
+    for key in ("architectures", "model_type", "dtype"):
+        del values[key]
+    return RwkvForCausalLM(RwkvConfig(**values))
+
+
 @functools.cache
 def hf_state_dict(case: HFCase) -> dict[str, np.ndarray]:
     """Random HF weights (numpy, float32), taken before any eval-mode forward."""
     import torch
-    from transformers import RwkvConfig, RwkvForCausalLM
 
     torch.manual_seed(case.seed)
-    config = RwkvConfig(
-        **{
-            k: v
-            for k, v in convert.hf_config_dict(case.config()).items()
-            if k not in ("architectures", "model_type", "dtype")
-        }
-    )
-    model = RwkvForCausalLM(config)
+    model = new_hf_model(case)
     generator = torch.Generator().manual_seed(100 + case.seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -130,16 +132,8 @@ def hf_state_dict(case: HFCase) -> dict[str, np.ndarray]:
 def hf_model(case: HFCase, *, train: bool = True):
     """A fresh HF model with `hf_state_dict(case)` (train mode: no rescaling)."""
     import torch
-    from transformers import RwkvConfig, RwkvForCausalLM
 
-    config = RwkvConfig(
-        **{
-            k: v
-            for k, v in convert.hf_config_dict(case.config()).items()
-            if k not in ("architectures", "model_type", "dtype")
-        }
-    )
-    model = RwkvForCausalLM(config)
+    model = new_hf_model(case)
     model.load_state_dict(
         {k: torch.from_numpy(v) for k, v in hf_state_dict(case).items()}
     )

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import positions, stateful
+from recurrent_lm.layers import positions
 from recurrent_lm.layers.token_shift import token_shift
 from recurrent_lm.layers.wkv import mix, rwkv_dense, time_mix_init
 
@@ -98,25 +98,4 @@ class ChannelMix(pz.nn.Layer):
     def __call__(self, x: pz.nx.NamedArray, *, segment_pos=None, **_unused_side_inputs):
         segment_pos = positions.require_segment_pos(segment_pos, "ChannelMix")
         y, _ = self.forward(x, segment_pos, None)
-        return y
-
-
-@pz.pytree_dataclass
-class StatefulChannelMix(stateful.StatefulTwin):
-    """`ChannelMix` that carries its token-shift input between calls (sampling mode)."""
-
-    layer: ChannelMix
-    shift: pz.StateVariable
-
-    @classmethod
-    def from_layer(
-        cls, layer: ChannelMix, context: stateful.TwinContext
-    ) -> StatefulChannelMix:
-        shift = layer.empty_state({axes.BATCH: context.batch_size})
-        return cls(layer=layer, shift=pz.StateVariable(shift, label=context.label))
-
-    def __call__(self, x, *, segment_pos=None, **_unused_side_inputs):
-        segment_pos = positions.require_segment_pos(segment_pos, "StatefulChannelMix")
-        y, shift = self.layer.forward(x, segment_pos, self.shift.value)
-        stateful.write_state(self.shift, shift)
         return y

@@ -286,21 +286,26 @@ class TimeMix(pz.nn.Layer):
 
 
 @pz.pytree_dataclass
-class StatefulTimeMix(stateful.StatefulTwin):
-    """`TimeMix` that carries its `TimeMixState` between calls (sampling mode)."""
+class StatefulMix(stateful.StatefulTwin):
+    """Sampling-mode twin of an RWKV mixing layer (`TimeMix`, `ChannelMix`).
 
-    layer: TimeMix
+    Carries the state the layer's ``forward(x, segment_pos, state) -> (y,
+    state)`` returns (`TimeMixState`; the channel mix's last input), starting
+    from the layer's ``empty_state``.
+    """
+
+    layer: pz.nn.Layer
     state: pz.StateVariable
 
     @classmethod
-    def from_layer(
-        cls, layer: TimeMix, context: stateful.TwinContext
-    ) -> StatefulTimeMix:
+    def from_layer(cls, layer, context: stateful.TwinContext) -> StatefulMix:
         state = layer.empty_state({axes.BATCH: context.batch_size})
         return cls(layer=layer, state=pz.StateVariable(state, label=context.label))
 
     def __call__(self, x, *, segment_pos=None, **_unused_side_inputs):
-        segment_pos = positions.require_segment_pos(segment_pos, "StatefulTimeMix")
+        segment_pos = positions.require_segment_pos(
+            segment_pos, type(self.layer).__name__
+        )
         y, state = self.layer.forward(x, segment_pos, self.state.value)
         stateful.write_state(self.state, state)
         return y

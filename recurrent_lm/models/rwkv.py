@@ -34,8 +34,8 @@ from recurrent_lm.layers import (
     recurrence,
     stateful,
 )
-from recurrent_lm.layers.channel_mix import ChannelMix, StatefulChannelMix
-from recurrent_lm.layers.wkv import StatefulTimeMix, TimeMix
+from recurrent_lm.layers.channel_mix import ChannelMix
+from recurrent_lm.layers.wkv import StatefulMix, TimeMix
 from recurrent_lm.models import base
 from recurrent_lm.params import bind_parameters, parameter_values
 
@@ -313,7 +313,7 @@ base.register_model_type("rwkv", RwkvConfig, build_model)
 # Sampling mode: the stateful twins of RWKV's two temporal layers.
 stateful.register_twins(
     {
-        TimeMix: StatefulTimeMix.from_layer,
-        ChannelMix: StatefulChannelMix.from_layer,
+        TimeMix: StatefulMix.from_layer,
+        ChannelMix: StatefulMix.from_layer,
     }
 )

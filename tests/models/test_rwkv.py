@@ -14,8 +14,8 @@ from penzai import pz
 from rwkv_cases import CASES, case_ids, hf_logits, hf_model, our_model
 
 from checkpoints_conversion import rwkv as convert
-from recurrent_lm.layers.channel_mix import ChannelMix, StatefulChannelMix
-from recurrent_lm.layers.wkv import StatefulTimeMix, TimeMix
+from recurrent_lm.layers.channel_mix import ChannelMix
+from recurrent_lm.layers.wkv import StatefulMix, TimeMix
 from recurrent_lm.models import base, rwkv
 from recurrent_lm.params import abstract_parameters, parameter_values
 from recurrent_lm.sampling import generate, to_sampling_mode
@@ -132,16 +132,9 @@ def test_sampling_state_matches_hf_state(fixture_model):
     ids = expected["input_ids"].astype(np.int32)
     sampler = to_sampling_mode(model, batch_size=ids.shape[0])
     sampler(named_tokens(ids))
-    time_mix = [
-        twin.state
-        for twin in pz.select(sampler).at_instances_of(StatefulTimeMix).get_sequence()
-    ]
-    channel_mix = [
-        twin.shift
-        for twin in pz.select(sampler)
-        .at_instances_of(StatefulChannelMix)
-        .get_sequence()
-    ]
+    twins = pz.select(sampler).at_instances_of(StatefulMix).get_sequence()
+    time_mix = [t.state for t in twins if isinstance(t.layer, TimeMix)]
+    channel_mix = [t.state for t in twins if isinstance(t.layer, ChannelMix)]
     assert len(time_mix) == len(channel_mix) == 4
     # HF: (batch, hidden, layer); states 2/3 compared as real values num * e^max.
     layer_stack = lambda xs: np.stack(xs, axis=-1)
