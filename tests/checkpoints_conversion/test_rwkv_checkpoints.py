@@ -223,3 +223,18 @@ def test_tokenizer_round_trip(tokenizer_file):
     bad.write_text("{}")
     with pytest.raises(ValueError, match="not a tokenizers tokenizer.json"):
         convert.load_tokenizer(bad)
+
+
+def test_cli_convert_then_recurrent_lm_load(tmp_path, capsys):
+    import recurrent_lm
+
+    case = CASES["tied"]
+    model = our_model(case)
+    convert.save_hf_checkpoint(model, tmp_path / "hf")
+    assert convert.main(["convert", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    assert "converted" in capsys.readouterr().out
+    loaded = recurrent_lm.load(tmp_path / "ours")
+    assert loaded.config == model.config
+    assert_same_state_dict(
+        convert.to_hf_state_dict(loaded), convert.to_hf_state_dict(model)
+    )
