@@ -23,6 +23,8 @@ block_out      output features of one block of a block-diagonal linear layer
 conv_taps      taps of a causal depthwise convolution (oldest first)
 state          width of a state-space model's hidden state
 layers         stacked per-layer results (e.g. a captured residual stream)
+wkv            width of RWKV's WKV recurrence (``attention_hidden_size``)
+embedding_in   model width as the input of a square embedding -> embedding map
 =============  ================================================================
 """
 
@@ -41,6 +43,8 @@ BLOCK_OUT = "block_out"
 CONV_TAPS = "conv_taps"
 STATE = "state"
 LAYERS = "layers"
+WKV = "wkv"
+EMBEDDING_IN = "embedding_in"
 
 TOKEN_AXES = (BATCH, SEQ)
 """Named axes of model inputs (token ids and segment positions)."""

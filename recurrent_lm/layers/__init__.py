@@ -11,7 +11,7 @@ from recurrent_lm.layers.conv import CausalConv1D, causal_conv_1d
 from recurrent_lm.layers.embeddings import bfloat16_sqrt, embedding_table
 from recurrent_lm.layers.linear import BlockDiagonalLinear, dense
 from recurrent_lm.layers.mlp import GatedMLP, gelu_tanh
-from recurrent_lm.layers.norms import RMSNorm
+from recurrent_lm.layers.norms import LayerNorm, RMSNorm
 from recurrent_lm.layers.positions import default_segment_pos, document_starts, segment_ids
 from recurrent_lm.layers.recurrence import (
     SCAN_METHODS,
@@ -27,6 +27,7 @@ __all__ = [
     "BlockDiagonalLinear",
     "CausalConv1D",
     "GatedMLP",
+    "LayerNorm",
     "RGLRU",
     "RMSNorm",
     "ResidualBlock",

@@ -40,3 +40,27 @@ def fan_in_normal(
     std = math.sqrt(scale / fan_in)
     data = std * jax.random.normal(key, tuple(named_shape.values()), jnp.float32)
     return pz.nx.wrap(data.astype(dtype)).tag(*named_shape)
+
+
+def orthogonal(
+    key,
+    named_shape: Mapping[str, int],
+    dtype,
+    *,
+    in_axes: Sequence[str],
+    scale: float = 1.0,
+) -> pz.nx.NamedArray:
+    """A (scaled) orthogonal matrix from the `in_axes` to the other axes.
+
+    torch's ``nn.init.orthogonal_(w, gain=scale)`` on the [out, in] matrix, as
+    RWKV initialises its projections.
+    """
+    missing = [a for a in in_axes if a not in named_shape]
+    if missing:
+        raise ValueError(f"input axes {missing} not in shape {dict(named_shape)}")
+    out_axes = [a for a in named_shape if a not in in_axes]
+    rows = math.prod(named_shape[a] for a in out_axes)
+    cols = math.prod(named_shape[a] for a in in_axes)
+    data = jax.nn.initializers.orthogonal(scale)(key, (rows, cols), jnp.float32)
+    data = data.reshape([named_shape[a] for a in (*out_axes, *in_axes)])
+    return pz.nx.wrap(data.astype(dtype)).tag(*out_axes, *in_axes)

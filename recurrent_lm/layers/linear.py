@@ -22,12 +22,15 @@ def dense(
     use_bias: bool,
     init_scale: float = 1.0,
     dtype=jnp.float32,
+    initializer=None,
 ) -> pz.nn.Linear | pz.nn.Affine:
     """A penzai `Linear` (plus `AddBias` if `use_bias`) contracting `in_axes`.
 
     Parameters: ``{name}.weights`` {*in_axes, *out_axes}, initialised
     fan-in normal with variance ``init_scale / fan_in``; ``{name}.bias``
     {*out_axes}, zeros. Named axes: in {..., *in_axes} -> out {..., *out_axes}.
+    `initializer` (``(key, named_shape, dtype) -> NamedArray``) replaces the
+    fan-in normal weights (e.g. RWKV's orthogonal and zero matrices).
     """
     in_axes, out_axes = dict(in_axes), dict(out_axes)
     # Storage order. A plain matrix is stored [out, in]: XLA:CPU's matrix-vector
@@ -35,8 +38,8 @@ def dense(
     # output axes (attention heads x head_dim) XLA would copy an [out..., in]
     # weight to a matrix on every call, so those stay [in, out...].
     layout = {**out_axes, **in_axes} if len(out_axes) == len(in_axes) == 1 else {**in_axes, **out_axes}
-    linear = pz.nn.Linear(
-        weights=pz.nn.make_parameter(
+    if initializer is None:
+        weights = pz.nn.make_parameter(
             f"{name}.weights",
             init_base_rng,
             init.fan_in_normal,
@@ -44,7 +47,11 @@ def dense(
             dtype,
             fan_in_axes=tuple(in_axes),
             scale=init_scale,
-        ),
+        )
+    else:
+        weights = pz.nn.make_parameter(f"{name}.weights", init_base_rng, initializer, layout, dtype)
+    linear = pz.nn.Linear(
+        weights=weights,
         in_axis_names=tuple(in_axes),
         out_axis_names=tuple(out_axes),
     )

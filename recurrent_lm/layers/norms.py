@@ -1,4 +1,4 @@
-"""RMS normalisation with a zero-centred scale (Gemma / Griffin convention)."""
+"""RMS normalisation with a zero-centred scale (Gemma / Griffin convention), and LayerNorm."""
 
 from __future__ import annotations
 
@@ -59,4 +59,54 @@ class RMSNorm(pz.nn.Layer):
 
         return pz.nx.nmap(normalize)(
             x.untag(self.axis), self.scale.value.untag(self.axis)
+        ).tag(self.axis)
+
+
+@pz.pytree_dataclass
+class LayerNorm(pz.nn.Layer):
+    """``(x - mean) * rsqrt(var + eps) * scale + bias`` over one named axis.
+
+    torch's ``nn.LayerNorm`` (biased variance), as RWKV uses it.
+
+    Named axes: in {..., axis} -> out {..., axis}. Parameters ``scale`` and
+    ``bias``: {axis}. Computation follows the promoted dtype of the input and
+    the parameters.
+    """
+
+    scale: pz.nn.ParameterLike[pz.nx.NamedArray]
+    bias: pz.nn.ParameterLike[pz.nx.NamedArray]
+    axis: str = dataclasses.field(default=axes.EMBEDDING, metadata={"pytree_node": False})
+    eps: float = dataclasses.field(default=1e-5, metadata={"pytree_node": False})
+
+    @classmethod
+    def from_config(
+        cls,
+        name: str,
+        init_base_rng: jax.Array | None,
+        width: int,
+        *,
+        axis: str = axes.EMBEDDING,
+        eps: float = 1e-5,
+        dtype=jnp.float32,
+    ) -> LayerNorm:
+        ones = lambda key, named_shape, dtype: pz.nx.ones(dict(named_shape), dtype)
+        return cls(
+            scale=pz.nn.make_parameter(f"{name}.scale", init_base_rng, ones, {axis: width}, dtype),
+            bias=pz.nn.make_parameter(f"{name}.bias", init_base_rng, init.zeros, {axis: width}, dtype),
+            axis=axis,
+            eps=eps,
+        )
+
+    def __call__(self, x: pz.nx.NamedArray, **_unused_side_inputs) -> pz.nx.NamedArray:
+        eps = self.eps
+
+        def normalize(v, scale, bias):
+            dtype = jnp.result_type(v, scale, bias)
+            v = v.astype(dtype)
+            centred = v - jnp.mean(v)
+            var = jnp.mean(jnp.square(centred))
+            return centred * jax.lax.rsqrt(var + eps) * scale.astype(dtype) + bias.astype(dtype)
+
+        return pz.nx.nmap(normalize)(
+            x.untag(self.axis), self.scale.value.untag(self.axis), self.bias.value.untag(self.axis)
         ).tag(self.axis)

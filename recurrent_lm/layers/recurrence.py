@@ -4,8 +4,9 @@
 
 with an optional initial state ``h0`` and an optional reset mask (``h_t = b_t``
 where a document starts). RG-LRU, RWKV's WKV and H3's diagonal SSM all run
-through `linear_scan`, so an improvement here (a new kernel, a sharded scan)
-reaches every architecture.
+through `linear_scan` (WKV through its log-scaled form `scaled_linear_scan`,
+whose terms would overflow float32 otherwise), so an improvement here (a new
+kernel, a sharded scan) reaches every architecture.
 
 Three implementations, same results (up to float rounding order):
 
@@ -29,7 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -249,4 +251,201 @@ def linear_scan(
     return (
         named.from_positional(h.astype(out_dtype), layout),
         named.from_positional(h_last, state_layout),
+    )
+
+
+# ---------------------------------------------------------------------------
+# The same recurrence in log-scaled form, for inputs whose magnitudes overflow.
+# ---------------------------------------------------------------------------
+
+# A finite stand-in for log(0): an empty state has log-scale NEG_LOG_SCALE, a
+# reset has log-decay NEG_LOG_SCALE. With -inf, two empty elements meeting
+# would compute exp(-inf - (-inf)) = NaN.
+NEG_LOG_SCALE = -1e30
+
+
+class ScaledState(NamedTuple):
+    """A state ``h = mantissa * exp(log_scale)`` of `scaled_linear_scan`.
+
+    ``mantissas`` is a tuple (several recurrences sharing one scale, e.g. a
+    numerator and a denominator); each has the named shape of ``log_scale``.
+    The split is only defined up to the normalisation: compare real values.
+    """
+
+    mantissas: tuple
+    log_scale: Any
+
+    def real_values(self):
+        """The mantissas times ``exp(log_scale)`` (may overflow: for tests)."""
+        scale = pz.nx.nmap(jnp.exp)(self.log_scale)
+        return tuple(m * scale for m in self.mantissas)
+
+
+def empty_scaled_state(named_shape: Mapping[str, int], count: int, dtype=jnp.float32) -> ScaledState:
+    """The zero state: mantissas 0, log-scale `NEG_LOG_SCALE`."""
+    zeros = pz.nx.zeros(dict(named_shape), dtype)
+    return ScaledState((zeros,) * count, pz.nx.full(dict(named_shape), NEG_LOG_SCALE, dtype))
+
+
+def _scaled_combine(earlier, later):
+    """Composes two scaled affine maps (earlier first).
+
+    An element ``(W, p, o)`` is the map ``S -> exp(W) S + p exp(o)``; the
+    composite keeps the larger of the two log-scales, so every exponent is
+    <= 0 and nothing overflows.
+    """
+    w_e, p_e, o_e = earlier
+    w_l, p_l, o_l = later
+    carried = o_e + w_l  # log-scale of the earlier contribution after decay
+    o = jnp.maximum(carried, o_l)
+    f_e, f_l = jnp.exp(carried - o), jnp.exp(o_l - o)
+    p = tuple(f_e * a + f_l * b for a, b in zip(p_e, p_l))
+    return jnp.maximum(w_e + w_l, NEG_LOG_SCALE), p, o
+
+
+def _scaled_sequential(elements, h0):
+    p0, o0 = h0
+
+    def step(carry, element):
+        _, p, o = _scaled_combine((jnp.zeros_like(carry[1]), *carry), element)
+        return (p, o), (p, o)
+
+    last, h = jax.lax.scan(step, (p0, o0), elements)
+    return h, last
+
+
+def _scaled_associative(elements, h0):
+    log_a, p, o = elements
+    # Fold the initial state into the first element.
+    _, p_first, o_first = _scaled_combine(
+        (jnp.zeros_like(h0[1]), h0[0], h0[1]),
+        (log_a[0], tuple(x[0] for x in p), o[0]),
+    )
+    p = tuple(x.at[0].set(y) for x, y in zip(p, p_first))
+    o = o.at[0].set(o_first)
+    _, p, o = jax.lax.associative_scan(_scaled_combine, (log_a, p, o), axis=0)
+    return (p, o), (tuple(x[-1] for x in p), o[-1])
+
+
+def _scaled_chunked(elements, h0, chunk_size):
+    """Sequential within chunks (all chunks at once), associative across them."""
+    log_a, p, o = elements
+    steps, rest = o.shape[0], o.shape[1:]
+    chunk = min(chunk_size, steps)
+    num_chunks = -(-steps // chunk)
+    pad = num_chunks * chunk - steps
+
+    def split(x, fill):
+        if pad:  # identity elements (W=0, p=0, o=NEG) leave the state unchanged
+            x = jnp.concatenate([x, jnp.full((pad, *rest), fill, x.dtype)])
+        return jnp.swapaxes(x.reshape(num_chunks, chunk, *rest), 0, 1)
+
+    log_a, o = split(log_a, 0.0), split(o, NEG_LOG_SCALE)
+    p = tuple(split(x, 0.0) for x in p)
+
+    def step(carry, element):
+        carry = _scaled_combine(carry, element)
+        return carry, carry
+
+    identity = (
+        jnp.zeros((num_chunks, *rest), o.dtype),
+        tuple(jnp.zeros((num_chunks, *rest), o.dtype) for _ in p),
+        jnp.full((num_chunks, *rest), NEG_LOG_SCALE, o.dtype),
+    )
+    summary, local = jax.lax.scan(step, identity, (log_a, p, o))
+    # State leaving each chunk, then the state entering each chunk.
+    (p_out, o_out), _ = _scaled_associative(summary, h0)
+    p_in = tuple(jnp.concatenate([a[None], b[:-1]]) for a, b in zip(h0[0], p_out))
+    o_in = jnp.concatenate([h0[1][None], o_out[:-1]])
+    _, p, o = _scaled_combine((jnp.zeros_like(o_in), p_in, o_in), local)
+    unsplit = lambda x: jnp.swapaxes(x, 0, 1).reshape(num_chunks * chunk, *rest)[:steps]
+    return (tuple(unsplit(x) for x in p), unsplit(o)), (tuple(x[-1] for x in p_out), o_out[-1])
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _positional_scaled_scan(elements, h0, method, chunk_size):
+    if elements[2].shape[0] == 1:  # one step (decoding): no loop at all
+        _, p, o = _scaled_combine((jnp.zeros_like(h0[1]), *h0), elements)
+        return (p, o), (tuple(x[0] for x in p), o[0])
+    if method == "sequential":
+        return _scaled_sequential(elements, h0)
+    if method == "associative":
+        return _scaled_associative(elements, h0)
+    return _scaled_chunked(elements, h0, chunk_size)
+
+
+def scaled_linear_scan(
+    log_a: pz.nx.NamedArray,
+    b: tuple[pz.nx.NamedArray, ...],
+    log_scale: pz.nx.NamedArray,
+    *,
+    axis: str = "seq",
+    h0: ScaledState | None = None,
+    reset: pz.nx.NamedArray | None = None,
+    method: str | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[ScaledState, ScaledState]:
+    """`linear_scan` with log-domain decay and inputs: ``h_t = exp(log_a_t) h_{t-1} + exp(s_t) b_t``.
+
+    For recurrences whose terms overflow float32 (RWKV's ``exp(k)`` with
+    ``k > 88``): the state is kept as ``(mantissa, log_scale)``, normalised so
+    that the largest contribution has scale 1, and every exponential computed
+    has a non-positive argument. Several inputs `b` may share one scale (the
+    state holds one mantissa per input). Same methods, resets and initial state
+    as `linear_scan`; always float32 (or wider).
+
+    Args:
+      log_a: log-decay (<= 0), broadcast by name (it may lack `axis`); -inf is
+        allowed (clamped to `NEG_LOG_SCALE`).
+      b: tuple of input mantissas, each with `axis`.
+      log_scale: the log-scale ``s_t`` of the inputs, with `axis`.
+      axis, reset, method, chunk_size: as for `linear_scan`.
+      h0: the initial state (None: the empty state).
+
+    Returns:
+      ``(h, h_last)``: `ScaledState` after every step (with `axis`) and after the
+      last step (without).
+    """
+    check_scan_method(method)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
+    b = tuple(b)
+    if not b:
+        raise ValueError("scaled_linear_scan needs at least one input mantissa in b.")
+    named.check_named(log_a, (), "scaled_linear_scan input 'log_a'", exact=False)
+    named.check_named(log_scale, (axis,), "scaled_linear_scan input 'log_scale'", exact=False)
+    for i, x in enumerate(b):
+        named.check_named(x, (axis,), f"scaled_linear_scan input b[{i}]", exact=False)
+    shape = named.union_named_shape(log_scale, log_a, reset, *b)
+    if shape[axis] == 0:
+        raise ValueError(f"cannot scan along an empty {axis!r} axis.")
+    acc_dtype = accumulation_dtype(log_a.dtype, log_scale.dtype, *(x.dtype for x in b))
+    log_a = pz.nx.nmap(jnp.maximum)(log_a.astype(acc_dtype), NEG_LOG_SCALE)
+    if reset is not None:
+        named.check_named(reset, (axis,), "scaled_linear_scan reset", exact=False)
+        log_a = pz.nx.nmap(jnp.where)(reset, jnp.asarray(NEG_LOG_SCALE, acc_dtype), log_a)
+    layout = {axis: shape[axis], **{n: s for n, s in shape.items() if n != axis}}
+    state_layout = {n: s for n, s in layout.items() if n != axis}
+    if h0 is None:
+        h0 = empty_scaled_state(state_layout, len(b), acc_dtype)
+    elif len(h0.mantissas) != len(b):
+        raise ValueError(f"h0 has {len(h0.mantissas)} mantissas but b has {len(b)} inputs.")
+    for x in (*h0.mantissas, h0.log_scale):
+        named.check_named(x, (), "scaled_linear_scan h0", exact=False)
+        if axis in x.named_shape:
+            raise ValueError(f"h0 must not have the scanned axis {axis!r}.")
+    raw = lambda x, lay: named.to_positional(x, lay).astype(acc_dtype)
+    elements = (
+        raw(log_a, layout),
+        tuple(raw(x, layout) for x in b),
+        raw(log_scale, layout),
+    )
+    h0_raw = (tuple(raw(x, state_layout) for x in h0.mantissas), raw(h0.log_scale, state_layout))
+    (p, o), (p_last, o_last) = _positional_scaled_scan(
+        elements, h0_raw, method or default_scan_method(), chunk_size
+    )
+    wrap = named.from_positional
+    return (
+        ScaledState(tuple(wrap(x, layout) for x in p), wrap(o, layout)),
+        ScaledState(tuple(wrap(x, state_layout) for x in p_last), wrap(o_last, state_layout)),
     )

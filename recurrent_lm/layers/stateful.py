@@ -70,9 +70,13 @@ class StatefulTwin(pz.nn.Layer):
 sites.register_transparent_fields(StatefulTwin, "layer")
 
 
-def _write_state(variable: pz.StateVariable, value) -> None:
+def write_state(variable: pz.StateVariable, value) -> None:
+    """Stores a twin's new state, in the axis order of the old one."""
     # Keep the axis order of the state fixed: it is a while-loop carry.
     variable.value = pz.nx.order_like(value, variable.value)
+
+
+_write_state = write_state
 
 
 def require_side_input(value, name: str, layer: str):

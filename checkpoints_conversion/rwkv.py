@@ -1,0 +1,527 @@
+"""RWKV-4 checkpoints <-> our RWKV: HF transformers and BlinkDL's original ``.pth``.
+
+* HF (``RwkvForCausalLM``): a directory with ``config.json`` and
+  ``model.safetensors`` (or a sharded ``model.safetensors.index.json``, or
+  ``pytorch_model.bin``). Names ``rwkv.blocks.3.attention.time_decay`` ...
+* BlinkDL (RWKV-LM / ChatRWKV): one ``torch.save`` state dict
+  (``emb.weight``, ``blocks.3.att.time_decay`` ...); the config is inferred
+  from the shapes.
+
+Values are stored raw in both (``time_decay`` before ``-exp``; ``time_mix_*``
+as (1, 1, C)); linear weights are torch's [out, in], as ours. torch is needed
+only to read pickled files (``.bin`` / ``.pth``). Also: the GPT-NeoX-20B
+tokenizer (``tokenizer.json``) of the Pile models, via `tokenizers`.
+
+CLI::
+
+    python -m checkpoints_conversion.rwkv convert SRC DST   # HF dir or .pth -> recurrent_lm.save dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from checkpoints_conversion.common import LeafLayout, check_leaves, convert_leaves
+from recurrent_lm import axes
+from recurrent_lm.models import rwkv
+from recurrent_lm.params import (
+    CheckpointMismatchError,
+    abstract_parameters,
+    bind_parameters,
+    parameter_values,
+)
+
+E, V, A, F = axes.EMBEDDING, axes.VOCABULARY, axes.WKV, axes.MLP
+HF_SOURCE = "HF RWKV checkpoint"
+BLINKDL_SOURCE = "BlinkDL RWKV-4 checkpoint"
+# Fields of HF's config.json that RwkvConfig shares.
+_HF_FIELDS = (
+    "vocab_size",
+    "context_length",
+    "hidden_size",
+    "num_hidden_layers",
+    "attention_hidden_size",
+    "intermediate_size",
+    "layer_norm_epsilon",
+    "bos_token_id",
+    "eos_token_id",
+    "rescale_every",
+    "tie_word_embeddings",
+)
+_TORCH_HINT = (
+    "reading pickled PyTorch checkpoints (.bin / .pth) needs torch; install the CPU build with"
+    " `pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu`, or use a"
+    " .safetensors checkpoint."
+)
+
+
+def leaf_layouts(config: rwkv.RwkvConfig) -> list[LeafLayout]:
+    """Every leaf of the HF state dict for `config`, with our labels."""
+    layouts = [
+        LeafLayout("rwkv.embeddings.weight", ("embeddings.embeddings",), (V, E)),
+        LeafLayout("rwkv.blocks.0.pre_ln.weight", ("blocks.0.pre_ln.scale",), (E,)),
+        LeafLayout("rwkv.blocks.0.pre_ln.bias", ("blocks.0.pre_ln.bias",), (E,)),
+        LeafLayout("rwkv.ln_out.weight", ("ln_out.scale",), (E,)),
+        LeafLayout("rwkv.ln_out.bias", ("ln_out.bias",), (E,)),
+    ]
+    if not config.tie_word_embeddings:
+        layouts.append(LeafLayout("head.weight", ("head.weights",), (V, E)))
+    for i in range(config.num_hidden_layers):
+        leaf = lambda path, label, dims, i=i: layouts.append(
+            LeafLayout(f"rwkv.blocks.{i}.{path}", (f"blocks.{i}.{label}",), dims)
+        )
+        for ln in ("ln1", "ln2"):
+            leaf(f"{ln}.weight", f"{ln}.scale", (E,))
+            leaf(f"{ln}.bias", f"{ln}.bias", (E,))
+        leaf("attention.time_decay", "attention.time_decay", (A,))
+        leaf("attention.time_first", "attention.time_first", (A,))
+        for name in ("key", "value", "receptance"):
+            leaf(f"attention.time_mix_{name}", f"attention.time_mix_{name}", (1, 1, E))
+            leaf(f"attention.{name}.weight", f"attention.{name}.weights", (A, E))
+        leaf("attention.output.weight", "attention.output.weights", (E, A))
+        for name in ("key", "receptance"):
+            leaf(
+                f"feed_forward.time_mix_{name}",
+                f"feed_forward.time_mix_{name}",
+                (1, 1, E),
+            )
+        leaf("feed_forward.key.weight", "feed_forward.key.weights", (F, E))
+        leaf(
+            "feed_forward.receptance.weight",
+            "feed_forward.receptance.weights",
+            (E, axes.EMBEDDING_IN),
+        )
+        leaf("feed_forward.value.weight", "feed_forward.value.weights", (E, F))
+    return layouts
+
+
+def _numpy(value) -> np.ndarray | Any:
+    """A torch tensor (any dtype) or array -> an array jnp can take."""
+    if type(value).__module__.startswith("torch"):
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+            return np.asarray(value.float().numpy(), jnp.bfloat16)
+        return value.numpy()
+    return value
+
+
+def from_hf_state_dict(
+    state_dict: Mapping[str, Any],
+    config: rwkv.RwkvConfig,
+    *,
+    scan_method: str | None = None,
+    source: str = HF_SOURCE,
+):
+    """An HF ``RwkvForCausalLM`` state dict -> our RWKV (`DecoderLM`).
+
+    Args:
+      state_dict: ``{name: tensor or array}`` (torch tensors are converted).
+        Take it before any eval-mode HF forward: HF then rescales weights in
+        place (``rescale_every``).
+      config: the model's config; leaves are cast to ``config.param_dtype``.
+      scan_method: WKV scan implementation (None = backend default).
+
+    Raises:
+      CheckpointMismatchError: listing every missing, unexpected or mis-shaped
+        name, with expected and found shapes.
+    """
+    flat = {name: _numpy(value) for name, value in state_dict.items()}
+    if config.tie_word_embeddings:
+        flat.pop("head.weight", None)  # the same tensor as the embeddings
+    build = lambda key: rwkv.build_model(config, key, scan_method=scan_method)
+    expected = abstract_parameters(build)
+    layouts = leaf_layouts(config)
+    check_leaves(flat, layouts, expected, source=source, hint=f"(config: {config})")
+    values = convert_leaves(flat, layouts, expected, jnp.dtype(config.param_dtype))
+    return bind_parameters(build(None), values, expected, source=source)
+
+
+def to_hf_state_dict(model) -> dict[str, np.ndarray]:
+    """Our RWKV -> an HF state dict of numpy arrays (the inverse of loading)."""
+    config = model.config
+    if not isinstance(config, rwkv.RwkvConfig):
+        raise TypeError(
+            f"expected an RWKV model, got one with {type(config).__name__}."
+        )
+    values = parameter_values(model)
+    return {
+        layout.path: np.asarray(layout.from_named(values))
+        for layout in leaf_layouts(config)
+    }
+
+
+def config_from_hf(values: Mapping[str, Any], **overrides) -> rwkv.RwkvConfig:
+    """An `RwkvConfig` from HF's config.json contents (other HF keys are ignored)."""
+    fields = {k: values[k] for k in _HF_FIELDS if k in values and values[k] is not None}
+    for k in ("bos_token_id", "eos_token_id"):
+        if isinstance(fields.get(k), list):  # HF allows a list of eos ids
+            fields[k] = fields[k][0]
+    return rwkv.RwkvConfig(**{**fields, **overrides})
+
+
+def hf_config_dict(config: rwkv.RwkvConfig) -> dict[str, Any]:
+    """HF's config.json contents for `config`."""
+    values = {k: getattr(config, k) for k in _HF_FIELDS}
+    return {
+        "architectures": ["RwkvForCausalLM"],
+        "model_type": "rwkv",
+        "dtype": config.param_dtype,
+        **values,
+    }
+
+
+def _torch_load(path: str) -> dict[str, Any]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"{path}: {_TORCH_HINT}") from e
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{path} holds a {type(state).__name__}, not a state dict.")
+    return {name: _numpy(value) for name, value in state.items()}
+
+
+def _read_safetensors(path: str) -> dict[str, Any]:
+    from safetensors.flax import load_file  # keeps bfloat16 (numpy has none)
+
+    return dict(load_file(path))
+
+
+def read_hf_weights(directory: str) -> dict[str, Any]:
+    """The state dict of an HF checkpoint directory (safetensors preferred)."""
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    pickled = os.path.join(directory, "pytorch_model.bin")
+    if os.path.isfile(single):
+        return _read_safetensors(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state: dict[str, Any] = {}
+        for shard in shards:
+            state.update(_read_safetensors(os.path.join(directory, shard)))
+        return state
+    if os.path.isfile(pickled):
+        return _torch_load(pickled)
+    raise FileNotFoundError(
+        f"{directory} has no model.safetensors, model.safetensors.index.json or"
+        " pytorch_model.bin."
+    )
+
+
+def load_hf_checkpoint(
+    directory: str | os.PathLike, *, scan_method: str | None = None, **config_overrides
+):
+    """Loads an HF RWKV-4 directory (``config.json`` + weights).
+
+    ``param_dtype`` defaults to the dtype of the stored embeddings; any
+    `RwkvConfig` field can be overridden (leaves are cast to ``param_dtype``).
+    """
+    directory = os.fspath(directory)
+    config_file = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(
+            f"{config_file} not found: not an HF checkpoint directory."
+        )
+    with open(config_file) as f:
+        hf_config = json.load(f)
+    if hf_config.get("model_type", "rwkv") != "rwkv":
+        raise ValueError(
+            f"{config_file} has model_type {hf_config['model_type']!r}, not 'rwkv'."
+        )
+    state = read_hf_weights(directory)
+    if "param_dtype" not in config_overrides and "rwkv.embeddings.weight" in state:
+        config_overrides["param_dtype"] = jnp.dtype(
+            state["rwkv.embeddings.weight"].dtype
+        ).name
+    config = config_from_hf(hf_config, **config_overrides)
+    return from_hf_state_dict(
+        state, config, scan_method=scan_method, source=f"{HF_SOURCE} {directory}"
+    )
+
+
+def save_hf_checkpoint(model, directory: str | os.PathLike) -> None:
+    """Writes `model` as an HF directory: ``config.json`` + ``model.safetensors``."""
+    from safetensors.flax import save_file
+
+    directory = os.fspath(directory)
+    if os.path.exists(directory):
+        raise FileExistsError(f"{directory} already exists; choose a new directory.")
+    state = {k: jnp.asarray(v) for k, v in to_hf_state_dict(model).items()}
+    os.makedirs(directory)
+    save_file(
+        state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"}
+    )
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config_dict(model.config), f, indent=1)
+
+
+# ---------------------------------------------------------------------------
+# BlinkDL's original names.
+# ---------------------------------------------------------------------------
+
+_BLINKDL_RENAMES = (
+    (re.compile(r"^emb\.weight$"), "rwkv.embeddings.weight"),
+    (re.compile(r"^blocks\.0\.ln0\."), "rwkv.blocks.0.pre_ln."),
+    (re.compile(r"^blocks\.(\d+)\.att\."), r"rwkv.blocks.\1.attention."),
+    (re.compile(r"^blocks\.(\d+)\.ffn\."), r"rwkv.blocks.\1.feed_forward."),
+    (re.compile(r"^(blocks\.\d+\.ln[12]\.|ln_out\.)"), r"rwkv.\1"),
+)
+_TIME_MIX = re.compile(r"\.time_mix_([kvr])$")
+_TIME_MIX_NAMES = {"k": "key", "v": "value", "r": "receptance"}
+_BLOCK = re.compile(r"^rwkv\.blocks\.(\d+)\.")
+
+
+def blinkdl_to_hf_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """BlinkDL names -> HF names (values untouched; unknown names kept as they are)."""
+    renamed = {}
+    for name, value in state_dict.items():
+        new = name
+        for pattern, replacement in _BLINKDL_RENAMES:
+            new = pattern.sub(replacement, new)
+        new = _TIME_MIX.sub(lambda m: f".time_mix_{_TIME_MIX_NAMES[m.group(1)]}", new)
+        renamed[new] = value
+    return renamed
+
+
+def hf_to_blinkdl_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """HF names -> BlinkDL names (the inverse of `blinkdl_to_hf_names`)."""
+    out = {}
+    for name, value in state_dict.items():
+        new = name.replace("rwkv.embeddings.weight", "emb.weight").replace(
+            ".pre_ln.", ".ln0."
+        )
+        new = new.replace(".attention.", ".att.").replace(".feed_forward.", ".ffn.")
+        new = re.sub(
+            r"\.time_mix_(key|value|receptance)$",
+            lambda m: f".time_mix_{m.group(1)[0]}",
+            new,
+        )
+        out[new.removeprefix("rwkv.")] = value
+    return out
+
+
+def infer_config(state_dict: Mapping[str, Any], **overrides) -> rwkv.RwkvConfig:
+    """An `RwkvConfig` from the shapes of an HF-named state dict, plus `overrides`.
+
+    Fields the shapes cannot give (context_length, epsilon, special ids,
+    rescale_every) take the Pile models' values.
+    """
+    need = [
+        "rwkv.embeddings.weight",
+        "rwkv.blocks.0.attention.time_decay",
+        "rwkv.blocks.0.feed_forward.key.weight",
+    ]
+    absent = [p for p in need if p not in state_dict]
+    if absent:
+        raise CheckpointMismatchError(
+            BLINKDL_SOURCE,
+            missing={p: "?" for p in absent},
+            hint="(cannot infer the config without these entries)",
+        )
+    shape = lambda name: tuple(np.shape(state_dict[name]))
+    vocab, hidden = shape("rwkv.embeddings.weight")
+    indices = sorted(
+        {int(m.group(1)) for name in state_dict if (m := _BLOCK.match(name))}
+    )
+    if indices != list(range(len(indices))):
+        raise ValueError(
+            f"checkpoint blocks are not numbered 0..n-1: found blocks {indices}."
+        )
+    inferred = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "num_hidden_layers": len(indices),
+        "attention_hidden_size": shape("rwkv.blocks.0.attention.time_decay")[0],
+        "intermediate_size": shape("rwkv.blocks.0.feed_forward.key.weight")[0],
+        "tie_word_embeddings": "head.weight" not in state_dict,
+        "param_dtype": jnp.dtype(
+            _numpy(state_dict["rwkv.embeddings.weight"]).dtype
+        ).name,
+    }
+    return rwkv.RwkvConfig(**{**inferred, **overrides})
+
+
+def from_blinkdl_state_dict(
+    state_dict: Mapping[str, Any],
+    config: rwkv.RwkvConfig | None = None,
+    *,
+    scan_method: str | None = None,
+    source: str = BLINKDL_SOURCE,
+    **config_overrides,
+):
+    """A BlinkDL state dict -> our RWKV; `config` None: inferred from the shapes."""
+    hf = blinkdl_to_hf_names(state_dict)
+    if config is None:
+        config = infer_config(hf, **config_overrides)
+    elif config_overrides:
+        raise ValueError("pass either config or config overrides, not both.")
+    return from_hf_state_dict(hf, config, scan_method=scan_method, source=source)
+
+
+def load_blinkdl_checkpoint(
+    path: str | os.PathLike,
+    config: rwkv.RwkvConfig | None = None,
+    *,
+    scan_method: str | None = None,
+    **config_overrides,
+):
+    """Loads BlinkDL's ``.pth`` (a ``torch.save`` state dict; needs torch) or a
+    ``.safetensors`` file with the same names."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist.")
+    state = (
+        _read_safetensors(path) if path.endswith(".safetensors") else _torch_load(path)
+    )
+    return from_blinkdl_state_dict(
+        state,
+        config,
+        scan_method=scan_method,
+        source=f"{BLINKDL_SOURCE} {path}",
+        **config_overrides,
+    )
+
+
+def save_blinkdl_checkpoint(model, path: str | os.PathLike) -> None:
+    """Writes `model` as BlinkDL's ``.pth`` (needs torch)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(_TORCH_HINT) from e
+    state = hf_to_blinkdl_names(to_hf_state_dict(model))
+    torch.save(
+        {
+            k: torch.from_numpy(np.array(v, np.float32)).to(_torch_dtype(v))
+            for k, v in state.items()
+        },
+        os.fspath(path),
+    )
+
+
+def _torch_dtype(value):
+    import torch
+
+    return {
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+        "float64": torch.float64,
+    }.get(jnp.dtype(value.dtype).name, torch.float32)
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer.
+# ---------------------------------------------------------------------------
+
+
+class NeoXTokenizer:
+    """The GPT-NeoX-20B BPE tokenizer (``tokenizer.json``) the Pile models use.
+
+    Same interface as `recurrent_lm.tokenizer.Tokenizer` (encode / decode /
+    special ids). The Pile models use id 0 (``<|endoftext|>``) as both bos and
+    eos and add none when encoding.
+    """
+
+    def __init__(self, tokenizer, *, eos_id: int = 0, bos_id: int = 0):
+        self.tokenizer = tokenizer
+        self._eos_id, self._bos_id = eos_id, bos_id
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **special_ids) -> NeoXTokenizer:
+        """`path`: a ``tokenizer.json`` or a directory holding one."""
+        from tokenizers import Tokenizer
+
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file {path} does not exist.")
+        try:
+            tokenizer = Tokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise ValueError(f"{path} is not a tokenizers tokenizer.json: {e}") from e
+        return cls(tokenizer, **special_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def pad_id(self) -> int:
+        return self._eos_id
+
+    def encode(
+        self, text: str, *, add_bos: bool = False, add_eos: bool = False
+    ) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return (
+            ([self.bos_id] if add_bos else [])
+            + list(ids)
+            + ([self.eos_id] if add_eos else [])
+        )
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside [0, {self.vocab_size}).")
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def load_tokenizer(path: str | os.PathLike, **special_ids) -> NeoXTokenizer:
+    """The GPT-NeoX-20B tokenizer from a ``tokenizer.json`` (or its directory)."""
+    return NeoXTokenizer.load(path, **special_ids)
+
+
+def load_checkpoint(path: str | os.PathLike, **kwargs):
+    """An HF directory or a BlinkDL file, told apart by what `path` is."""
+    return (load_hf_checkpoint if os.path.isdir(path) else load_blinkdl_checkpoint)(
+        path, **kwargs
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m checkpoints_conversion.rwkv",
+        description="Convert an RWKV-4 checkpoint (HF directory or BlinkDL .pth) to recurrent_lm's format.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    convert = sub.add_parser(
+        "convert", help="HF directory or .pth -> recurrent_lm.save directory"
+    )
+    convert.add_argument(
+        "src", help="HF checkpoint directory, or a BlinkDL .pth / .safetensors file"
+    )
+    convert.add_argument("dst", help="output directory (must not exist)")
+    convert.add_argument("--param-dtype", choices=rwkv.PARAM_DTYPES)
+    args = parser.parse_args(argv)
+
+    import recurrent_lm.checkpoint
+
+    overrides = {"param_dtype": args.param_dtype} if args.param_dtype else {}
+    model = load_checkpoint(args.src, **overrides)
+    recurrent_lm.checkpoint.save(model, args.dst)
+    print(f"converted {args.src} -> {args.dst}")
+    print(f"config: {model.config.to_dict()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""RWKV-4 (arXiv 2305.13048): the "Pile" language models.
+
+A stack of `ResidualBlock`s whose temporal block is time mixing (token shift +
+WKV recurrence, `layers.wkv.TimeMix`) and whose channel block is channel mixing
+(token shift + squared-ReLU MLP, `layers.channel_mix.ChannelMix`); LayerNorm
+everywhere, an extra LayerNorm on the embeddings (block 0's ``pre_ln``), an
+untied head. Parameter labels mirror HF transformers' names without the
+``rwkv.`` prefix (``blocks.3.attention.time_decay`` ...), see
+`checkpoints_conversion.rwkv`.
+
+HF's ``rescale_every`` (halving the residual stream every few blocks at
+inference, an fp16 overflow guard) is kept in the config for round trips but
+not applied: through the LayerNorms it changes the result only by the norm
+epsilon (~1e-4 on logits), and training never applies it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from penzai import pz
+
+from recurrent_lm import axes
+from recurrent_lm.layers import (
+    LayerNorm,
+    ResidualBlock,
+    dense,
+    init,
+    recurrence,
+    stateful,
+)
+from recurrent_lm.layers.channel_mix import ChannelMix
+from recurrent_lm.layers.wkv import StatefulMix, TimeMix
+from recurrent_lm.models import base
+from recurrent_lm.params import bind_parameters, parameter_values
+
+PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")
+# torch's LayerNorm default: HF builds ln_out without the config's epsilon.
+LN_OUT_EPS = 1e-5
+# BlinkDL initialises the embeddings uniform in [-EMBEDDING_INIT, EMBEDDING_INIT].
+EMBEDDING_INIT = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class RwkvConfig:
+    """RWKV-4 hyper-parameters, with the field names of HF's RwkvConfig.
+
+    Attributes:
+      vocab_size: number of tokens (50277: the GPT-NeoX-20B tokenizer).
+      context_length: the training context (HF's CUDA kernel limit); the
+        model itself runs any length.
+      hidden_size: model width C ("embedding").
+      num_hidden_layers: number of blocks.
+      attention_hidden_size: width A of k, v, r and the WKV recurrence
+        ("wkv"); None means hidden_size.
+      intermediate_size: channel-mix hidden width F ("mlp"); None means
+        4 * hidden_size.
+      layer_norm_epsilon: epsilon of the block LayerNorms (the final one uses
+        1e-5, as HF does).
+      bos_token_id, eos_token_id: special ids (0 for the Pile models).
+      rescale_every: HF's inference-only rescaling period; stored, not applied
+        (see the module docstring).
+      tie_word_embeddings: share the embedding table with the head.
+      param_dtype: dtype of the parameters; computation follows it, the WKV
+        recurrence always runs in float32.
+    """
+
+    vocab_size: int = 50277
+    context_length: int = 1024
+    hidden_size: int = 4096
+    num_hidden_layers: int = 32
+    attention_hidden_size: int | None = None
+    intermediate_size: int | None = None
+    layer_norm_epsilon: float = 1e-5
+    bos_token_id: int = 0
+    eos_token_id: int = 0
+    rescale_every: int = 6
+    tie_word_embeddings: bool = False
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)
+        if self.attention_hidden_size is None:
+            set_("attention_hidden_size", self.hidden_size)
+        if self.intermediate_size is None and _is_positive_int(self.hidden_size):
+            set_("intermediate_size", 4 * self.hidden_size)
+        try:
+            set_("param_dtype", jnp.dtype(self.param_dtype).name)
+        except TypeError:
+            pass  # reported below
+        self._validate()
+
+    def _validate(self):
+        errors = []
+        for name in (
+            "vocab_size",
+            "context_length",
+            "hidden_size",
+            "num_hidden_layers",
+            "attention_hidden_size",
+            "intermediate_size",
+        ):
+            value = getattr(self, name)
+            if not _is_positive_int(value):
+                errors.append(f"{name} must be a positive integer, got {value!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                errors.append(f"{name} must be a non-negative integer, got {value!r}")
+            elif _is_positive_int(self.vocab_size) and value >= self.vocab_size:
+                errors.append(
+                    f"{name} {value} is outside the vocabulary [0, {self.vocab_size})"
+                )
+        if not isinstance(self.rescale_every, int) or isinstance(
+            self.rescale_every, bool
+        ):
+            errors.append(
+                f"rescale_every must be an integer (<= 0: off), got {self.rescale_every!r}"
+            )
+        if (
+            not isinstance(self.layer_norm_epsilon, (int, float))
+            or not self.layer_norm_epsilon > 0
+        ):
+            errors.append(
+                f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}"
+            )
+        if not isinstance(self.tie_word_embeddings, bool):
+            errors.append(
+                f"tie_word_embeddings must be a bool, got {self.tie_word_embeddings!r}"
+            )
+        if self.param_dtype not in PARAM_DTYPES:
+            errors.append(
+                f"param_dtype {self.param_dtype!r} is not one of {PARAM_DTYPES}"
+            )
+        if errors:
+            raise ValueError("invalid RwkvConfig: " + "; ".join(errors) + ".")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RwkvConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown RwkvConfig fields {unknown}; known: {sorted(known)}."
+            )
+        return cls(**values)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> RwkvConfig:
+        if name not in PRESETS:
+            raise ValueError(
+                f"unknown RWKV preset {name!r}; presets: {sorted(PRESETS)}."
+            )
+        preset = PRESETS[name]
+        if "hidden_size" in overrides:  # re-derive the widths that default from it
+            for field in ("attention_hidden_size", "intermediate_size"):
+                if field not in overrides and getattr(preset, field) == _derived(
+                    preset, field
+                ):
+                    overrides[field] = None
+        return dataclasses.replace(preset, **overrides)
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _derived(config: RwkvConfig, field: str) -> int:
+    return config.hidden_size * (4 if field == "intermediate_size" else 1)
+
+
+def _pile(hidden_size: int, num_hidden_layers: int) -> RwkvConfig:
+    return RwkvConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers)
+
+
+PRESETS: dict[str, RwkvConfig] = {
+    # The released RWKV-4 Pile models (HF hub RWKV/rwkv-4-*-pile).
+    "169m": _pile(768, 12),
+    "430m": _pile(1024, 24),
+    "1b5": _pile(2048, 24),
+    "3b": _pile(2560, 32),
+    "7b": _pile(4096, 32),
+    "14b": _pile(5120, 40),
+    # For tests, demos and training smoke runs.
+    "tiny": RwkvConfig(
+        vocab_size=512,
+        context_length=256,
+        hidden_size=128,
+        num_hidden_layers=4,
+        intermediate_size=512,
+    ),
+}
+
+
+def build_model(
+    config: RwkvConfig,
+    key: jax.Array | None,
+    *,
+    scan_method: str | None = None,
+) -> base.DecoderLM:
+    """Builds an RWKV-4 initialised as BlinkDL's RWKV-LM does.
+
+    Args:
+      config: the hyper-parameters.
+      key: PRNG key; None builds the structure with empty parameter slots, to
+        be filled from a checkpoint.
+      scan_method: the WKV scan implementation (see
+        `recurrent_lm.layers.recurrence`); None picks the backend default.
+    """
+    recurrence.check_scan_method(scan_method)
+    if key is None:
+        return _build(config, None, scan_method)
+    # Initialise in one compiled call rather than op by op (orthogonal
+    # matrices take a QR each), then bind into the skeleton.
+    build = functools.partial(_build, config, scan_method=scan_method)
+    values = _initial_values(build, key)
+    return bind_parameters(build(None), values, values, source="RWKV initialisation")
+
+
+def _initial_values(build, key):
+    return jax.jit(lambda key: parameter_values(build(key)))(key)
+
+
+def _build(
+    config: RwkvConfig, key: jax.Array | None, scan_method: str | None
+) -> base.DecoderLM:
+    dtype = jnp.dtype(config.param_dtype)
+    width, layers = config.hidden_size, config.num_hidden_layers
+    embed = {axes.EMBEDDING: width}
+    vocab = {axes.VOCABULARY: config.vocab_size}
+    table = pz.nn.EmbeddingTable(
+        embeddings=pz.nn.make_parameter(
+            "embeddings.embeddings",
+            key,
+            _uniform_init,
+            {**vocab, **embed},
+            dtype,
+            bound=EMBEDDING_INIT,
+        ),
+        vocabulary_axis=axes.VOCABULARY,
+    )
+    norm = lambda name, eps=config.layer_norm_epsilon: LayerNorm.from_config(
+        name, key, width, eps=eps, dtype=dtype
+    )
+    if config.tie_word_embeddings:
+        head = pz.nn.EmbeddingDecode(table)
+    else:
+        head = _head(key, embed, vocab, dtype)
+    blocks = [
+        ResidualBlock(
+            temporal_pre_norm=norm(f"blocks.{i}.ln1"),
+            temporal_block=TimeMix.from_config(
+                f"blocks.{i}.attention",
+                key,
+                width,
+                config.attention_hidden_size,
+                layer=i,
+                num_layers=layers,
+                scan_method=scan_method,
+                dtype=dtype,
+            ),
+            channel_pre_norm=norm(f"blocks.{i}.ln2"),
+            mlp_block=ChannelMix.from_config(
+                f"blocks.{i}.feed_forward",
+                key,
+                width,
+                config.intermediate_size,
+                layer=i,
+                num_layers=layers,
+                dtype=dtype,
+            ),
+        )
+        for i in range(layers)
+    ]
+    return base.DecoderLM(
+        config=config,
+        # Block 0's pre_ln normalises the embeddings: it belongs to the embedder.
+        embedder=pz.nn.Sequential(
+            [pz.nn.EmbeddingLookup(table), norm("blocks.0.pre_ln")]
+        ),
+        blocks=pz.nn.Sequential(blocks),
+        final_norm=norm("ln_out", LN_OUT_EPS),
+        head=head,
+    )
+
+
+def _uniform_init(key, named_shape, dtype, *, bound: float):
+    data = jax.random.uniform(
+        key, tuple(named_shape.values()), jnp.float32, -bound, bound
+    )
+    return pz.nx.wrap(data.astype(dtype)).tag(*named_shape)
+
+
+def _head(key, embed, vocab, dtype):
+    """Untied head, orthogonal with gain 0.5 sqrt(V / C) (BlinkDL)."""
+    (width,), (size,) = embed.values(), vocab.values()
+    gain = 0.5 * math.sqrt(max(size / width, 1.0))
+    initializer = functools.partial(init.orthogonal, in_axes=tuple(embed), scale=gain)
+    return dense(
+        "head", key, embed, vocab, use_bias=False, initializer=initializer, dtype=dtype
+    )
+
+
+base.register_model_type("rwkv", RwkvConfig, build_model)
+# Sampling mode: the stateful twins of RWKV's two temporal layers.
+stateful.register_twins(
+    {
+        TimeMix: StatefulMix.from_layer,
+        ChannelMix: StatefulMix.from_layer,
+    }
+)
