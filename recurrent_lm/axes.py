@@ -24,6 +24,8 @@ conv_taps      taps of a causal depthwise convolution (oldest first)
 state          width of a state-space model's hidden state
 layers         stacked per-layer results (e.g. a captured residual stream)
 wkv            width of RWKV's WKV recurrence (``attention_hidden_size``)
+wkv_state      parts of a captured WKV state: numerator and denominator
+               mantissas, and their shared log-scale (size 3)
 embedding_in   model width as the input of a square embedding -> embedding map
 =============  ================================================================
 """
@@ -44,6 +46,7 @@ CONV_TAPS = "conv_taps"
 STATE = "state"
 LAYERS = "layers"
 WKV = "wkv"
+WKV_STATE = "wkv_state"
 EMBEDDING_IN = "embedding_in"
 
 TOKEN_AXES = (BATCH, SEQ)

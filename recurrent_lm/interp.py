@@ -278,6 +278,8 @@ class ReplaceState(Replace):
 
     def update(self, a, b, /, **_unused_side_inputs):
         value = self.fitted(self.value, b)
+        # `a` may be constant in time (an SSM's decay): give it b's time axis.
+        a = a + pz.nx.zeros({axes.SEQ: b.named_shape[axes.SEQ]}, a.dtype)
         return self.where(a, pz.nx.zeros(a.named_shape, a.dtype)), self.where(b, value)
 
 
@@ -337,8 +339,14 @@ def _placed(intervention, name, model, path, propagate):
         heads=_as_indices(fields["heads"]),
     )
     kind = type(intervention)
-    is_state = isinstance(pz.select(model).at_keypaths([path]).get(), sites.StateSite)
-    if is_state and propagate and kind in _ON_STATE:
+    site = pz.select(model).at_keypaths([path]).get()
+    if isinstance(site, sites.StateSite) and site.scaled and (kind is not Replace or not propagate):
+        raise ValueError(
+            f"site {name!r} holds a scaled state that the layer reads only through its"
+            " recurrence: it can be restarted from a given state (Replace, propagating),"
+            " not added to or changed in the output alone."
+        )
+    if isinstance(site, sites.StateSite) and propagate and kind in _ON_STATE:
         if fields["heads"] is not None:
             raise ValueError(f"site {name!r} is a recurrent state: it has no heads to select.")
         kind = _ON_STATE[kind]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import positions
+from recurrent_lm.layers import positions, sites
 from recurrent_lm.layers.token_shift import token_shift
 from recurrent_lm.layers.wkv import mix, rwkv_dense, time_mix_init
 
@@ -22,6 +22,8 @@ class ChannelMix(pz.nn.Layer):
     Parameters: ``time_mix_{key,receptance}`` {"embedding"}; ``key``
     {"mlp", "embedding"}; ``receptance`` {"embedding", "embedding_in"};
     ``value`` {"embedding", "mlp"}.
+    Sites: ``hidden`` (the squared-ReLU layer {..., "seq", "mlp"}) and
+    ``receptance_value`` (the sigmoid gate {..., "seq", "embedding"}).
     """
 
     time_mix_key: pz.nn.ParameterLike[pz.nx.NamedArray]
@@ -29,6 +31,9 @@ class ChannelMix(pz.nn.Layer):
     key: pz.nn.Layer
     receptance: pz.nn.Layer
     value: pz.nn.Layer
+
+    hidden: sites.Hook = sites.site_field()
+    receptance_value: sites.Hook = sites.site_field()
 
     @classmethod
     def from_config(
@@ -88,12 +93,13 @@ class ChannelMix(pz.nn.Layer):
         Returns ``(y, new_shift)``.
         """
         shifted, last = token_shift(x, segment_pos, shift)
-        hidden = pz.nx.nmap(lambda h: jnp.square(jax.nn.relu(h)))(
+        hidden = self.hidden(pz.nx.nmap(lambda h: jnp.square(jax.nn.relu(h)))(
             self.key(mix(x, shifted, self.time_mix_key.value))
-        )
+        ))
         gate_in = mix(x, shifted, self.time_mix_receptance.value)
         gate = self.receptance(gate_in.untag(axes.EMBEDDING).tag(axes.EMBEDDING_IN))
-        return pz.nx.nmap(jax.nn.sigmoid)(gate) * self.value(hidden), last
+        gate = self.receptance_value(pz.nx.nmap(jax.nn.sigmoid)(gate))
+        return gate * self.value(hidden), last
 
     def __call__(self, x: pz.nx.NamedArray, *, segment_pos=None, **_unused_side_inputs):
         segment_pos = positions.require_segment_pos(segment_pos, "ChannelMix")

@@ -44,7 +44,15 @@ class Site(Hook):
 
 @pz.pytree_dataclass
 class StateSite(Hook):
-    """The states of a linear recurrence (identity); see the module docstring."""
+    """The states of a linear recurrence (identity); see the module docstring.
+
+    Attributes:
+      scaled: the state is kept in a scaled form that the layer reads only
+        through the recurrence (RWKV's WKV): interventions can restart it from
+        a given state (``Replace``), not add to it or change only the output.
+    """
+
+    scaled: bool = dataclasses.field(default=False, metadata={"pytree_node": False})
 
 
 # Fields that site names skip: containers whose nesting says nothing about the

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import init, positions, recurrence, stateful
+from recurrent_lm.layers import init, positions, recurrence, sites, stateful
 from recurrent_lm.layers.linear import dense
 from recurrent_lm.layers.token_shift import token_shift
 
@@ -39,6 +39,7 @@ def wkv(
     state: WkvState | None,
     *,
     method: str | None = None,
+    state_site: sites.Hook | None = None,
 ) -> tuple[pz.nx.NamedArray, WkvState]:
     """The WKV recurrence over "seq", continuing from `state`.
 
@@ -48,6 +49,10 @@ def wkv(
       segment_pos: {"batch", "seq"}; the state restarts where a document starts.
       state: the state before the first token (None: empty).
       method: scan implementation (`recurrence.SCAN_METHODS`, None = default).
+      state_site: the state site (see `TimeMix`): it sees the states after
+        every token, packed as {..., "seq", "wkv", "wkv_state": 3}
+        (numerator mantissa, denominator mantissa, log-scale), and may
+        restart the recurrence from a state of its own at chosen positions.
 
     Returns:
       ``(y, new_state)``: `y` {..., "seq", "wkv"} in float32 (or wider), the
@@ -59,9 +64,21 @@ def wkv(
     k, v = k.astype(acc), v.astype(acc)
     reset = positions.document_starts(segment_pos)
     ones = pz.nx.ones({axes.SEQ: k.named_shape[axes.SEQ]}, acc)
+    scan_v, scan_ones, scan_k, scan_reset = v, ones, k, reset
+    if state_site is not None and not isinstance(state_site, sites.StateSite):
+        # An intervention sees the scan inputs as the packed state a restart
+        # would set: h_t = exp(k_t) (v_t, 1), i.e. mantissas (v_t, 1), scale k_t.
+        keep = pz.nx.ones({axes.SEQ: k.named_shape[axes.SEQ]}, acc)
+        packed = pz.nx.stack([v, ones + pz.nx.zeros(v.named_shape, acc), k], axes.WKV_STATE)
+        keep, packed = state_site.update(keep, packed)
+        scan_reset = reset | (keep == 0)
+        scan_v, scan_ones, scan_k = (packed[{axes.WKV_STATE: i}] for i in range(3))
     after, last = recurrence.scaled_linear_scan(
-        log_decay, (v, ones), k, h0=state, reset=reset, method=method
+        log_decay, (scan_v, scan_ones), scan_k, h0=state, reset=scan_reset, method=method
     )
+    if state_site is not None:
+        packed_after = pz.nx.stack([*after.mantissas, after.log_scale], axes.WKV_STATE)
+        state_site(packed_after)
     if state is None:
         state = recurrence.empty_scaled_state(last.log_scale.named_shape, 2, acc)
     # The output at t reads the state before t: the states shifted by one, empty
@@ -80,6 +97,15 @@ def wkv(
     e_state, e_token = exp(scale - top), exp(bonus - top)
     y = (e_state * num + e_token * v) / (e_state * den + e_token)
     return y, last
+
+
+def state_values(packed: pz.nx.NamedArray) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray]:
+    """(numerator, denominator) of a captured WKV state {..., "wkv_state": 3}.
+
+    Both are ``mantissa * exp(log_scale)``: beyond float32's range when keys
+    exceed ~88 (compare mantissas and log-scales then)."""
+    scale = pz.nx.nmap(jnp.exp)(packed[{axes.WKV_STATE: 2}])
+    return packed[{axes.WKV_STATE: 0}] * scale, packed[{axes.WKV_STATE: 1}] * scale
 
 
 def time_decay_init(key, named_shape, dtype, *, layer: int, num_layers: int):
@@ -165,6 +191,12 @@ class TimeMix(pz.nn.Layer):
     ``time_decay``, ``time_first`` {"wkv"} (raw, as in the checkpoints);
     ``key``, ``value``, ``receptance`` {"wkv", "embedding"}; ``output``
     {"embedding", "wkv"}.
+    Sites: ``receptance_value`` (sigmoid(r)) and ``wkv_output`` (wkv_t), both
+    {..., "seq", "wkv"}; the state site ``state``: the WKV state after each
+    token, {..., "seq", "wkv", "wkv_state": 3} = (numerator mantissa,
+    denominator mantissa, log-scale); numerator = mantissa * exp(log-scale)
+    (`state_values`). Replacing it at t restarts the recurrence from the
+    given state, which then decays into every later output.
     """
 
     time_mix_key: pz.nn.ParameterLike[pz.nx.NamedArray]
@@ -178,6 +210,11 @@ class TimeMix(pz.nn.Layer):
     output: pz.nn.Layer
     scan_method: str | None = dataclasses.field(
         default=None, metadata={"pytree_node": False}
+    )
+    receptance_value: sites.Hook = sites.site_field()
+    wkv_output: sites.Hook = sites.site_field()
+    state: sites.Hook = dataclasses.field(
+        default_factory=lambda: sites.StateSite(scaled=True)
     )
 
     @classmethod
@@ -263,9 +300,9 @@ class TimeMix(pz.nn.Layer):
         )
         k = self.key(mix(x, shifted, self.time_mix_key.value))
         v = self.value(mix(x, shifted, self.time_mix_value.value))
-        r = pz.nx.nmap(jax.nn.sigmoid)(
+        r = self.receptance_value(pz.nx.nmap(jax.nn.sigmoid)(
             self.receptance(mix(x, shifted, self.time_mix_receptance.value))
-        )
+        ))
         y, wkv_state = wkv(
             self.time_decay.value,
             self.time_first.value,
@@ -274,7 +311,9 @@ class TimeMix(pz.nn.Layer):
             segment_pos,
             None if state is None else state.wkv,
             method=self.scan_method,
+            state_site=self.state,
         )
+        y = self.wkv_output(y)
         return self.output(r * y.astype(r.dtype)), TimeMixState(
             shift=last, wkv=wkv_state
         )
