@@ -60,3 +60,54 @@ class RMSNorm(pz.nn.Layer):
         return pz.nx.nmap(normalize)(
             x.untag(self.axis), self.scale.value.untag(self.axis)
         ).tag(self.axis)
+
+
+@pz.pytree_dataclass
+class LayerNorm(pz.nn.Layer):
+    """``(x - mean) * rsqrt(var + eps) * scale + bias`` over one named axis.
+
+    The affine LayerNorm of torch (biased variance); ``scale`` is stored as
+    is (1 at init), as torch stores ``weight``.
+
+    Named axes: in {..., axis} -> out {..., axis}. Parameters ``scale``,
+    ``bias``: {axis}. Computes in float32 (or wider), returns the input dtype.
+    """
+
+    scale: pz.nn.ParameterLike[pz.nx.NamedArray]
+    bias: pz.nn.ParameterLike[pz.nx.NamedArray]
+    axis: str = dataclasses.field(default=axes.EMBEDDING, metadata={"pytree_node": False})
+    eps: float = dataclasses.field(default=1e-5, metadata={"pytree_node": False})
+
+    @classmethod
+    def from_config(
+        cls,
+        name: str,
+        init_base_rng: jax.Array | None,
+        width: int,
+        *,
+        axis: str = axes.EMBEDDING,
+        eps: float = 1e-5,
+        dtype=jnp.float32,
+    ) -> LayerNorm:
+        ones = lambda key, shape, dtype: pz.nx.ones(dict(shape), dtype)
+        return cls(
+            scale=pz.nn.make_parameter(f"{name}.scale", init_base_rng, ones, {axis: width}, dtype),
+            bias=pz.nn.make_parameter(f"{name}.bias", init_base_rng, init.zeros, {axis: width}, dtype),
+            axis=axis,
+            eps=eps,
+        )
+
+    def __call__(self, x: pz.nx.NamedArray, **_unused_side_inputs) -> pz.nx.NamedArray:
+        eps = self.eps
+
+        def normalize(v, scale, bias):
+            dtype = jnp.promote_types(jnp.float32, v.dtype)
+            w = v.astype(dtype)
+            centred = w - jnp.mean(w)
+            var = jnp.mean(jnp.square(centred))
+            out = centred * jax.lax.rsqrt(var + eps) * scale.astype(dtype) + bias.astype(dtype)
+            return out.astype(v.dtype)
+
+        return pz.nx.nmap(normalize)(
+            x.untag(self.axis), self.scale.value.untag(self.axis), self.bias.value.untag(self.axis)
+        ).tag(self.axis)

@@ -1,6 +1,6 @@
 """One module per architecture; each registers itself in `base.MODEL_TYPES`."""
 
-from recurrent_lm.models import griffin
+from recurrent_lm.models import griffin, h3
 from recurrent_lm.models.base import (
     MODEL_TYPES,
     DecoderLM,
@@ -8,4 +8,4 @@ from recurrent_lm.models.base import (
     model_type_of,
 )
 
-__all__ = ["DecoderLM", "MODEL_TYPES", "get_model_type", "griffin", "model_type_of"]
+__all__ = ["DecoderLM", "MODEL_TYPES", "get_model_type", "griffin", "h3", "model_type_of"]
