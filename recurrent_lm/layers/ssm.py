@@ -7,7 +7,7 @@ a cut.
 
 * `ShiftSSM`: a learned causal FIR filter of length N, the kernel
   ``k[l] = sum_n B[n] C[n + l]`` (l < N), plus a skip ``D * x``. It runs as a
-  causal depthwise convolution whose state is the last N inputs.
+  causal depthwise filter whose state is the last N inputs.
 * `DiagonalSSM` (S4D): ``h_t = dA h_{t-1} + dB x_t`` with a complex diagonal
   ``dA`` over N/2 modes (the conjugate half is implicit, hence the ``2 Re``),
   ``y_t = 2 Re(C . h_t) + D x_t``. Two exact routes, chosen by ``method``:
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import conv, init, positions, recurrence, stateful
+from recurrent_lm.layers import init, positions, recurrence, stateful
 
 DISCRETISATIONS = ("bilinear", "zoh")
 SSM_METHODS = ("fft", "scan")
@@ -101,6 +101,43 @@ def shift_kernel(b, c):
     return jnp.einsum("hn,hln->hl", b, padded[:, index])
 
 
+def shift_filter(x, starts, kernel, history):
+    """One channel of a causal FIR filter cut at document starts, positional.
+
+    ``y_t = sum_l kernel[l] x_{t-l}``, dropping the terms that reach across a
+    document start in ``(t-l, t]``.
+
+    Args:
+      x: [T] inputs; starts: [T] bool; kernel: [N], tap l multiplies
+        ``x_{t-l}``; history: [N] the inputs before `x`, oldest first, zeroed
+        where a document started after them.
+
+    Returns:
+      ``(y [T], new_history [N])``, the new history with the same convention.
+    """
+    steps, taps = x.shape[0], kernel.shape[0]
+    index = jnp.arange(steps)
+    # The latest document start at or before t (-1: none in this chunk; the
+    # history is then already cut). An associative scan: cummax along seq
+    # would be O(T^2) on XLA:CPU.
+    last_start = jax.lax.associative_scan(jnp.maximum, jnp.where(starts, index, -1))
+    reach = jnp.where(last_start >= 0, index - last_start, taps)  # furthest valid lag
+    extended = jnp.concatenate([history, x])
+
+    # A loop over the N taps (not unrolled: compile time stays flat in N),
+    # each an O(T) shifted multiply-add.
+    def tap(lag, y):
+        shifted = jax.lax.dynamic_slice_in_dim(extended, taps - lag, steps)
+        return y + jnp.where(lag <= reach, shifted, 0) * kernel[lag]
+
+    y = jax.lax.fori_loop(0, taps, tap, jnp.zeros_like(x))
+    # Inputs preceding the chunk's last document start are cut for the future.
+    tail_index = steps - taps + jnp.arange(taps)
+    cut = (last_start[-1] >= 0) & (tail_index < last_start[-1])
+    new_history = jnp.where(cut, 0, extended[steps:])
+    return y, new_history.astype(history.dtype)
+
+
 @pz.pytree_dataclass
 class ShiftSSM(pz.nn.Layer):
     """H3's shift SSM: a causal FIR filter of length N per channel, plus a skip.
@@ -164,21 +201,20 @@ class ShiftSSM(pz.nn.Layer):
         return pz.nx.nmap(one)(history.untag(axes.CONV_TAPS), b).tag(axes.STATE)
 
     def forward(self, x, segment_pos, history):
-        """The filter continuing from `history` (None = zeros): ``(y, new_history)``."""
+        """The filter continuing from `history` (None = zeros): ``(y, new_history)``.
+
+        `history` holds the N inputs before `x`, oldest first, already zeroed
+        where a document started after them.
+        """
         if history is None:
             batch = {n: s for n, s in x.named_shape.items() if n not in (axes.SEQ, self.axis)}
             history = self.empty_history(batch)
-        # N + 1 taps, oldest first, with a zero oldest tap: the convolution then
-        # keeps N inputs of history (what `register` needs), not N - 1.
-        taps = self.kernel().untag(axes.CONV_TAPS)
-        weights = pz.nx.nmap(lambda k: jnp.concatenate([jnp.zeros((1,), k.dtype), k[::-1]]))(taps)
         starts = positions.document_starts(segment_pos)
-        y, new_history = pz.nx.nmap(conv.causal_conv_1d)(
+        y, new_history = pz.nx.nmap(shift_filter)(
             x.untag(axes.SEQ),
             starts.untag(axes.SEQ),
-            weights.astype(x.dtype),
-            jnp.zeros((), x.dtype),
-            history.untag(axes.CONV_TAPS),
+            self.kernel().untag(axes.CONV_TAPS).astype(x.dtype),
+            history.untag(axes.CONV_TAPS).astype(x.dtype),
         )
         y = y.tag(axes.SEQ) + self.D.value.astype(x.dtype) * x
         return y, new_history.tag(axes.CONV_TAPS)
