@@ -56,7 +56,9 @@ def s4d_inv_a_real_init(key, named_shape, dtype):
     return pz.nx.full(dict(named_shape), math.log(0.5), dtype)
 
 
-def s4d_a_imag_init(key, named_shape, dtype, *, measure: str = "diag-lin", d_state: int):
+def s4d_a_imag_init(
+    key, named_shape, dtype, *, measure: str = "diag-lin", d_state: int
+):
     """Imaginary part of A: ``pi n`` (S4D-Lin) or ``N/pi (N/(2n+1) - 1)`` (S4D-Inv)."""
     del key
     n = pz.nx.arange(axes.STATE, named_shape[axes.STATE], dtype=jnp.float32)
@@ -65,8 +67,14 @@ def s4d_a_imag_init(key, named_shape, dtype, *, measure: str = "diag-lin", d_sta
     elif measure == "diag-inv":
         value = d_state / math.pi * (d_state / (2 * n + 1) - 1)
     else:
-        raise ValueError(f"unknown S4D measure {measure!r}; use 'diag-lin' or 'diag-inv'.")
-    return (value + pz.nx.zeros(dict(named_shape), jnp.float32)).order_as(*named_shape).astype(dtype)
+        raise ValueError(
+            f"unknown S4D measure {measure!r}; use 'diag-lin' or 'diag-inv'."
+        )
+    return (
+        (value + pz.nx.zeros(dict(named_shape), jnp.float32))
+        .order_as(*named_shape)
+        .astype(dtype)
+    )
 
 
 def normal_init(key, named_shape, dtype, *, std: float = 1.0):
@@ -77,7 +85,9 @@ def normal_init(key, named_shape, dtype, *, std: float = 1.0):
 def kaiming_uniform_init(key, named_shape, dtype, *, fan_in: int):
     """torch's ``kaiming_uniform_(a=sqrt(5))``: U[-1/sqrt(fan_in), 1/sqrt(fan_in)]."""
     bound = 1.0 / math.sqrt(fan_in)
-    data = jax.random.uniform(key, tuple(named_shape.values()), jnp.float32, -bound, bound)
+    data = jax.random.uniform(
+        key, tuple(named_shape.values()), jnp.float32, -bound, bound
+    )
     return pz.nx.wrap(data.astype(dtype)).tag(*named_shape)
 
 
@@ -85,7 +95,9 @@ def first_unit_init(key, named_shape, dtype):
     """``e_0`` along "state" (the shift SSM's B at init: the kernel is then C)."""
     del key
     n = pz.nx.arange(axes.STATE, named_shape[axes.STATE])
-    return ((n == 0).astype(dtype) + pz.nx.zeros(dict(named_shape), dtype)).order_as(*named_shape)
+    return ((n == 0).astype(dtype) + pz.nx.zeros(dict(named_shape), dtype)).order_as(
+        *named_shape
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -158,15 +170,32 @@ class ShiftSSM(pz.nn.Layer):
     axis: str = dataclasses.field(default=axes.HEADS, metadata={"pytree_node": False})
 
     @classmethod
-    def from_config(cls, name: str, init_base_rng, width: int, d_state: int, *,
-                    axis: str = axes.HEADS, dtype=jnp.float32) -> ShiftSSM:
+    def from_config(
+        cls,
+        name: str,
+        init_base_rng,
+        width: int,
+        d_state: int,
+        *,
+        axis: str = axes.HEADS,
+        dtype=jnp.float32,
+    ) -> ShiftSSM:
         shape = {axis: width, axes.STATE: d_state}
         return cls(
-            B=pz.nn.make_parameter(f"{name}.B", init_base_rng, first_unit_init, shape, dtype),
-            C=pz.nn.make_parameter(
-                f"{name}.C", init_base_rng, kaiming_uniform_init, shape, dtype, fan_in=d_state
+            B=pz.nn.make_parameter(
+                f"{name}.B", init_base_rng, first_unit_init, shape, dtype
             ),
-            D=pz.nn.make_parameter(f"{name}.D", init_base_rng, normal_init, {axis: width}, dtype),
+            C=pz.nn.make_parameter(
+                f"{name}.C",
+                init_base_rng,
+                kaiming_uniform_init,
+                shape,
+                dtype,
+                fan_in=d_state,
+            ),
+            D=pz.nn.make_parameter(
+                f"{name}.D", init_base_rng, normal_init, {axis: width}, dtype
+            ),
             axis=axis,
         )
 
@@ -182,8 +211,11 @@ class ShiftSSM(pz.nn.Layer):
 
     def empty_history(self, named_shape) -> pz.nx.NamedArray:
         """Zero history for a stream whose other axes are `named_shape`."""
-        shape = {**named_shape, axes.CONV_TAPS: self.d_state,
-                 self.axis: self.D.value.named_shape[self.axis]}
+        shape = {
+            **named_shape,
+            axes.CONV_TAPS: self.d_state,
+            self.axis: self.D.value.named_shape[self.axis],
+        }
         return pz.nx.zeros(shape, self.D.value.dtype)
 
     def register(self, history: pz.nx.NamedArray) -> pz.nx.NamedArray:
@@ -207,7 +239,9 @@ class ShiftSSM(pz.nn.Layer):
         where a document started after them.
         """
         if history is None:
-            batch = {n: s for n, s in x.named_shape.items() if n not in (axes.SEQ, self.axis)}
+            batch = {
+                n: s for n, s in x.named_shape.items() if n not in (axes.SEQ, self.axis)
+            }
             history = self.empty_history(batch)
         starts = positions.document_starts(segment_pos)
         y, new_history = pz.nx.nmap(shift_filter)(
@@ -246,7 +280,9 @@ def discretise(log_dt, inv_a_real, a_imag, b, discretisation: str):
     if discretisation == "zoh":
         d_a = jnp.exp(dt_a)
         return d_a, dt_a, b * (d_a - 1.0) / a
-    raise ValueError(f"unknown discretisation {discretisation!r}; choose one of {DISCRETISATIONS}.")
+    raise ValueError(
+        f"unknown discretisation {discretisation!r}; choose one of {DISCRETISATIONS}."
+    )
 
 
 def _powers(log_d_a, exponents):
@@ -289,24 +325,42 @@ class DiagonalSSM(pz.nn.Layer):
     C_re: pz.nn.ParameterLike[pz.nx.NamedArray]
     C_im: pz.nn.ParameterLike[pz.nx.NamedArray]
     D: pz.nn.ParameterLike[pz.nx.NamedArray]
-    discretisation: str = dataclasses.field(default="bilinear", metadata={"pytree_node": False})
+    discretisation: str = dataclasses.field(
+        default="bilinear", metadata={"pytree_node": False}
+    )
     method: str = dataclasses.field(default="fft", metadata={"pytree_node": False})
-    scan_method: str | None = dataclasses.field(default=None, metadata={"pytree_node": False})
+    scan_method: str | None = dataclasses.field(
+        default=None, metadata={"pytree_node": False}
+    )
     axis: str = dataclasses.field(default=axes.HEADS, metadata={"pytree_node": False})
 
     @classmethod
-    def from_config(cls, name: str, init_base_rng, width: int, d_state: int, *,
-                    measure: str = "diag-lin", discretisation: str = "bilinear",
-                    method: str = "fft", scan_method: str | None = None,
-                    axis: str = axes.HEADS, dtype=jnp.float32) -> DiagonalSSM:
+    def from_config(
+        cls,
+        name: str,
+        init_base_rng,
+        width: int,
+        d_state: int,
+        *,
+        measure: str = "diag-lin",
+        discretisation: str = "bilinear",
+        method: str = "fft",
+        scan_method: str | None = None,
+        axis: str = axes.HEADS,
+        dtype=jnp.float32,
+    ) -> DiagonalSSM:
         """S4D init: ``A_n = -0.5 + i pi n`` (Lin) , ``B = 1``, ``C`` complex normal
         (variance 1), ``log dt ~ U[log 1e-3, log 1e-1]``, ``D ~ N(0, 1)``."""
         check_ssm_method(method)
         recurrence.check_scan_method(scan_method)
         if discretisation not in DISCRETISATIONS:
-            raise ValueError(f"unknown discretisation {discretisation!r}; choose one of {DISCRETISATIONS}.")
+            raise ValueError(
+                f"unknown discretisation {discretisation!r}; choose one of {DISCRETISATIONS}."
+            )
         if d_state % 2:
-            raise ValueError(f"d_state must be even (N/2 complex modes), got {d_state}.")
+            raise ValueError(
+                f"d_state must be even (N/2 complex modes), got {d_state}."
+            )
         modes = {axis: width, axes.STATE: d_state // 2}
         param = lambda part, initializer, shape, **kw: pz.nn.make_parameter(
             f"{name}.{part}", init_base_rng, initializer, shape, dtype, **kw
@@ -315,7 +369,9 @@ class DiagonalSSM(pz.nn.Layer):
         return cls(
             log_dt=param("log_dt", log_dt_init, {axis: width}),
             inv_A_real=param("inv_A_real", s4d_inv_a_real_init, modes),
-            A_imag=param("A_imag", s4d_a_imag_init, modes, measure=measure, d_state=d_state),
+            A_imag=param(
+                "A_imag", s4d_a_imag_init, modes, measure=measure, d_state=d_state
+            ),
             B_re=param("B_re", lambda k, s, d: pz.nx.ones(dict(s), d), modes),
             B_im=param("B_im", init.zeros, modes),
             C_re=param("C_re", normal_init, modes, std=half),
@@ -333,29 +389,42 @@ class DiagonalSSM(pz.nn.Layer):
 
     def _positional(self):
         """(dA, log dA, dB, C) complex [H, S] in float32/complex64."""
-        get = lambda p: p.value.unwrap(*((self.axis, axes.STATE) if axes.STATE in p.value.named_shape
-                                         else (self.axis,))).astype(jnp.float32)
+        get = lambda p: p.value.unwrap(
+            *(
+                (self.axis, axes.STATE)
+                if axes.STATE in p.value.named_shape
+                else (self.axis,)
+            )
+        ).astype(jnp.float32)
         b = jax.lax.complex(get(self.B_re), get(self.B_im))
         c = jax.lax.complex(get(self.C_re), get(self.C_im))
         d_a, log_d_a, d_b = discretise(
-            get(self.log_dt), get(self.inv_A_real), get(self.A_imag), b, self.discretisation
+            get(self.log_dt),
+            get(self.inv_A_real),
+            get(self.A_imag),
+            b,
+            self.discretisation,
         )
         return d_a, log_d_a, d_b, c
 
     def kernel(self, length: int) -> pz.nx.NamedArray:
         """``K[l] = 2 Re sum_n C_n dB_n dA_n^l``, float32 {axis, "seq": length} (no D)."""
         _, log_d_a, d_b, c = self._positional()
-        return pz.nx.wrap(_kernel(c * d_b, log_d_a, length)).tag(self.axis, axes.SEQ)
+        return pz.nx.wrap(power_sum(c * d_b, log_d_a, length)).tag(self.axis, axes.SEQ)
 
     def empty_state(self, named_shape) -> pz.nx.NamedArray:
-        shape = {**named_shape, self.axis: self.D.value.named_shape[self.axis],
-                 axes.STATE: self.num_modes}
+        shape = {
+            **named_shape,
+            self.axis: self.D.value.named_shape[self.axis],
+            axes.STATE: self.num_modes,
+        }
         return pz.nx.zeros(shape, jnp.complex64)
 
-    def forward(self, x, segment_pos, h0):
+    def forward(self, x, segment_pos, h0, *, with_state: bool = True):
         """The SSM continuing from `h0` (complex {..., axis, "state"}; None = 0).
 
-        Returns ``(y, h_last)``: y like `x`, h_last complex64.
+        Returns ``(y, h_last)``: y like `x`, h_last complex64 (None unless
+        `with_state`: the full forward skips computing it).
         """
         starts = positions.document_starts(segment_pos)
         steps = x.named_shape[axes.SEQ]
@@ -363,8 +432,11 @@ class DiagonalSSM(pz.nn.Layer):
 
         def canonical(route):  # both cond branches must give the same pytree
             def run():
-                y, h_last = route(x, starts, h0)
-                return y.order_as(*x.named_shape), h_last.order_as(*batch, self.axis, axes.STATE)
+                y, h_last = route(x, starts, h0, with_state)
+                y = y.order_as(*x.named_shape)
+                if not with_state:
+                    return y, None
+                return y, h_last.order_as(*batch, self.axis, axes.STATE)
 
             return run
 
@@ -377,7 +449,8 @@ class DiagonalSSM(pz.nn.Layer):
     def _skip(self, x):
         return self.D.value.astype(x.dtype) * x
 
-    def _scan(self, x, starts, h0):
+    def _scan(self, x, starts, h0, with_state):
+        del with_state  # the scan gives the last state for free
         d_a, _, d_b, c = self._positional()
         named = lambda v: pz.nx.wrap(v).tag(self.axis, axes.STATE)
         b = named(d_b) * x.astype(jnp.float32)
@@ -389,23 +462,23 @@ class DiagonalSSM(pz.nn.Layer):
         )
         return y.astype(x.dtype) + self._skip(x), h_last.astype(jnp.complex64)
 
-    def _fft(self, x, starts, h0):
+    def _fft(self, x, starts, h0, with_state):
         _, log_d_a, d_b, c = self._positional()
         steps = x.named_shape[axes.SEQ]
-        kernel = _kernel(c * d_b, log_d_a, steps)  # [H, T]
+        kernel = power_sum(c * d_b, log_d_a, steps)  # [H, T]
 
         def row(v, start, h0):  # v [H, T], start [T] bool, h0 [H, S] complex or None
             v32 = v.astype(jnp.float32)
             y = fft_causal_conv(v32, kernel)
-            # The state after the chunk: dA^T h0 + sum_s dA^(T-1-s) dB x_s (a reduction).
-            tail = _powers(log_d_a, steps - 1 - jnp.arange(steps)) * d_b[..., None]
-            h_last = jnp.einsum("hst,ht->hs", tail, v32.astype(jnp.complex64))
+            h_last = decayed_sum(v32, log_d_a, d_b) if with_state else None
             if h0 is not None:
-                h0 = jnp.where(start[0], jnp.zeros_like(h0), h0)  # a document starts here
-                # Its decay into each output: 2 Re sum_n C_n dA_n^(t+1) h0_n.
-                grow = _powers(log_d_a, jnp.arange(1, steps + 1))
-                y = y + 2 * jnp.einsum("hs,hst->ht", c * h0, grow).real
-                h_last = h_last + jnp.exp(log_d_a * steps) * h0
+                h0 = jnp.where(
+                    start[0], jnp.zeros_like(h0), h0
+                )  # a document starts here
+                # Its decay into each output: 2 Re sum_n C_n h0_n dA_n^(t+1).
+                y = y + power_sum(c * h0, log_d_a, steps, offset=1)
+                if with_state:
+                    h_last = h_last + jnp.exp(log_d_a * steps) * h0
             return y, h_last
 
         args = [x.untag(self.axis, axes.SEQ), starts.untag(axes.SEQ)]
@@ -416,20 +489,56 @@ class DiagonalSSM(pz.nn.Layer):
             fn = lambda v, start: row(v, start, None)
         y, h_last = pz.nx.nmap(fn)(*args)
         y = y.tag(self.axis, axes.SEQ).astype(x.dtype) + self._skip(x)
-        return y, h_last.tag(self.axis, axes.STATE)
+        return y, None if h_last is None else h_last.tag(self.axis, axes.STATE)
 
     def __call__(self, x, *, segment_pos=None, **_unused_side_inputs):
         segment_pos = positions.require_segment_pos(segment_pos, "DiagonalSSM")
-        return self.forward(x, segment_pos, None)[0]
+        return self.forward(x, segment_pos, None, with_state=False)[0]
 
 
-def _kernel(c_d_b, log_d_a, length: int):
-    """``2 Re sum_n (C dB)_n exp(l log dA_n)``: [H, S] -> float32 [H, length].
+# Powers dA^l for l < L as dA^(a B + b) = dA^(a B) dA^b: H S (B + L/B) complex
+# exponentials and a batched real matmul, instead of H S L exponentials (slow
+# on CPU; what the original's Vandermonde product computes).
+POWER_BLOCK = 64
 
-    XLA fuses the powers into the reduction, so the [H, S, L] Vandermonde
-    matrix is not materialised.
+
+def _blocks(length: int) -> tuple[int, int]:
+    block = min(POWER_BLOCK, length)
+    return block, -(-length // block)
+
+
+def power_sum(coef, log_d_a, length: int, offset: int = 0):
+    """``2 Re sum_n coef_n dA_n^(l + offset)`` for l < length.
+
+    coef [H, S] complex, log_d_a [H, S] -> float32 [H, length]. With
+    ``coef = C dB`` and offset 0 this is the SSM kernel.
     """
-    return 2 * jnp.sum(c_d_b[..., None] * _powers(log_d_a, jnp.arange(length)), axis=1).real
+    block, count = _blocks(length)
+    inner = _powers(log_d_a, jnp.arange(block) + offset)  # [H, S, B]
+    outer = coef[..., None] * _powers(log_d_a, jnp.arange(count) * block)  # [H, S, A]
+    real = jnp.einsum("hsa,hsb->hab", outer.real, inner.real) - jnp.einsum(
+        "hsa,hsb->hab", outer.imag, inner.imag
+    )
+    return 2 * real.reshape(real.shape[0], -1)[:, :length]
+
+
+def decayed_sum(values, log_d_a, d_b):
+    """``sum_s dA^(T-1-s) dB x_s``: the state after a chunk from a zero state.
+
+    values [H, T] real, log_d_a and d_b [H, S] -> complex64 [H, S]. A
+    reduction (the original's ``forward_state``), blocked as `power_sum`.
+    """
+    heads, steps = values.shape
+    block, count = _blocks(steps)
+    reverse = jnp.pad(values[:, ::-1], ((0, 0), (0, block * count - steps)))
+    reverse = reverse.reshape(heads, count, block)  # [a, b] holds x_(T-1-(aB+b))
+    inner = _powers(log_d_a, jnp.arange(block))  # [H, S, B]
+    partial = jax.lax.complex(
+        jnp.einsum("hsb,hab->hsa", inner.real, reverse),
+        jnp.einsum("hsb,hab->hsa", inner.imag, reverse),
+    )
+    outer = _powers(log_d_a, jnp.arange(count) * block)  # [H, S, A]
+    return d_b * jnp.sum(outer * partial, axis=-1)
 
 
 def with_ssm_method(model, method: str):
@@ -459,11 +568,20 @@ class StatefulDiagonalSSM(stateful.StatefulTwin):
     hidden: pz.StateVariable
 
     @classmethod
-    def from_layer(cls, layer: DiagonalSSM, context: stateful.TwinContext) -> StatefulDiagonalSSM:
+    def from_layer(
+        cls, layer: DiagonalSSM, context: stateful.TwinContext
+    ) -> StatefulDiagonalSSM:
         hidden = layer.empty_state({axes.BATCH: context.batch_size})
         return cls(layer=layer, hidden=pz.StateVariable(hidden, label=context.label))
 
-    def __call__(self, x, *, segment_pos=None, state_is_empty: bool = False, **_unused_side_inputs):
+    def __call__(
+        self,
+        x,
+        *,
+        segment_pos=None,
+        state_is_empty: bool = False,
+        **_unused_side_inputs,
+    ):
         segment_pos = positions.require_segment_pos(segment_pos, "StatefulDiagonalSSM")
         h0 = None if state_is_empty else self.hidden.value
         y, hidden = self.layer.forward(x, segment_pos, h0)

@@ -39,8 +39,10 @@ from recurrent_lm.layers import (
     RotaryEmbedding,
     ShiftSSM,
     dense,
+    recurrence,
+    ssm,
+    stateful,
 )
-from recurrent_lm.layers import recurrence, ssm, stateful
 from recurrent_lm.models import base
 
 PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -112,13 +114,22 @@ class H3Config:
         try:
             set_("param_dtype", jnp.dtype(self.param_dtype).name)
         except TypeError as e:
-            raise ValueError(f"invalid H3Config: param_dtype {self.param_dtype!r}: {e}.") from None
+            raise ValueError(
+                f"invalid H3Config: param_dtype {self.param_dtype!r}: {e}."
+            ) from None
         self._validate()
 
     def _validate(self):
         errors = []
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "n_inner", "d_state", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "n_inner",
+            "d_state",
+            "head_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 errors.append(f"{name} must be a positive integer, got {value!r}")
@@ -128,8 +139,13 @@ class H3Config:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 errors.append(f"{name} must be in [0, 1), got {value!r}")
-        bad = [i for i in self.attn_layer_idx
-               if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.num_hidden_layers]
+        bad = [
+            i
+            for i in self.attn_layer_idx
+            if not isinstance(i, int)
+            or isinstance(i, bool)
+            or not 0 <= i < self.num_hidden_layers
+        ]
         if bad:
             errors.append(
                 f"attn_layer_idx has {bad}, outside [0, num_hidden_layers={self.num_hidden_layers})"
@@ -142,32 +158,48 @@ class H3Config:
                 f" hidden_size {self.hidden_size}"
             )
         if self.ssm_mode not in SSM_MODES:
-            errors.append(f"ssm_mode {self.ssm_mode!r} is not supported (only {SSM_MODES})")
+            errors.append(
+                f"ssm_mode {self.ssm_mode!r} is not supported (only {SSM_MODES})"
+            )
         if self.ssm_measure not in SSM_MEASURES:
-            errors.append(f"ssm_measure {self.ssm_measure!r} is not one of {SSM_MEASURES}")
+            errors.append(
+                f"ssm_measure {self.ssm_measure!r} is not one of {SSM_MEASURES}"
+            )
         if self.discretisation not in ssm.DISCRETISATIONS:
             errors.append(
                 f"discretisation {self.discretisation!r} is not one of {ssm.DISCRETISATIONS}"
             )
         if self.d_state % 2:
-            errors.append(f"d_state must be even (N/2 complex modes), got {self.d_state}")
+            errors.append(
+                f"d_state must be even (N/2 complex modes), got {self.d_state}"
+            )
         if self.head_dim != 1:
             errors.append(
                 f"head_dim {self.head_dim} is not supported: only 1 (every released model);"
                 " the original's head_dim > 1 is inconsistent between its code paths"
             )
         head = self.hidden_size // max(self.num_attention_heads, 1)
-        if self.rotary_emb_dim < 0 or self.rotary_emb_dim % 2 or self.rotary_emb_dim > head:
+        if (
+            self.rotary_emb_dim < 0
+            or self.rotary_emb_dim % 2
+            or self.rotary_emb_dim > head
+        ):
             errors.append(
                 f"rotary_emb_dim must be even and in [0, attention head dim {head}],"
                 f" got {self.rotary_emb_dim}"
             )
         if not self.layer_norm_epsilon > 0:
-            errors.append(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
+            errors.append(
+                f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}"
+            )
         if not self.initializer_range > 0:
-            errors.append(f"initializer_range must be > 0, got {self.initializer_range}")
+            errors.append(
+                f"initializer_range must be > 0, got {self.initializer_range}"
+            )
         if self.param_dtype not in PARAM_DTYPES:
-            errors.append(f"param_dtype {self.param_dtype!r} is not one of {PARAM_DTYPES}")
+            errors.append(
+                f"param_dtype {self.param_dtype!r} is not one of {PARAM_DTYPES}"
+            )
         if errors:
             raise ValueError("invalid H3Config: " + "; ".join(errors) + ".")
 
@@ -185,7 +217,9 @@ class H3Config:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown H3Config fields {unknown}; known: {sorted(known)}.")
+            raise ValueError(
+                f"unknown H3Config fields {unknown}; known: {sorted(known)}."
+            )
         return cls(**values)
 
     @classmethod
@@ -198,20 +232,47 @@ class H3Config:
 
 
 PRESETS: dict[str, H3Config] = {
-    "125m": H3Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                     attn_layer_idx=(6,)),
-    "355m": H3Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                     attn_layer_idx=(8, 16)),
-    "1.3b": H3Config(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
-                     attn_layer_idx=(8, 16)),
-    "2.7b": H3Config(hidden_size=2560, num_hidden_layers=32, num_attention_heads=20,
-                     attn_layer_idx=(8, 16, 24)),
+    "125m": H3Config(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        attn_layer_idx=(6,),
+    ),
+    "355m": H3Config(
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        attn_layer_idx=(8, 16),
+    ),
+    "1.3b": H3Config(
+        hidden_size=2048,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        attn_layer_idx=(8, 16),
+    ),
+    "2.7b": H3Config(
+        hidden_size=2560,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        attn_layer_idx=(8, 16, 24),
+    ),
     # model-2attn-rotary.pt of the 2.7B release.
-    "2.7b-2attn-rotary": H3Config(hidden_size=2560, num_hidden_layers=32, num_attention_heads=20,
-                                  attn_layer_idx=(10, 21), rotary_emb_dim=64),
+    "2.7b-2attn-rotary": H3Config(
+        hidden_size=2560,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        attn_layer_idx=(10, 21),
+        rotary_emb_dim=64,
+    ),
     # For tests, demos and the training CLI: small enough to train on a CPU.
-    "tiny": H3Config(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                     attn_layer_idx=(1,), d_state=16),
+    "tiny": H3Config(
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        attn_layer_idx=(1,),
+        d_state=16,
+    ),
 }
 
 
@@ -241,8 +302,15 @@ def _dense(name, key, config: H3Config, in_axes, out_axes, std=None):
     """Linear + bias, weights N(0, std) (default: initializer_range), biases 0."""
     std = config.initializer_range if std is None else std
     fan_in = math.prod(in_axes.values())
-    return dense(name, key, in_axes, out_axes, use_bias=True, init_scale=std * std * fan_in,
-                 dtype=jnp.dtype(config.param_dtype))
+    return dense(
+        name,
+        key,
+        in_axes,
+        out_axes,
+        use_bias=True,
+        init_scale=std * std * fan_in,
+        dtype=jnp.dtype(config.param_dtype),
+    )
 
 
 def _dropout(rate: float) -> pz.nn.DisabledDropout:
@@ -250,18 +318,28 @@ def _dropout(rate: float) -> pz.nn.DisabledDropout:
 
 
 def _h3_mixer(name, key, config: H3Config, ssm_method, scan_method) -> H3Mixer:
-    embed, chans = {axes.EMBEDDING: config.hidden_size}, {axes.HEADS: config.hidden_size}
+    embed, chans = (
+        {axes.EMBEDDING: config.hidden_size},
+        {axes.HEADS: config.hidden_size},
+    )
     dtype = jnp.dtype(config.param_dtype)
     return H3Mixer(
         q_proj=_dense(f"{name}.q_proj", key, config, embed, chans),
         k_proj=_dense(f"{name}.k_proj", key, config, embed, chans),
         v_proj=_dense(f"{name}.v_proj", key, config, embed, chans),
-        ssm_k=ShiftSSM.from_config(f"{name}.ssm_k", key, config.hidden_size, config.d_state,
-                                   dtype=dtype),
+        ssm_k=ShiftSSM.from_config(
+            f"{name}.ssm_k", key, config.hidden_size, config.d_state, dtype=dtype
+        ),
         kernel=DiagonalSSM.from_config(
-            f"{name}.kernel", key, config.hidden_size, config.d_state,
-            measure=config.ssm_measure, discretisation=config.discretisation,
-            method=ssm_method, scan_method=scan_method, dtype=dtype,
+            f"{name}.kernel",
+            key,
+            config.hidden_size,
+            config.d_state,
+            measure=config.ssm_measure,
+            discretisation=config.discretisation,
+            method=ssm_method,
+            scan_method=scan_method,
+            dtype=dtype,
         ),
         # Not rescaled: the original's rescaling looks for output_linear.0.weight.
         output_linear=_dense(f"{name}.output_linear", key, config, chans, embed),
@@ -278,8 +356,11 @@ def _attention(name, key, config: H3Config, residual_std) -> Attention:
         key=_dense(f"{name}.key", key, config, embed, kv_axes),
         value=_dense(f"{name}.value", key, config, embed, kv_axes),
         output=_dense(f"{name}.output", key, config, q_axes, embed, std=residual_std),
-        rope=(RotaryEmbedding(config.rotary_emb_dim / dim, 10000.0)
-              if config.rotary_emb_dim else None),
+        rope=(
+            RotaryEmbedding(config.rotary_emb_dim / dim, 10000.0)
+            if config.rotary_emb_dim
+            else None
+        ),
         window_size=None,
         query_scale=dim**-0.5,
     )
@@ -308,12 +389,19 @@ def build_model(
     recurrence.check_scan_method(scan_method)
     dtype = jnp.dtype(config.param_dtype)
     std = config.initializer_range
-    residual_std = std / math.sqrt(2 * config.num_hidden_layers) if config.rescale_prenorm_residual else std
+    residual_std = (
+        std / math.sqrt(2 * config.num_hidden_layers)
+        if config.rescale_prenorm_residual
+        else std
+    )
     table = pz.nn.EmbeddingTable(
         embeddings=pz.nn.make_parameter(
-            "embedder.embeddings", key, ssm.normal_init,
+            "embedder.embeddings",
+            key,
+            ssm.normal_init,
             {axes.VOCABULARY: config.vocab_size, axes.EMBEDDING: config.hidden_size},
-            dtype, std=std,
+            dtype,
+            std=std,
         ),
         vocabulary_axis=axes.VOCABULARY,
     )
@@ -324,18 +412,29 @@ def build_model(
             mixer = _attention(f"{name}.mixer", key, config, residual_std)
         else:
             mixer = _h3_mixer(f"{name}.mixer", key, config, ssm_method, scan_method)
-        norm = lambda part: LayerNorm.from_config(
-            f"{name}.{part}", key, config.hidden_size, eps=config.layer_norm_epsilon, dtype=dtype
+        norm = lambda part, name=name: LayerNorm.from_config(
+            f"{name}.{part}",
+            key,
+            config.hidden_size,
+            eps=config.layer_norm_epsilon,
+            dtype=dtype,
         )
         mlp = MLP.from_config(
-            f"{name}.mlp", key, width=config.hidden_size, hidden_width=config.n_inner,
-            use_bias=True, up_init_scale=std * std * config.hidden_size,
-            down_init_scale=residual_std**2 * config.n_inner, dtype=dtype,
+            f"{name}.mlp",
+            key,
+            width=config.hidden_size,
+            hidden_width=config.n_inner,
+            use_bias=True,
+            up_init_scale=std * std * config.hidden_size,
+            down_init_scale=residual_std**2 * config.n_inner,
+            dtype=dtype,
         )
         blocks.append(
             ResidualBlock(
                 temporal_pre_norm=norm("norm1"),
-                temporal_block=pz.nn.Sequential([mixer, _dropout(config.residual_dropout)]),
+                temporal_block=pz.nn.Sequential(
+                    [mixer, _dropout(config.residual_dropout)]
+                ),
                 channel_pre_norm=norm("norm2"),
                 mlp_block=pz.nn.Sequential([mlp, _dropout(config.residual_dropout)]),
             )
@@ -347,7 +446,11 @@ def build_model(
         ),
         blocks=pz.nn.Sequential(blocks),
         final_norm=LayerNorm.from_config(
-            "final_norm", key, config.hidden_size, eps=config.layer_norm_epsilon, dtype=dtype
+            "final_norm",
+            key,
+            config.hidden_size,
+            eps=config.layer_norm_epsilon,
+            dtype=dtype,
         ),
         head=pz.nn.Sequential([pz.nn.EmbeddingDecode(table)]),
     )
@@ -355,12 +458,20 @@ def build_model(
 
 def training_mode(model):
     """`model` with its dropout layers enabled (pass ``random_stream`` to forward)."""
-    return pz.select(model).at_instances_of(pz.nn.DisabledDropout).apply(lambda d: d.enable())
+    return (
+        pz.select(model)
+        .at_instances_of(pz.nn.DisabledDropout)
+        .apply(lambda d: d.enable())
+    )
 
 
 def eval_mode(model):
     """`model` with its dropout layers disabled (the default after `build_model`)."""
-    return pz.select(model).at_instances_of(pz.nn.StochasticDropout).apply(lambda d: d.disable())
+    return (
+        pz.select(model)
+        .at_instances_of(pz.nn.StochasticDropout)
+        .apply(lambda d: d.disable())
+    )
 
 
 def mixer(model: base.DecoderLM, layer: int) -> pz.nn.Layer:
@@ -370,8 +481,10 @@ def mixer(model: base.DecoderLM, layer: int) -> pz.nn.Layer:
 
 base.register_model_type("h3", H3Config, build_model)
 # Sampling mode: the shift SSM has CausalConv1D's history interface.
-stateful.register_twins({
-    ShiftSSM: stateful.StatefulConv1D.from_layer,
-    DiagonalSSM: ssm.StatefulDiagonalSSM.from_layer,
-    Attention: stateful.CachedAttention.from_layer,
-})
+stateful.register_twins(
+    {
+        ShiftSSM: stateful.StatefulConv1D.from_layer,
+        DiagonalSSM: ssm.StatefulDiagonalSSM.from_layer,
+        Attention: stateful.CachedAttention.from_layer,
+    }
+)
