@@ -63,8 +63,9 @@ class H3Config:
       n_inner: MLP hidden width; None means 4 * hidden_size.
       residual_dropout: dropout on every branch output (training mode only).
       embedding_dropout: dropout on the embeddings (training mode only).
-      residual_in_fp32: keep the residual stream in float32 (what the
-        original does with low-precision parameters; a no-op in float32).
+      residual_in_fp32: keep the residual stream in float32 with low-precision
+        parameters, as the original does (the blocks then compute in float32
+        from the low-precision weights); a no-op with float32 parameters.
       layer_norm_epsilon: LayerNorm epsilon.
       initializer_range: std of the normal init of linear and embedding weights.
       rescale_prenorm_residual: scale the init std of the attention output and
@@ -405,6 +406,10 @@ def build_model(
         ),
         vocabulary_axis=axes.VOCABULARY,
     )
+    embedder = [pz.nn.EmbeddingLookup(table)]
+    if config.residual_in_fp32:  # a no-op with float32 parameters
+        embedder.append(pz.nn.CastToDType(jnp.float32))
+    embedder.append(_dropout(config.embedding_dropout))
     blocks = []
     for i in range(config.num_hidden_layers):
         name = f"blocks.{i}"
@@ -441,9 +446,7 @@ def build_model(
         )
     return base.DecoderLM(
         config=config,
-        embedder=pz.nn.Sequential(
-            [pz.nn.EmbeddingLookup(table), _dropout(config.embedding_dropout)]
-        ),
+        embedder=pz.nn.Sequential(embedder),
         blocks=pz.nn.Sequential(blocks),
         final_norm=LayerNorm.from_config(
             "final_norm",

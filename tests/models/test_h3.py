@@ -373,3 +373,18 @@ def test_bad_inputs(model):
         h3.H3Config.from_preset("7b")
     with pytest.raises(ValueError, match="unknown H3Config fields"):
         h3.H3Config.from_dict({"hidden_sise": 3})
+
+
+def test_forward_has_no_quadratic_cumulative_ops(model, inputs):
+    """cumsum-like ops lower to O(T^2) reduce_window on XLA:CPU (JAX 0.10)."""
+    skeleton, frozen = pz.unbind_params(model, freeze=True)
+    for method in ssm.SSM_METHODS:
+        layer = ssm.with_ssm_method(skeleton, method)
+
+        def forward(values, ids, pos, layer=layer):
+            tokens, pos = named(ids, "batch", "seq"), named(pos, "batch", "seq")
+            return layer.bind_variables(values).forward(tokens, pos).data_array
+
+        text = str(jax.make_jaxpr(forward)(frozen, *inputs))
+        for op in ("cumsum", "cumlogsumexp", "cumprod", "cummax", "reduce_window"):
+            assert op not in text, f"{op} in the {method} forward"
