@@ -107,6 +107,15 @@ class LeafLayout:
         return jnp.stack(parts) if len(self.labels) > 1 else parts[0]
 
 
+def layout_named_shape(layout: LeafLayout, expected_named) -> dict[str, int]:
+    """The axis sizes of all of a leaf's labels (they may differ in axes, e.g.
+    a fused qkv leaf whose parts have "heads" and "kv_heads")."""
+    shape: dict[str, int] = {}
+    for label in layout.labels:
+        shape.update(expected_named[label].named_shape)
+    return shape
+
+
 def check_leaves(
     found: Mapping[str, Any],
     layouts: Sequence[LeafLayout],
@@ -117,7 +126,7 @@ def check_leaves(
 ) -> None:
     """Raises one `CheckpointMismatchError` for every leaf problem in `found`."""
     expected = {
-        layout.path: layout.shape(expected_named[layout.labels[0]].named_shape)
+        layout.path: layout.shape(layout_named_shape(layout, expected_named))
         for layout in layouts
     }
     found_shapes = {path: tuple(np.shape(v)) for path, v in found.items()}
@@ -145,7 +154,7 @@ def convert_leaves(
     """Official leaves -> ``{label: NamedArray}`` in `dtype` (after `check_leaves`)."""
     values = {}
     for layout in layouts:
-        named_shape = expected_named[layout.labels[0]].named_shape
+        named_shape = layout_named_shape(layout, expected_named)
         array = jnp.asarray(found[layout.path])
         if array.dtype != dtype:
             array = array.astype(dtype)

@@ -3,14 +3,14 @@
 One concept per module: the linear-recurrence primitive (`recurrence`), segment
 positions (`positions`), norms, linear and block-diagonal layers, causal
 convolution, RG-LRU, rotary embeddings, attention, gated MLP, embeddings and
-the residual block. Each layer's docstring states its named axes in and out.
+the residual block, and H3's state-space layers (`ssm`). Each layer's docstring states its named axes in and out.
 """
 
 from recurrent_lm.layers.attention import Attention, attend, causal_mask
 from recurrent_lm.layers.conv import CausalConv1D, causal_conv_1d
 from recurrent_lm.layers.embeddings import bfloat16_sqrt, embedding_table
 from recurrent_lm.layers.linear import BlockDiagonalLinear, dense
-from recurrent_lm.layers.mlp import GatedMLP, gelu_tanh
+from recurrent_lm.layers.mlp import MLP, GatedMLP, gelu_tanh
 from recurrent_lm.layers.norms import LayerNorm, RMSNorm
 from recurrent_lm.layers.positions import default_segment_pos, document_starts, segment_ids
 from recurrent_lm.layers.recurrence import (
@@ -21,18 +21,22 @@ from recurrent_lm.layers.recurrence import (
 from recurrent_lm.layers.residual import ResidualBlock
 from recurrent_lm.layers.rg_lru import RGLRU
 from recurrent_lm.layers.rope import RotaryEmbedding, apply_rope
+from recurrent_lm.layers.ssm import DiagonalSSM, ShiftSSM
 
 __all__ = [
     "Attention",
     "BlockDiagonalLinear",
     "CausalConv1D",
+    "DiagonalSSM",
     "GatedMLP",
     "LayerNorm",
+    "MLP",
     "RGLRU",
     "RMSNorm",
     "ResidualBlock",
     "RotaryEmbedding",
     "SCAN_METHODS",
+    "ShiftSSM",
     "apply_rope",
     "attend",
     "bfloat16_sqrt",

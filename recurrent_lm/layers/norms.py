@@ -66,11 +66,11 @@ class RMSNorm(pz.nn.Layer):
 class LayerNorm(pz.nn.Layer):
     """``(x - mean) * rsqrt(var + eps) * scale + bias`` over one named axis.
 
-    torch's ``nn.LayerNorm`` (biased variance), as RWKV uses it.
+    The affine LayerNorm of torch (biased variance); ``scale`` is stored as
+    is (1 at init), as torch stores ``weight``.
 
-    Named axes: in {..., axis} -> out {..., axis}. Parameters ``scale`` and
-    ``bias``: {axis}. Computation follows the promoted dtype of the input and
-    the parameters.
+    Named axes: in {..., axis} -> out {..., axis}. Parameters ``scale``,
+    ``bias``: {axis}. Computes in float32 (or wider), returns the input dtype.
     """
 
     scale: pz.nn.ParameterLike[pz.nx.NamedArray]
@@ -89,7 +89,7 @@ class LayerNorm(pz.nn.Layer):
         eps: float = 1e-5,
         dtype=jnp.float32,
     ) -> LayerNorm:
-        ones = lambda key, named_shape, dtype: pz.nx.ones(dict(named_shape), dtype)
+        ones = lambda key, shape, dtype: pz.nx.ones(dict(shape), dtype)
         return cls(
             scale=pz.nn.make_parameter(f"{name}.scale", init_base_rng, ones, {axis: width}, dtype),
             bias=pz.nn.make_parameter(f"{name}.bias", init_base_rng, init.zeros, {axis: width}, dtype),
@@ -101,11 +101,12 @@ class LayerNorm(pz.nn.Layer):
         eps = self.eps
 
         def normalize(v, scale, bias):
-            dtype = jnp.result_type(v, scale, bias)
-            v = v.astype(dtype)
-            centred = v - jnp.mean(v)
+            dtype = jnp.promote_types(jnp.float32, v.dtype)
+            w = v.astype(dtype)
+            centred = w - jnp.mean(w)
             var = jnp.mean(jnp.square(centred))
-            return centred * jax.lax.rsqrt(var + eps) * scale.astype(dtype) + bias.astype(dtype)
+            out = centred * jax.lax.rsqrt(var + eps) * scale.astype(dtype) + bias.astype(dtype)
+            return out.astype(v.dtype)
 
         return pz.nx.nmap(normalize)(
             x.untag(self.axis), self.scale.value.untag(self.axis), self.bias.value.untag(self.axis)

@@ -1,0 +1,493 @@
+"""H3, Hungry Hungry Hippos (arXiv 2212.14052), with hybrid attention layers.
+
+A pre-LN decoder: ``x += mixer(LN1(x)); x += MLP(LN2(x))``, final LN and a
+tied head over the padded vocabulary, no position embeddings. The mixer is
+the H3 layer (head_dim 1, as in every release)::
+
+    q, k, v = q_proj(u), k_proj(u), v_proj(u)
+    y = DiagSSM(ShiftSSM(k) * v)          # each SSM with its own skip D
+    out = output_linear(q * y)
+
+except at ``attn_layer_idx``, where it is causal multi-head attention (fused
+qkv with biases; RoPE on the first ``rotary_emb_dim`` features for the
+rotary 2.7B). Parameter labels mirror the released checkpoints'
+(``blocks.3.mixer.kernel.log_dt`` ...), see `checkpoints_conversion.h3`.
+
+Dropout layers (embedding and residual) are built disabled: models run in
+evaluation mode by default. `training_mode` enables them; a training step
+then passes ``random_stream=pz.RandomStream.from_base_key(key)`` to
+``model.forward``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from penzai import pz
+
+from recurrent_lm import axes
+from recurrent_lm.layers import (
+    MLP,
+    Attention,
+    DiagonalSSM,
+    LayerNorm,
+    ResidualBlock,
+    RotaryEmbedding,
+    ShiftSSM,
+    dense,
+    recurrence,
+    ssm,
+    stateful,
+)
+from recurrent_lm.models import base
+
+PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")
+SSM_MODES = ("diag",)
+SSM_MEASURES = ("diag-lin", "diag-inv")
+
+
+@dataclasses.dataclass(frozen=True)
+class H3Config:
+    """H3 hyper-parameters, with the field names of the HF port's H3Config.
+
+    Attributes:
+      vocab_size: rows of the (tied) embedding, i.e. the padded vocabulary
+        (GPT-2's 50257 padded to a multiple of 8: 50264).
+      hidden_size: model width D.
+      num_hidden_layers: number of blocks.
+      num_attention_heads: heads of the attention layers.
+      n_inner: MLP hidden width; None means 4 * hidden_size.
+      residual_dropout: dropout on every branch output (training mode only).
+      embedding_dropout: dropout on the embeddings (training mode only).
+      residual_in_fp32: keep the residual stream in float32 with low-precision
+        parameters, as the original does (the blocks then compute in float32
+        from the low-precision weights); a no-op with float32 parameters.
+      layer_norm_epsilon: LayerNorm epsilon.
+      initializer_range: std of the normal init of linear and embedding weights.
+      rescale_prenorm_residual: scale the init std of the attention output and
+        MLP down projections by 1/sqrt(2 * num_hidden_layers).
+      glu_act: kept for config compatibility; it only changes the init of
+        weights H3 layers do not have (the original looks for
+        ``output_linear.0.weight``), so it has no effect.
+      ssm_mode: "diag" (S4D), the only mode of the released models.
+      ssm_measure: S4D init, "diag-lin" (released) or "diag-inv".
+      attn_layer_idx: indices of the attention layers.
+      d_state: N, the SSM state size (N/2 complex modes in the diagonal SSM).
+      discretisation: "bilinear" (the released checkpoints') or "zoh".
+      head_dim: H3 head dimension; only 1 (every release): the original's
+        head_dim > 1 lays out its output channels differently in its two code
+        paths, so there is no single behaviour to reproduce.
+      rotary_emb_dim: RoPE features per attention head (64 for the rotary
+        2.7B), 0 for none.
+      param_dtype: dtype of the parameters (the SSMs always compute in float32).
+    """
+
+    vocab_size: int = 50264
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    n_inner: int | None = None
+    residual_dropout: float = 0.0
+    embedding_dropout: float = 0.1
+    residual_in_fp32: bool = True
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    rescale_prenorm_residual: bool = True
+    glu_act: bool = False
+    ssm_mode: str = "diag"
+    ssm_measure: str = "diag-lin"
+    attn_layer_idx: tuple[int, ...] = (6,)
+    d_state: int = 64
+    discretisation: str = "bilinear"
+    head_dim: int = 1
+    rotary_emb_dim: int = 0
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)
+        set_("attn_layer_idx", tuple(self.attn_layer_idx))
+        if self.n_inner is None:
+            set_("n_inner", 4 * self.hidden_size)
+        try:
+            set_("param_dtype", jnp.dtype(self.param_dtype).name)
+        except TypeError as e:
+            raise ValueError(
+                f"invalid H3Config: param_dtype {self.param_dtype!r}: {e}."
+            ) from None
+        self._validate()
+
+    def _validate(self):
+        errors = []
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "n_inner",
+            "d_state",
+            "head_dim",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                errors.append(f"{name} must be a positive integer, got {value!r}")
+        if errors:
+            raise ValueError("invalid H3Config: " + "; ".join(errors) + ".")
+        for name in ("residual_dropout", "embedding_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                errors.append(f"{name} must be in [0, 1), got {value!r}")
+        bad = [
+            i
+            for i in self.attn_layer_idx
+            if not isinstance(i, int)
+            or isinstance(i, bool)
+            or not 0 <= i < self.num_hidden_layers
+        ]
+        if bad:
+            errors.append(
+                f"attn_layer_idx has {bad}, outside [0, num_hidden_layers={self.num_hidden_layers})"
+            )
+        if len(set(self.attn_layer_idx)) != len(self.attn_layer_idx):
+            errors.append(f"attn_layer_idx {self.attn_layer_idx} has duplicates")
+        if self.hidden_size % self.num_attention_heads:
+            errors.append(
+                f"num_attention_heads {self.num_attention_heads} does not divide"
+                f" hidden_size {self.hidden_size}"
+            )
+        if self.ssm_mode not in SSM_MODES:
+            errors.append(
+                f"ssm_mode {self.ssm_mode!r} is not supported (only {SSM_MODES})"
+            )
+        if self.ssm_measure not in SSM_MEASURES:
+            errors.append(
+                f"ssm_measure {self.ssm_measure!r} is not one of {SSM_MEASURES}"
+            )
+        if self.discretisation not in ssm.DISCRETISATIONS:
+            errors.append(
+                f"discretisation {self.discretisation!r} is not one of {ssm.DISCRETISATIONS}"
+            )
+        if self.d_state % 2:
+            errors.append(
+                f"d_state must be even (N/2 complex modes), got {self.d_state}"
+            )
+        if self.head_dim != 1:
+            errors.append(
+                f"head_dim {self.head_dim} is not supported: only 1 (every released model);"
+                " the original's head_dim > 1 is inconsistent between its code paths"
+            )
+        head = self.hidden_size // max(self.num_attention_heads, 1)
+        if (
+            self.rotary_emb_dim < 0
+            or self.rotary_emb_dim % 2
+            or self.rotary_emb_dim > head
+        ):
+            errors.append(
+                f"rotary_emb_dim must be even and in [0, attention head dim {head}],"
+                f" got {self.rotary_emb_dim}"
+            )
+        if not self.layer_norm_epsilon > 0:
+            errors.append(
+                f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}"
+            )
+        if not self.initializer_range > 0:
+            errors.append(
+                f"initializer_range must be > 0, got {self.initializer_range}"
+            )
+        if self.param_dtype not in PARAM_DTYPES:
+            errors.append(
+                f"param_dtype {self.param_dtype!r} is not one of {PARAM_DTYPES}"
+            )
+        if errors:
+            raise ValueError("invalid H3Config: " + "; ".join(errors) + ".")
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["attn_layer_idx"] = list(self.attn_layer_idx)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> H3Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown H3Config fields {unknown}; known: {sorted(known)}."
+            )
+        return cls(**values)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> H3Config:
+        if name not in PRESETS:
+            raise ValueError(f"unknown H3 preset {name!r}; presets: {sorted(PRESETS)}.")
+        if "hidden_size" in overrides and "n_inner" not in overrides:
+            overrides["n_inner"] = None  # re-derive 4 * hidden_size
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, H3Config] = {
+    "125m": H3Config(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        attn_layer_idx=(6,),
+    ),
+    "355m": H3Config(
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        attn_layer_idx=(8, 16),
+    ),
+    "1.3b": H3Config(
+        hidden_size=2048,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        attn_layer_idx=(8, 16),
+    ),
+    "2.7b": H3Config(
+        hidden_size=2560,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        attn_layer_idx=(8, 16, 24),
+    ),
+    # model-2attn-rotary.pt of the 2.7B release.
+    "2.7b-2attn-rotary": H3Config(
+        hidden_size=2560,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        attn_layer_idx=(10, 21),
+        rotary_emb_dim=64,
+    ),
+    # For tests, demos and the training CLI: small enough to train on a CPU.
+    "tiny": H3Config(
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        attn_layer_idx=(1,),
+        d_state=16,
+    ),
+}
+
+
+@pz.pytree_dataclass
+class H3Mixer(pz.nn.Layer):
+    """The H3 layer: ``output_linear(q * DiagSSM(ShiftSSM(k) * v))``.
+
+    Named axes: in {..., "seq", "embedding"} -> out {..., "seq", "embedding"};
+    q, k, v and the SSM channels are {..., "seq", "heads": D} (head_dim 1).
+    Side input: ``segment_pos`` (both SSMs restart at document starts).
+    """
+
+    q_proj: pz.nn.Layer
+    k_proj: pz.nn.Layer
+    v_proj: pz.nn.Layer
+    ssm_k: ShiftSSM
+    kernel: DiagonalSSM
+    output_linear: pz.nn.Layer
+
+    def __call__(self, x, **side_inputs):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        z = self.ssm_k(k, **side_inputs) * v
+        return self.output_linear(q * self.kernel(z, **side_inputs))
+
+
+def _dense(name, key, config: H3Config, in_axes, out_axes, std=None):
+    """Linear + bias, weights N(0, std) (default: initializer_range), biases 0."""
+    std = config.initializer_range if std is None else std
+    fan_in = math.prod(in_axes.values())
+    return dense(
+        name,
+        key,
+        in_axes,
+        out_axes,
+        use_bias=True,
+        init_scale=std * std * fan_in,
+        dtype=jnp.dtype(config.param_dtype),
+    )
+
+
+def _dropout(rate: float) -> pz.nn.DisabledDropout:
+    return pz.nn.DisabledDropout(drop_rate=rate, share_across_axes=())
+
+
+def _h3_mixer(name, key, config: H3Config, ssm_method, scan_method) -> H3Mixer:
+    embed, chans = (
+        {axes.EMBEDDING: config.hidden_size},
+        {axes.HEADS: config.hidden_size},
+    )
+    dtype = jnp.dtype(config.param_dtype)
+    return H3Mixer(
+        q_proj=_dense(f"{name}.q_proj", key, config, embed, chans),
+        k_proj=_dense(f"{name}.k_proj", key, config, embed, chans),
+        v_proj=_dense(f"{name}.v_proj", key, config, embed, chans),
+        ssm_k=ShiftSSM.from_config(
+            f"{name}.ssm_k", key, config.hidden_size, config.d_state, dtype=dtype
+        ),
+        kernel=DiagonalSSM.from_config(
+            f"{name}.kernel",
+            key,
+            config.hidden_size,
+            config.d_state,
+            measure=config.ssm_measure,
+            discretisation=config.discretisation,
+            method=ssm_method,
+            scan_method=scan_method,
+            dtype=dtype,
+        ),
+        # Not rescaled: the original's rescaling looks for output_linear.0.weight.
+        output_linear=_dense(f"{name}.output_linear", key, config, chans, embed),
+    )
+
+
+def _attention(name, key, config: H3Config, residual_std) -> Attention:
+    heads, dim = config.num_attention_heads, config.attention_head_dim
+    embed = {axes.EMBEDDING: config.hidden_size}
+    q_axes = {axes.HEADS: heads, axes.PROJECTION: dim}
+    kv_axes = {axes.KV_HEADS: heads, axes.PROJECTION: dim}
+    return Attention(
+        query=_dense(f"{name}.query", key, config, embed, q_axes),
+        key=_dense(f"{name}.key", key, config, embed, kv_axes),
+        value=_dense(f"{name}.value", key, config, embed, kv_axes),
+        output=_dense(f"{name}.output", key, config, q_axes, embed, std=residual_std),
+        rope=(
+            RotaryEmbedding(config.rotary_emb_dim / dim, 10000.0)
+            if config.rotary_emb_dim
+            else None
+        ),
+        window_size=None,
+        query_scale=dim**-0.5,
+    )
+
+
+def build_model(
+    config: H3Config,
+    key: jax.Array | None,
+    *,
+    ssm_method: str = "fft",
+    scan_method: str | None = None,
+) -> base.DecoderLM:
+    """Builds an H3 LM initialised as the original code does.
+
+    Args:
+      config: the hyper-parameters.
+      key: PRNG key; None builds the structure with empty parameter slots, to
+        be filled from a checkpoint.
+      ssm_method: how the diagonal SSMs run over a sequence: "fft" (kernel
+        convolution; the default) or "scan" (complex recurrence). Change it
+        later with `recurrent_lm.layers.ssm.with_ssm_method`.
+      scan_method: `linear_scan` implementation of the "scan" route (None =
+        backend default).
+    """
+    ssm.check_ssm_method(ssm_method)
+    recurrence.check_scan_method(scan_method)
+    dtype = jnp.dtype(config.param_dtype)
+    std = config.initializer_range
+    residual_std = (
+        std / math.sqrt(2 * config.num_hidden_layers)
+        if config.rescale_prenorm_residual
+        else std
+    )
+    table = pz.nn.EmbeddingTable(
+        embeddings=pz.nn.make_parameter(
+            "embedder.embeddings",
+            key,
+            ssm.normal_init,
+            {axes.VOCABULARY: config.vocab_size, axes.EMBEDDING: config.hidden_size},
+            dtype,
+            std=std,
+        ),
+        vocabulary_axis=axes.VOCABULARY,
+    )
+    embedder = [pz.nn.EmbeddingLookup(table)]
+    if config.residual_in_fp32:  # a no-op with float32 parameters
+        embedder.append(pz.nn.CastToDType(jnp.float32))
+    embedder.append(_dropout(config.embedding_dropout))
+    blocks = []
+    for i in range(config.num_hidden_layers):
+        name = f"blocks.{i}"
+        if i in config.attn_layer_idx:
+            mixer = _attention(f"{name}.mixer", key, config, residual_std)
+        else:
+            mixer = _h3_mixer(f"{name}.mixer", key, config, ssm_method, scan_method)
+        norm = lambda part, name=name: LayerNorm.from_config(
+            f"{name}.{part}",
+            key,
+            config.hidden_size,
+            eps=config.layer_norm_epsilon,
+            dtype=dtype,
+        )
+        mlp = MLP.from_config(
+            f"{name}.mlp",
+            key,
+            width=config.hidden_size,
+            hidden_width=config.n_inner,
+            use_bias=True,
+            up_init_scale=std * std * config.hidden_size,
+            down_init_scale=residual_std**2 * config.n_inner,
+            dtype=dtype,
+        )
+        blocks.append(
+            ResidualBlock(
+                temporal_pre_norm=norm("norm1"),
+                temporal_block=pz.nn.Sequential(
+                    [mixer, _dropout(config.residual_dropout)]
+                ),
+                channel_pre_norm=norm("norm2"),
+                mlp_block=pz.nn.Sequential([mlp, _dropout(config.residual_dropout)]),
+            )
+        )
+    return base.DecoderLM(
+        config=config,
+        embedder=pz.nn.Sequential(embedder),
+        blocks=pz.nn.Sequential(blocks),
+        final_norm=LayerNorm.from_config(
+            "final_norm",
+            key,
+            config.hidden_size,
+            eps=config.layer_norm_epsilon,
+            dtype=dtype,
+        ),
+        head=pz.nn.Sequential([pz.nn.EmbeddingDecode(table)]),
+    )
+
+
+def training_mode(model):
+    """`model` with its dropout layers enabled (pass ``random_stream`` to forward)."""
+    return (
+        pz.select(model)
+        .at_instances_of(pz.nn.DisabledDropout)
+        .apply(lambda d: d.enable())
+    )
+
+
+def eval_mode(model):
+    """`model` with its dropout layers disabled (the default after `build_model`)."""
+    return (
+        pz.select(model)
+        .at_instances_of(pz.nn.StochasticDropout)
+        .apply(lambda d: d.disable())
+    )
+
+
+def mixer(model: base.DecoderLM, layer: int) -> pz.nn.Layer:
+    """The mixer (H3 layer or attention) of block `layer`."""
+    return model.blocks.sublayers[layer].temporal_block.sublayers[0]
+
+
+base.register_model_type("h3", H3Config, build_model)
+# Sampling mode: the shift SSM has CausalConv1D's history interface.
+stateful.register_twins(
+    {
+        ShiftSSM: stateful.StatefulConv1D.from_layer,
+        DiagonalSSM: ssm.StatefulDiagonalSSM.from_layer,
+        Attention: stateful.CachedAttention.from_layer,
+    }
+)
