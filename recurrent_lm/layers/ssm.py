@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import init, positions, recurrence, stateful
+from recurrent_lm.layers import init, positions, recurrence, sites, stateful
 
 DISCRETISATIONS = ("bilinear", "zoh")
 SSM_METHODS = ("fft", "scan")
@@ -318,6 +318,10 @@ class DiagonalSSM(pz.nn.Layer):
     token (the usual case, and any decoding chunk); when a chunk has a document
     start after its first position it takes the scan route (a `lax.cond`
     decided on the device), so packed rows are never mixed.
+
+    State site ``state``: the complex state after each token {..., "seq",
+    axis, "state"}. The FFT route never forms it, so a model with anything
+    other than the plain site there (a capture, an intervention) runs the scan.
     """
 
     log_dt: pz.nn.ParameterLike[pz.nx.NamedArray]
@@ -336,6 +340,8 @@ class DiagonalSSM(pz.nn.Layer):
         default=None, metadata={"pytree_node": False}
     )
     axis: str = dataclasses.field(default=axes.HEADS, metadata={"pytree_node": False})
+
+    state: sites.Hook = sites.state_site_field()
 
     @classmethod
     def from_config(
@@ -443,7 +449,8 @@ class DiagonalSSM(pz.nn.Layer):
 
             return run
 
-        if self.method == "scan" or steps == 1:
+        observed = not isinstance(self.state, sites.StateSite)
+        if self.method == "scan" or steps == 1 or observed:
             return canonical(self._scan)()
         inner = starts[{axes.SEQ: pz.slice[1:]}]
         inner_start = jnp.any(inner.unwrap(*inner.named_shape))
@@ -457,9 +464,11 @@ class DiagonalSSM(pz.nn.Layer):
         d_a, _, d_b, c = self._positional()
         named = lambda v: pz.nx.wrap(v).tag(self.axis, axes.STATE)
         b = named(d_b) * x.astype(jnp.float32)
+        a, b = self.state.update(named(d_a), b)
         h, h_last = recurrence.linear_scan(
-            named(d_a), b, h0=h0, reset=starts, method=self.scan_method
+            a, b, h0=h0, reset=starts, method=self.scan_method
         )
+        h = self.state(h)
         y = pz.nx.nmap(lambda h, c: 2 * jnp.sum(h * c).real)(
             h.untag(axes.STATE), named(c).untag(axes.STATE)
         )
