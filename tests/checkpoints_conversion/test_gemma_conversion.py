@@ -1,5 +1,7 @@
 """Loading official Gemma checkpoints written in the release layout, round trips, errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,21 +17,13 @@ from gemma_cases import (
     penzai_reference,
 )
 from griffin_cases import named_tokens
+from test_recurrentgemma import assert_trees_identical
 
 import recurrent_lm
 from checkpoints_conversion import gemma as convert
 from checkpoints_conversion.common import flatten
 from recurrent_lm.models import gemma
-from recurrent_lm.params import CheckpointMismatchError
-
-
-def assert_trees_identical(actual, expected):
-    actual, expected = flatten(actual), flatten(expected)
-    assert sorted(actual) == sorted(expected)
-    for path in expected:
-        a, e = np.asarray(actual[path]), np.asarray(expected[path])
-        assert a.dtype == e.dtype and a.shape == e.shape, path
-        np.testing.assert_array_equal(a, e, err_msg=path)
+from recurrent_lm.params import CheckpointMismatchError, abstract_parameters
 
 
 def nested(flat_key_params):
@@ -103,18 +97,12 @@ def test_release_shapes_give_the_release_config(preset):
     """Shapes alone (no arrays) identify each release, e.g. 27B's query scaling."""
     config = gemma.PRESETS[preset]
     layouts = convert.leaf_layouts(config, gating_transposed=preset in ("gemma2-9b", "gemma2-27b"))
-    named = {k: v.named_shape for k, v in recurrent_lm.params.abstract_parameters(
-        lambda key: gemma.build_model(config, key)).items()}
+    named = {k: v.named_shape
+             for k, v in abstract_parameters(lambda key: gemma.build_model(config, key)).items()}
     tree = {f"transformer/{layout.path}": jax.ShapeDtypeStruct(layout.shape(named[layout.labels[0]]),
                                                                 jnp.bfloat16)
             for layout in layouts}
-    assert convert.infer_config(tree) == dataclasses_replace(config, param_dtype="bfloat16")
-
-
-def dataclasses_replace(config, **changes):
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
+    assert convert.infer_config(tree) == dataclasses.replace(config, param_dtype="bfloat16")
 
 
 def test_bfloat16_checkpoint_keeps_its_dtype_and_overrides_cast():
