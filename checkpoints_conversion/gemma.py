@@ -43,9 +43,9 @@ from checkpoints_conversion.common import (
     check_leaves,
     convert_leaves,
     flatten,
+    restore_orbax_tree,
     unflatten,
 )
-from checkpoints_conversion.recurrentgemma import _restore
 from recurrent_lm import axes
 from recurrent_lm.models import gemma
 from recurrent_lm.params import (
@@ -301,7 +301,7 @@ def load_official_checkpoint(
       sharding: where to place the restored leaves (default: first local device).
     """
     return from_official_params(
-        _restore(str(path), sharding),
+        restore_orbax_tree(str(path), sharding),
         upcast_activations_to_float32=upcast_activations_to_float32,
         gating_transposed=gating_transposed,
         **config_overrides,
