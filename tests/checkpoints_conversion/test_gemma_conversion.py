@@ -151,6 +151,10 @@ def test_structural_problems_are_named():
     no_attn = {k: v for k, v in params.items() if "layer_0/attn/attn_vec_einsum" not in k}
     with pytest.raises(CheckpointMismatchError, match="missing     transformer/layer_0/attn/attn_vec_einsum"):
         convert.from_official_params(no_attn)
+    bad_rank = {**params, "transformer/layer_0/mlp/linear": {"w": np.zeros((40, 48, 1), np.float32)}}
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"mis-shaped  transformer/layer_0/mlp/linear/w: expected \(F, D\), found \(40, 48, 1\)"):
+        convert.from_official_params(bad_rank)
     with pytest.raises(ValueError, match="hidden_dim must be a positive integer"):
         convert.from_official_params(params, hidden_dim=-1)
     with pytest.raises(CheckpointMismatchError, match="mis-shaped  transformer/embedder/input_embedding"):
