@@ -16,6 +16,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from penzai import pz
@@ -160,3 +161,21 @@ def convert_leaves(
             array = array.astype(dtype)
         values.update(layout.to_named(array, named_shape))
     return values
+
+
+def restore_orbax_tree(path: str, sharding: jax.sharding.Sharding | None = None):
+    """The parameter tree of an orbax PyTree checkpoint directory, its leaves
+    placed with `sharding` (default: the first local device)."""
+    import orbax.checkpoint as ocp  # heavy import, only when reading checkpoints
+
+    checkpointer = ocp.PyTreeCheckpointer()
+    metadata = checkpointer.metadata(path)
+    # orbax >= 0.11.22 returns StepMetadata; older ones return the tree itself.
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    restore_args = jax.tree.map(
+        lambda _: ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=sharding), tree
+    )
+    return checkpointer.restore(path, restore_args=restore_args)

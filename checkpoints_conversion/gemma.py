@@ -43,9 +43,9 @@ from checkpoints_conversion.common import (
     check_leaves,
     convert_leaves,
     flatten,
+    restore_orbax_tree,
     unflatten,
 )
-from checkpoints_conversion.recurrentgemma import _restore
 from recurrent_lm import axes
 from recurrent_lm.models import gemma
 from recurrent_lm.params import (
@@ -178,6 +178,14 @@ def infer_config(params: Mapping[str, Any], **overrides) -> gemma.GemmaConfig:
             SOURCE, missing={f"{ROOT}/{p}": "?" for p in absent},
             hint="(cannot infer the config without these leaves)",
         )
+    ranks = {"embedder/input_embedding": ("(V, D)", 2), "layer_0/attn/attn_vec_einsum/w": ("(H, hd, D)", 3),
+             "layer_0/mlp/linear/w": ("(F, D)", 2), "layer_0/attn/kv_einsum/w": ("(2, KV, D, hd)", 4)}
+    wrong_rank = {f"{ROOT}/{p}": (form, shape(p)) for p, (form, rank) in ranks.items()
+                  if p in flat and len(shape(p)) != rank}
+    if wrong_rank:
+        raise CheckpointMismatchError(
+            SOURCE, misshaped=wrong_rank, hint="(cannot infer the config from these leaves)"
+        )
     inferred: dict[str, Any] = {}
     inferred["vocabulary_size"], inferred["hidden_dim"] = shape("embedder/input_embedding")
     inferred["num_query_heads"], inferred["head_dim"], _ = shape("layer_0/attn/attn_vec_einsum/w")
@@ -301,7 +309,7 @@ def load_official_checkpoint(
       sharding: where to place the restored leaves (default: first local device).
     """
     return from_official_params(
-        _restore(str(path), sharding),
+        restore_orbax_tree(str(path), sharding),
         upcast_activations_to_float32=upcast_activations_to_float32,
         gating_transposed=gating_transposed,
         **config_overrides,

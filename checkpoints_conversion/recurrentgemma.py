@@ -34,6 +34,7 @@ from checkpoints_conversion.common import (
     check_leaves,
     convert_leaves,
     flatten,
+    restore_orbax_tree,
     unflatten,
 )
 from recurrent_lm import axes
@@ -181,22 +182,6 @@ def to_official_params(model) -> dict[str, Any]:
     return unflatten({layout.path: layout.from_named(values) for layout in leaf_layouts(config)})
 
 
-def _restore(path: str, sharding: jax.sharding.Sharding | None):
-    import orbax.checkpoint as ocp  # heavy import, only when reading checkpoints
-
-    checkpointer = ocp.PyTreeCheckpointer()
-    metadata = checkpointer.metadata(path)
-    # orbax >= 0.11.22 returns StepMetadata; older ones return the tree itself.
-    tree = getattr(metadata, "item_metadata", metadata)
-    tree = getattr(tree, "tree", tree)
-    if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    restore_args = jax.tree.map(
-        lambda _: ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=sharding), tree
-    )
-    return checkpointer.restore(path, restore_args=restore_args)
-
-
 def load_official_checkpoint(
     path: str,
     *,
@@ -213,7 +198,7 @@ def load_official_checkpoint(
       **config_overrides: see `from_official_params`.
     """
     return from_official_params(
-        _restore(str(path), sharding), scan_method=scan_method, **config_overrides
+        restore_orbax_tree(str(path), sharding), scan_method=scan_method, **config_overrides
     )
 
 

@@ -1,5 +1,7 @@
 """Loading official Gemma checkpoints written in the release layout, round trips, errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,21 +16,14 @@ from gemma_cases import (
     penzai_model,
     penzai_reference,
 )
+from griffin_cases import named_tokens
+from test_recurrentgemma import assert_trees_identical
 
 import recurrent_lm
 from checkpoints_conversion import gemma as convert
 from checkpoints_conversion.common import flatten
-from recurrent_lm.models import base, gemma
-from recurrent_lm.params import CheckpointMismatchError
-
-
-def assert_trees_identical(actual, expected):
-    actual, expected = flatten(actual), flatten(expected)
-    assert sorted(actual) == sorted(expected)
-    for path in expected:
-        a, e = np.asarray(actual[path]), np.asarray(expected[path])
-        assert a.dtype == e.dtype and a.shape == e.shape, path
-        np.testing.assert_array_equal(a, e, err_msg=path)
+from recurrent_lm.models import gemma
+from recurrent_lm.params import CheckpointMismatchError, abstract_parameters
 
 
 def nested(flat_key_params):
@@ -57,7 +52,9 @@ def test_release_layout_loads_and_matches_penzai(release_checkpoint):
     model = convert.load_official_checkpoint(path, **case.overrides())
     ids, pos = case_inputs(case)
     expected = penzai_reference(case, penzai_model(case), ids, pos)
-    assert max_relative_error_real(base.jit_forward(model)(ids, pos), expected) <= 1e-5
+    tokens, segment_pos = named_tokens(ids, pos)  # the eager path: compiled once per session
+    logits = model(tokens, segment_pos=segment_pos).unwrap("batch", "seq", "vocabulary")
+    assert max_relative_error_real(logits, expected) <= 1e-5
 
 
 @pytest.mark.parametrize("case_name", sorted(CASES))
@@ -100,18 +97,12 @@ def test_release_shapes_give_the_release_config(preset):
     """Shapes alone (no arrays) identify each release, e.g. 27B's query scaling."""
     config = gemma.PRESETS[preset]
     layouts = convert.leaf_layouts(config, gating_transposed=preset in ("gemma2-9b", "gemma2-27b"))
-    named = {k: v.named_shape for k, v in recurrent_lm.params.abstract_parameters(
-        lambda key: gemma.build_model(config, key)).items()}
+    named = {k: v.named_shape
+             for k, v in abstract_parameters(lambda key: gemma.build_model(config, key)).items()}
     tree = {f"transformer/{layout.path}": jax.ShapeDtypeStruct(layout.shape(named[layout.labels[0]]),
                                                                 jnp.bfloat16)
             for layout in layouts}
-    assert convert.infer_config(tree) == dataclasses_replace(config, param_dtype="bfloat16")
-
-
-def dataclasses_replace(config, **changes):
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
+    assert convert.infer_config(tree) == dataclasses.replace(config, param_dtype="bfloat16")
 
 
 def test_bfloat16_checkpoint_keeps_its_dtype_and_overrides_cast():
@@ -160,6 +151,10 @@ def test_structural_problems_are_named():
     no_attn = {k: v for k, v in params.items() if "layer_0/attn/attn_vec_einsum" not in k}
     with pytest.raises(CheckpointMismatchError, match="missing     transformer/layer_0/attn/attn_vec_einsum"):
         convert.from_official_params(no_attn)
+    bad_rank = {**params, "transformer/layer_0/mlp/linear": {"w": np.zeros((40, 48, 1), np.float32)}}
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"mis-shaped  transformer/layer_0/mlp/linear/w: expected \(F, D\), found \(40, 48, 1\)"):
+        convert.from_official_params(bad_rank)
     with pytest.raises(ValueError, match="hidden_dim must be a positive integer"):
         convert.from_official_params(params, hidden_dim=-1)
     with pytest.raises(CheckpointMismatchError, match="mis-shaped  transformer/embedder/input_embedding"):
