@@ -23,6 +23,7 @@ block_out      output features of one block of a block-diagonal linear layer
 conv_taps      taps of a causal depthwise convolution (oldest first)
 state          width of a state-space model's hidden state
 layers         stacked per-layer results (e.g. a captured residual stream)
+lora_rank      rank of a LoRA adapter (`recurrent_lm.lora`)
 =============  ================================================================
 """
 
@@ -41,6 +42,7 @@ BLOCK_OUT = "block_out"
 CONV_TAPS = "conv_taps"
 STATE = "state"
 LAYERS = "layers"
+LORA_RANK = "lora_rank"
 
 TOKEN_AXES = (BATCH, SEQ)
 """Named axes of model inputs (token ids and segment positions)."""
