@@ -151,9 +151,10 @@ def enable_lora(
 def merge_lora(model):
     """Folds every adapter into its base weight; every parameter trainable again."""
     merged = pz.select(model).at_instances_of(LoRALinear).apply(lambda layer: layer.merged())
-    return pz.select(merged).at_instances_of(pz.ParameterValue).apply(
-        lambda p: pz.Parameter(label=p.label, value=p.value)
-    )
+    frozen = pz.select(merged).at_instances_of(pz.ParameterValue).get_sequence()
+    # One Parameter per label, so tied weights (one label) stay one parameter.
+    thawed = {p.label: pz.Parameter(label=p.label, value=p.value) for p in frozen}
+    return pz.select(merged).at_instances_of(pz.ParameterValue).apply(lambda p: thawed[p.label])
 
 
 def adapter_values(model) -> dict[str, pz.nx.NamedArray]:

@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics-file", help="JSONL, one object per step")
     g.add_argument("--save-model", metavar="DIR",
                    help="write the final model (recurrent_lm.save) and tokenizer.model here")
+    g.add_argument("--save-adapters", metavar="DIR", help="write the LoRA adapters alone here")
     g.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this step")
     g.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("distribution")
@@ -100,7 +101,8 @@ def config_from_args(args) -> loop.TrainConfig:
         sharding_overrides=loop.parse_overrides(args.shard),
         init_checkpoint=args.init_checkpoint, lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_target),
-        save_model=args.save_model, stop_after=args.stop_after, progress=not args.no_progress,
+        save_model=args.save_model, save_adapters=args.save_adapters,
+        stop_after=args.stop_after, progress=not args.no_progress,
     )
 
 

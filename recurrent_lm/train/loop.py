@@ -103,6 +103,7 @@ class TrainConfig:
     lora_alpha: float | None = None
     lora_targets: tuple[str, ...] = ()
     save_model: str | None = None
+    save_adapters: str | None = None
     stop_after: int | None = None
     progress: bool = True
 
@@ -130,6 +131,8 @@ class TrainConfig:
             errors.append("resume needs a checkpoint_dir")
         if self.lora_rank and not self.init_checkpoint:
             errors.append("LoRA fine-tunes a trained model: give init_checkpoint")
+        if self.save_adapters and not self.lora_rank:
+            errors.append("save_adapters needs LoRA (lora_rank > 0)")
         if errors:
             raise ValueError("invalid training settings: " + "; ".join(errors) + ".")
 
@@ -354,24 +357,11 @@ def initial_model(cfg: TrainConfig, vocab_size: int, mesh, rules_override):
         return model, rules
     model_type, config = model_config(cfg, vocab_size)
     rules = sharding.rules_for(model_type.name, rules_override)
-    build = lambda key: model_type.build_model(config, key)
-    # Initialise straight into the shardings: no device ever holds it all.
-    abstract = jax.eval_shape(lambda k: parameter_values(build(k)), jax.random.key(0))
-    shardings = {
-        label: sharding.named_sharding(tuple(v.named_shape), tuple(v.named_shape.values()),
-                                       mesh, rules, what=label)
-        for label, v in abstract.items()
-    }
-
-    @functools.partial(jax.jit, out_shardings=shardings)
-    def init(key):
-        return {label: v.unwrap(*v.named_shape) for label, v in parameter_values(build(key)).items()}
-
-    arrays = init(jax.random.key(cfg.seed))
-    model = build(None).bind_variables([
-        pz.Parameter(label=label, value=pz.nx.wrap(arrays[label]).tag(*abstract[label].named_shape))
-        for label in abstract
-    ])
+    # Built eagerly (compiling one jit of every initialiser costs ~30 s on CPU
+    # even for a tiny model); `split_trainable` then places each parameter on
+    # the mesh. Models too large for one host: save once, then `load_sharded`
+    # (--init-checkpoint) reads each shard where it belongs.
+    model = model_type.build_model(config, jax.random.key(cfg.seed))
     return model, rules
 
 
@@ -561,23 +551,19 @@ def train(cfg: TrainConfig) -> TrainResult:
         if manager:
             manager.close()
 
-    final = bind_final(skeleton, params, param_axes)
-    if cfg.save_model:
-        save_model(final, tokenizer_path, cfg.save_model)
-    return TrainResult(losses, eval_losses, start_step, step, final, tokenizer)
-
-
-def bind_final(skeleton, params, param_axes):
-    """The trained model (LoRA adapters merged into plain weights)."""
-    model = skeleton.bind_variables([
+    final = skeleton.bind_variables([
         pz.Parameter(label=label, value=pz.nx.wrap(params[label]).tag(*param_axes[label]))
         for label in param_axes
     ])
-    from recurrent_lm import lora
+    if cfg.lora_rank:
+        from recurrent_lm import lora
 
-    if pz.select(model).at_instances_of(lora.LoRALinear).count():
-        model = lora.merge_lora(model)
-    return model
+        if cfg.save_adapters and is_main:
+            lora.save_adapters(final, cfg.save_adapters)
+        final = lora.merge_lora(final)
+    if cfg.save_model:
+        save_model(final, tokenizer_path, cfg.save_model)
+    return TrainResult(losses, eval_losses, start_step, step, final, tokenizer)
 
 
 def save_model(model, tokenizer_path: str, directory: str) -> None:

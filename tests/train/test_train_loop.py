@@ -12,7 +12,7 @@ import pytest
 
 from recurrent_lm.train import checkpointing, data, loop
 
-from conftest import STEPS
+from train_setup import STEPS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,8 +52,9 @@ def test_resume_after_kill_gives_the_same_losses(setup):
         sys.executable, "-m", "recurrent_lm.train", "--model", "griffin", "--preset", "tiny",
         "--data", setup.corpus, "--tokenizer", setup.tokenizer, "--steps", str(STEPS),
         "--decay-steps", str(STEPS), "--batch-size", "8", "--seq-len", "32", "--seed", "0",
-        "--warmup-steps", "2", "--learning-rate", "3e-3", "--eval-interval", "3",
-        "--eval-batches", "2", "--eval-fraction", "0.1", "--checkpoint-dir", str(directory),
+        "--warmup-steps", "2", "--learning-rate", "3e-3", "--eval-interval", "0",
+        "--eval-fraction", "0.1", "--config", "num_hidden_layers=2",
+        "--config", 'block_types=["recurrent", "attention"]', "--checkpoint-dir", str(directory),
         "--checkpoint-interval", "1", "--metrics-file", str(metrics), "--no-progress",
     ]
     env = dict(os.environ, RECURRENT_LM_TEST_KILL_AFTER_STEP="4")
@@ -150,12 +151,14 @@ import jax
 from recurrent_lm.train import loop, sharding
 import recurrent_lm.models
 assert len(jax.devices()) == 8
-config = loop.TrainConfig(**{json.dumps({k: v for k, v in dataclasses.asdict(setup.config).items()
-                                          if k not in ("data", "lora_targets")})})
+config = loop.TrainConfig(**{ {k: v for k, v in dataclasses.asdict(setup.config).items()
+                                if k not in ("data", "lora_targets")}!r})
 config = dataclasses.replace(config, data=({setup.corpus!r},), mesh="data=2,fsdp=2,model=2",
                              grad_accum=2)
 result = loop.train(config)
-table = result.model.embedder.sublayers[0].table.value.data_array
+from recurrent_lm.params import parameter_values
+table = [v for k, v in parameter_values(result.model).items() if k.startswith("embedder")][0]
+table = table.data_array
 mesh = sharding.make_mesh("data=1,fsdp=2,model=4")
 loaded = sharding.load_sharded({setup.model_dir!r}, mesh)
 up = [p for p in jax.tree.leaves(loaded) if getattr(p, "shape", None) == (128, 64)][0]
