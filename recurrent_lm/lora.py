@@ -63,11 +63,14 @@ class LoRALinear(pz.nn.Layer):
         """The plain `Linear` with ``W + scale * A B`` (the base weight's label)."""
         w = self.base.weights
         delta = pz.nx.nmap(jnp.tensordot)(
-            self.lora_a.value.untag(axes.LORA_RANK), self.lora_b.value.untag(axes.LORA_RANK),
+            self.lora_a.value.untag(axes.LORA_RANK),
+            self.lora_b.value.untag(axes.LORA_RANK),
             axes=1,
         )
         value = (w.value + delta.astype(w.value.dtype) * self.scale).order_like(w.value)
-        return dataclasses.replace(self.base, weights=pz.Parameter(label=w.label, value=value))
+        return dataclasses.replace(
+            self.base, weights=pz.Parameter(label=w.label, value=value)
+        )
 
 
 def _weight_label(linear: pz.nn.Linear) -> str:
@@ -123,7 +126,9 @@ def enable_lora(
     labels = [_weight_label(lin) for lin in linears.get_sequence()]
     chosen = [label for label in labels if match(label)]
     if not chosen:
-        raise ValueError(f"no Linear layer matches LoRA targets {targets!r}; labels: {labels}.")
+        raise ValueError(
+            f"no Linear layer matches LoRA targets {targets!r}; labels: {labels}."
+        )
     key = jax.random.key(0) if key is None else key
     scale = 1.0 if alpha is None else float(alpha) / rank
     model = pz.freeze_params(model)
@@ -137,11 +142,19 @@ def enable_lora(
         out_shape = {n: w.named_shape[n] for n in linear.out_axis_names}
         kind = w.dtype if dtype is None else dtype
         lora_a = pz.nn.make_parameter(
-            f"{label}.lora_a", key, init.fan_in_normal, {**in_shape, axes.LORA_RANK: rank},
-            kind, fan_in_axes=tuple(in_shape),
+            f"{label}.lora_a",
+            key,
+            init.fan_in_normal,
+            {**in_shape, axes.LORA_RANK: rank},
+            kind,
+            fan_in_axes=tuple(in_shape),
         )
         lora_b = pz.nn.make_parameter(
-            f"{label}.lora_b", key, init.zeros, {axes.LORA_RANK: rank, **out_shape}, kind
+            f"{label}.lora_b",
+            key,
+            init.zeros,
+            {axes.LORA_RANK: rank, **out_shape},
+            kind,
         )
         return LoRALinear(base=linear, lora_a=lora_a, lora_b=lora_b, scale=scale)
 
@@ -150,11 +163,17 @@ def enable_lora(
 
 def merge_lora(model):
     """Folds every adapter into its base weight; every parameter trainable again."""
-    merged = pz.select(model).at_instances_of(LoRALinear).apply(lambda layer: layer.merged())
+    merged = (
+        pz.select(model).at_instances_of(LoRALinear).apply(lambda layer: layer.merged())
+    )
     frozen = pz.select(merged).at_instances_of(pz.ParameterValue).get_sequence()
     # One Parameter per label, so tied weights (one label) stay one parameter.
     thawed = {p.label: pz.Parameter(label=p.label, value=p.value) for p in frozen}
-    return pz.select(merged).at_instances_of(pz.ParameterValue).apply(lambda p: thawed[p.label])
+    return (
+        pz.select(merged)
+        .at_instances_of(pz.ParameterValue)
+        .apply(lambda p: thawed[p.label])
+    )
 
 
 def adapter_values(model) -> dict[str, pz.nx.NamedArray]:
@@ -187,8 +206,11 @@ def save_adapters(model, path: str | os.PathLike) -> None:
     values = adapter_values(model)
     settings = _adapter_settings(model)
     settings["parameters"] = {
-        label: {"axes": list(v.named_shape), "shape": list(v.named_shape.values()),
-                "dtype": str(v.dtype)}
+        label: {
+            "axes": list(v.named_shape),
+            "shape": list(v.named_shape.values()),
+            "dtype": str(v.dtype),
+        }
         for label, v in values.items()
     }
     os.makedirs(path)
@@ -218,25 +240,36 @@ def load_adapters(model, path: str | os.PathLike):
         settings = json.load(f)
     targets = set(settings["targets"])
     adapted = enable_lora(
-        model, settings["rank"], targets=lambda label: label in targets, alpha=None,
+        model,
+        settings["rank"],
+        targets=lambda label: label in targets,
+        alpha=None,
         key=jax.random.key(0),
     )
-    adapted = pz.select(adapted).at_instances_of(LoRALinear).apply(
-        lambda layer: dataclasses.replace(layer, scale=settings["scale"])
+    adapted = (
+        pz.select(adapted)
+        .at_instances_of(LoRALinear)
+        .apply(lambda layer: dataclasses.replace(layer, scale=settings["scale"]))
     )
     expected = adapter_values(adapted)
     stored = settings["parameters"]
     missing = {k: named_shape_str(v) for k, v in expected.items() if k not in stored}
     unexpected = {
-        k: str(dict(zip(v["axes"], v["shape"]))) for k, v in stored.items() if k not in expected
+        k: str(dict(zip(v["axes"], v["shape"])))
+        for k, v in stored.items()
+        if k not in expected
     }
     misshaped = {
         k: (named_shape_str(expected[k]), str(dict(zip(v["axes"], v["shape"]))))
         for k, v in stored.items()
-        if k in expected and dict(zip(v["axes"], v["shape"])) != dict(expected[k].named_shape)
+        if k in expected
+        and dict(zip(v["axes"], v["shape"])) != dict(expected[k].named_shape)
     }
     error = CheckpointMismatchError(
-        f"LoRA adapters {path}", missing=missing, unexpected=unexpected, misshaped=misshaped
+        f"LoRA adapters {path}",
+        missing=missing,
+        unexpected=unexpected,
+        misshaped=misshaped,
     )
     if error.has_problems:
         raise error
@@ -246,7 +279,10 @@ def load_adapters(model, path: str | os.PathLike):
     }
     with ocp.StandardCheckpointer() as checkpointer:
         arrays = checkpointer.restore(os.path.join(path, "adapters"), target)
-    values = {label: pz.nx.wrap(arrays[label]).tag(*info["axes"]) for label, info in stored.items()}
+    values = {
+        label: pz.nx.wrap(arrays[label]).tag(*info["axes"])
+        for label, info in stored.items()
+    }
 
     def fill(layer: LoRALinear) -> LoRALinear:
         a, b = layer.lora_a, layer.lora_b

@@ -22,8 +22,19 @@ import shutil
 import sys
 import sysconfig
 
-SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo", "ensurepip",
-             "pydoc_data", "__pycache__", "config-3.11-x86_64-linux-gnu", "tkinter"}
+SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "site-packages",
+    "turtledemo",
+    "ensurepip",
+    "pydoc_data",
+    "__pycache__",
+    "config-3.11-x86_64-linux-gnu",
+    "tkinter",
+}
 OUT = os.path.join(os.path.dirname(__file__), "..", "recurrent_lm", "data")
 
 
@@ -34,7 +45,9 @@ def docstrings(path: str):
         except SyntaxError:
             return
     for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        if isinstance(
+            node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        ):
             text = ast.get_docstring(node, clean=False)
             if text:
                 yield inspect.cleandoc(text)
@@ -69,10 +82,14 @@ def main() -> int:
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "stdlib_docstrings.txt"), "w", encoding="utf-8") as f:
         f.write("\n\n\n".join(documents) + "\n")
-    shutil.copyfile(os.path.join(stdlib, "LICENSE.txt"),
-                    os.path.join(OUT, "stdlib_docstrings.LICENSE.txt"))
-    print(f"{len(documents)} docstrings, {size} bytes, from {len(files)} files of Python"
-          f" {sys.version.split()[0]} ({stdlib})")
+    shutil.copyfile(
+        os.path.join(stdlib, "LICENSE.txt"),
+        os.path.join(OUT, "stdlib_docstrings.LICENSE.txt"),
+    )
+    print(
+        f"{len(documents)} docstrings, {size} bytes, from {len(files)} files of Python"
+        f" {sys.version.split()[0]} ({stdlib})"
+    )
     return 0
 
 

@@ -56,7 +56,9 @@ def differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
         return lines
     if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)):
         saved, current = list(saved), list(current)
-    return [] if saved == current else [f"{prefix}: checkpoint {saved!r}, now {current!r}"]
+    return (
+        [] if saved == current else [f"{prefix}: checkpoint {saved!r}, now {current!r}"]
+    )
 
 
 def _is_empty(path: str) -> bool:
@@ -64,7 +66,11 @@ def _is_empty(path: str) -> bool:
 
 
 def _step_dirs(path: str) -> list[int]:
-    return sorted(int(n) for n in os.listdir(path) if n.isdigit()) if os.path.isdir(path) else []
+    return (
+        sorted(int(n) for n in os.listdir(path) if n.isdigit())
+        if os.path.isdir(path)
+        else []
+    )
 
 
 def check_directory(path: str, *, resume: bool) -> None:
@@ -163,21 +169,25 @@ class Checkpointer:
             if diff:
                 raise RunMismatchError(
                     f"cannot resume from {self.path} (step {step}): the run settings differ"
-                    " from the checkpoint's:\n  " + "\n  ".join(diff)
+                    " from the checkpoint's:\n  "
+                    + "\n  ".join(diff)
                     + "\nUse the checkpoint's settings, or start a new run in a new directory."
                 )
             try:
                 restored = self._manager.restore(
                     step,
                     args=args.Composite(
-                        state=args.StandardRestore(abstract_state), data=args.JsonRestore()
+                        state=args.StandardRestore(abstract_state),
+                        data=args.JsonRestore(),
                     ),
                 )
             except Exception as e:  # noqa: BLE001
                 self._quarantine(step, e)
                 continue
             return step, restored["state"], restored["data"]
-        raise CheckpointDirError(f"no intact checkpoint left in {self.path} to resume from.")
+        raise CheckpointDirError(
+            f"no intact checkpoint left in {self.path} to resume from."
+        )
 
     def _quarantine(self, step: int, error: Exception) -> None:
         """Moves a damaged step aside (kept for inspection) and warns."""

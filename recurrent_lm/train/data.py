@@ -42,7 +42,8 @@ def data_files(paths: Sequence[str | os.PathLike]) -> list[str]:
     for path in map(os.fspath, paths):
         if os.path.isdir(path):
             found = sorted(
-                f for ext in ("txt", "jsonl")
+                f
+                for ext in ("txt", "jsonl")
                 for f in glob.glob(os.path.join(path, "**", f"*.{ext}"), recursive=True)
             )
             if not found:
@@ -69,13 +70,15 @@ def read_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
                             documents.append(json.loads(line)["text"])
                         except (json.JSONDecodeError, KeyError, TypeError) as e:
                             raise DataError(
-                                f"{file}:{n}: expected a JSON object with a \"text\" field ({e})."
+                                f'{file}:{n}: expected a JSON object with a "text" field ({e}).'
                             ) from None
             else:
                 documents += DOCUMENT_SEPARATOR.split(f.read())
     documents = [d.strip() for d in documents if d.strip()]
     if not documents:
-        raise DataError(f"the data {list(map(os.fspath, paths))} holds no text (empty files).")
+        raise DataError(
+            f"the data {list(map(os.fspath, paths))} holds no text (empty files)."
+        )
     return documents
 
 
@@ -101,7 +104,9 @@ def split_documents(documents: list[str], eval_fraction: float, seed: int):
                 f"the data has {len(documents)} document(s): too few to hold out"
                 f" {eval_fraction:.0%} for evaluation; add documents or pass --eval-fraction 0."
             )
-    held_out = set(np.random.default_rng(seed).permutation(len(documents))[:n_eval].tolist())
+    held_out = set(
+        np.random.default_rng(seed).permutation(len(documents))[:n_eval].tolist()
+    )
     train = [d for i, d in enumerate(documents) if i not in held_out]
     evaluation = [d for i, d in enumerate(documents) if i in held_out]
     return train, evaluation
@@ -124,13 +129,18 @@ class PackedRows:
 
 def encode_documents(tokenizer, documents: Sequence[str]) -> list[np.ndarray]:
     bodies = tokenizer.processor.EncodeAsIds(list(documents))
-    return [np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], np.int32) for ids in bodies]
+    return [
+        np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], np.int32)
+        for ids in bodies
+    ]
 
 
 def pack(encoded: Sequence[np.ndarray], seq_len: int, *, pad_id: int = 0) -> PackedRows:
     """Concatenates documents and cuts the stream into rows (see module doc)."""
     if seq_len < 2:
-        raise DataError(f"seq_len must be >= 2 (a token and its successor), got {seq_len}.")
+        raise DataError(
+            f"seq_len must be >= 2 (a token and its successor), got {seq_len}."
+        )
     stream = np.concatenate(encoded) if encoded else np.zeros(0, np.int32)
     # Position of each token within its document.
     lengths = np.asarray([len(e) for e in encoded], np.int64)
@@ -175,7 +185,11 @@ def load_corpus(
     """Reads, splits, encodes and packs the data, checking it can fill a batch."""
     documents = read_documents(paths)
     train_docs, eval_docs = split_documents(documents, eval_fraction, seed)
-    train = pack(encode_documents(tokenizer, train_docs), seq_len, pad_id=max(tokenizer.pad_id, 0))
+    train = pack(
+        encode_documents(tokenizer, train_docs),
+        seq_len,
+        pad_id=max(tokenizer.pad_id, 0),
+    )
     stream = train.num_tokens
     if seq_len > stream:
         raise DataError(
@@ -190,7 +204,9 @@ def load_corpus(
     evaluation = None
     if eval_docs:
         evaluation = pack(
-            encode_documents(tokenizer, eval_docs), seq_len, pad_id=max(tokenizer.pad_id, 0)
+            encode_documents(tokenizer, eval_docs),
+            seq_len,
+            pad_id=max(tokenizer.pad_id, 0),
         )
     return Corpus(train, evaluation, len(documents), fingerprint(paths))
 
@@ -201,15 +217,27 @@ class BatchIterator:
     Each process reads only its own rows of every global batch (multi-host).
     """
 
-    def __init__(self, rows: PackedRows, batch_size: int, seed: int, *,
-                 process_index: int = 0, process_count: int = 1):
+    def __init__(
+        self,
+        rows: PackedRows,
+        batch_size: int,
+        seed: int,
+        *,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
         self.rows = rows
         if batch_size % process_count:
-            raise DataError(f"batch size {batch_size} is not divisible by {process_count} processes.")
+            raise DataError(
+                f"batch size {batch_size} is not divisible by {process_count} processes."
+            )
         local = batch_size // process_count
         self._local = slice(process_index * local, (process_index + 1) * local)
         dataset = (
-            grain.MapDataset.range(len(rows)).shuffle(seed=seed).repeat(None).batch(batch_size)
+            grain.MapDataset.range(len(rows))
+            .shuffle(seed=seed)
+            .repeat(None)
+            .batch(batch_size)
         )
         self._iterator = iter(dataset.to_iter_dataset())
 
@@ -235,6 +263,8 @@ def eval_batches(rows: PackedRows, batch_size: int, max_batches: int | None):
         pos = rows.segment_pos[start : min(start + batch_size, n)]
         missing = batch_size - len(tokens)
         if missing:
-            tokens = np.concatenate([tokens, np.zeros((missing, tokens.shape[1]), np.int32)])
+            tokens = np.concatenate(
+                [tokens, np.zeros((missing, tokens.shape[1]), np.int32)]
+            )
             pos = np.concatenate([pos, np.full((missing, pos.shape[1]), -1, np.int32)])
         yield tokens, pos

@@ -47,7 +47,7 @@ from penzai import pz
 
 from recurrent_lm import axes, checkpoint, models
 from recurrent_lm import tokenizer as tokenizer_lib
-from recurrent_lm.params import cast_parameters, parameter_values
+from recurrent_lm.params import cast_parameters
 from recurrent_lm.train import checkpointing, data, sharding
 
 logger = logging.getLogger(__name__)
@@ -109,8 +109,16 @@ class TrainConfig:
 
     def __post_init__(self):
         errors = []
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "keep_checkpoints",
-                     "checkpoint_interval", "eval_batches", "tokenizer_vocab_size"):
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "grad_accum",
+            "keep_checkpoints",
+            "checkpoint_interval",
+            "eval_batches",
+            "tokenizer_vocab_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 errors.append(f"{name} must be a positive integer, got {value!r}")
@@ -120,7 +128,9 @@ class TrainConfig:
         if self.lr_schedule not in SCHEDULES:
             errors.append(f"lr_schedule {self.lr_schedule!r} is not one of {SCHEDULES}")
         if self.compute_dtype not in COMPUTE_DTYPES:
-            errors.append(f"compute_dtype {self.compute_dtype!r} is not one of {COMPUTE_DTYPES}")
+            errors.append(
+                f"compute_dtype {self.compute_dtype!r} is not one of {COMPUTE_DTYPES}"
+            )
         if not self.learning_rate > 0:
             errors.append(f"learning_rate must be > 0, got {self.learning_rate}")
         if not errors and self.batch_size % self.grad_accum:
@@ -142,11 +152,31 @@ class TrainConfig:
 
     def run_settings(self) -> dict[str, Any]:
         """The settings a resume must share with the checkpoint (not steps, mesh, I/O)."""
-        keys = ("model", "preset", "config_overrides", "seq_len", "batch_size", "seed",
-                "learning_rate", "lr_schedule", "warmup_steps", "min_lr_ratio",
-                "weight_decay", "adam_b1", "adam_b2", "adam_eps", "grad_clip", "grad_accum",
-                "param_dtype", "compute_dtype", "eval_fraction", "init_checkpoint",
-                "lora_rank", "lora_alpha", "lora_targets")
+        keys = (
+            "model",
+            "preset",
+            "config_overrides",
+            "seq_len",
+            "batch_size",
+            "seed",
+            "learning_rate",
+            "lr_schedule",
+            "warmup_steps",
+            "min_lr_ratio",
+            "weight_decay",
+            "adam_b1",
+            "adam_b2",
+            "adam_eps",
+            "grad_clip",
+            "grad_accum",
+            "param_dtype",
+            "compute_dtype",
+            "eval_fraction",
+            "init_checkpoint",
+            "lora_rank",
+            "lora_alpha",
+            "lora_targets",
+        )
         settings = {k: getattr(self, k) for k in keys}
         settings["decay_steps"] = self.total_decay_steps
         settings["lora_targets"] = list(self.lora_targets)
@@ -177,25 +207,40 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
     elif cfg.lr_schedule == "linear":
         after = optax.linear_schedule(cfg.learning_rate, end, decay)
     else:
-        after = optax.cosine_decay_schedule(cfg.learning_rate, decay, alpha=cfg.min_lr_ratio)
+        after = optax.cosine_decay_schedule(
+            cfg.learning_rate, decay, alpha=cfg.min_lr_ratio
+        )
     if not warmup:
         return after
-    return optax.join_schedules(
-        [optax.linear_schedule(cfg.learning_rate / warmup, cfg.learning_rate, warmup - 1), after],
-        [warmup],
-    ) if warmup > 1 else optax.join_schedules(
-        [optax.constant_schedule(cfg.learning_rate), after], [warmup]
+    return (
+        optax.join_schedules(
+            [
+                optax.linear_schedule(
+                    cfg.learning_rate / warmup, cfg.learning_rate, warmup - 1
+                ),
+                after,
+            ],
+            [warmup],
+        )
+        if warmup > 1
+        else optax.join_schedules(
+            [optax.constant_schedule(cfg.learning_rate), after], [warmup]
+        )
     )
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     # Weight decay on matrices only: not on norms, biases or gate vectors.
-    decay_mask = lambda params: {k: v.ndim >= 2 for k, v in params.items()}
+    decay_mask = lambda params: jax.tree.map(lambda v: v.ndim >= 2, params)
     parts = [] if cfg.grad_clip is None else [optax.clip_by_global_norm(cfg.grad_clip)]
     parts.append(
         optax.adamw(
-            learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
-            weight_decay=cfg.weight_decay, mask=decay_mask,
+            learning_rate_schedule(cfg),
+            b1=cfg.adam_b1,
+            b2=cfg.adam_b2,
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
         )
     )
     return optax.chain(*parts)
@@ -203,10 +248,14 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 def bind_values(skeleton, param_axes, params, compute_dtype: str | None):
     """The model: `skeleton` with raw arrays ``{label: array}`` bound by label."""
-    model = skeleton.bind_variables([
-        pz.ParameterValue(label=label, value=pz.nx.wrap(params[label]).tag(*param_axes[label]))
-        for label in param_axes
-    ])
+    model = skeleton.bind_variables(
+        [
+            pz.ParameterValue(
+                label=label, value=pz.nx.wrap(params[label]).tag(*param_axes[label])
+            )
+            for label in param_axes
+        ]
+    )
     if compute_dtype and compute_dtype != "float32":
         model = cast_parameters(model, compute_dtype)
     return model
@@ -219,7 +268,9 @@ def token_losses(model, tokens, segment_pos):
     """
     named_tokens = pz.nx.wrap(tokens).tag(*axes.TOKEN_AXES)
     named_pos = pz.nx.wrap(segment_pos).tag(*axes.TOKEN_AXES)
-    logits = model.forward(named_tokens, named_pos).unwrap(*axes.TOKEN_AXES, axes.VOCABULARY)
+    logits = model.forward(named_tokens, named_pos).unwrap(
+        *axes.TOKEN_AXES, axes.VOCABULARY
+    )
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     mask = (segment_pos[:, 1:] > 0).astype(jnp.float32)
@@ -242,7 +293,9 @@ def _step_functions(cfg_key: tuple, param_axes_items: tuple) -> StepFunctions:
     compute = cfg.compute_dtype
 
     def loss_sum(params, skeleton, tokens, pos):
-        return token_losses(bind_values(skeleton, param_axes, params, compute), tokens, pos)
+        return token_losses(
+            bind_values(skeleton, param_axes, params, compute), tokens, pos
+        )
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
@@ -263,8 +316,11 @@ def _step_functions(cfg_key: tuple, param_axes_items: tuple) -> StepFunctions:
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": total / count, "grad_norm": optax.tree.norm(grads),
-                   "target_tokens": count}
+        metrics = {
+            "loss": total / count,
+            "grad_norm": optax.tree.norm(grads),
+            "target_tokens": count,
+        }
         return params, opt_state, metrics
 
     def eval_step(params, skeleton, tokens, pos):
@@ -277,12 +333,39 @@ def _step_functions(cfg_key: tuple, param_axes_items: tuple) -> StepFunctions:
     )
 
 
-def step_functions(cfg: TrainConfig, param_axes: dict[str, tuple[str, ...]]) -> StepFunctions:
-    keys = ("learning_rate", "lr_schedule", "warmup_steps", "decay_steps", "steps",
-            "min_lr_ratio", "weight_decay", "adam_b1", "adam_b2", "adam_eps", "grad_clip",
-            "compute_dtype")
+def step_functions(
+    cfg: TrainConfig, param_axes: dict[str, tuple[str, ...]]
+) -> StepFunctions:
+    keys = (
+        "learning_rate",
+        "lr_schedule",
+        "warmup_steps",
+        "decay_steps",
+        "steps",
+        "min_lr_ratio",
+        "weight_decay",
+        "adam_b1",
+        "adam_b2",
+        "adam_eps",
+        "grad_clip",
+        "compute_dtype",
+    )
     cfg_key = tuple((k, getattr(cfg, k)) for k in keys)
     return _step_functions(cfg_key, tuple(sorted(param_axes.items())))
+
+
+def init_optimizer_state(optimizer, params, mesh):
+    """Moment shardings follow the parameters; scalars (counts) are replicated
+    on the mesh, so every step sees the same input types (no recompilation)."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(
+        lambda x: (
+            x
+            if isinstance(x.sharding, jax.sharding.NamedSharding)
+            else jax.device_put(x, replicated)
+        ),
+        jax.jit(optimizer.init)(params),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -313,9 +396,13 @@ def prepare_tokenizer(cfg: TrainConfig) -> tuple[tokenizer_lib.Tokenizer, str]:
         files = data.data_files(cfg.data)
         data.read_documents(files)  # clear errors for empty data before training one
         os.makedirs(cfg.checkpoint_dir, exist_ok=True)
-        logger.info("training a %d-piece tokenizer on %s", cfg.tokenizer_vocab_size, files)
+        logger.info(
+            "training a %d-piece tokenizer on %s", cfg.tokenizer_vocab_size, files
+        )
         tokenizer_lib.train(
-            files, path[: -len(".model")], vocab_size=cfg.tokenizer_vocab_size,
+            files,
+            path[: -len(".model")],
+            vocab_size=cfg.tokenizer_vocab_size,
             hard_vocab_limit=False,
         )
     return tokenizer_lib.Tokenizer.load(path), path
@@ -351,8 +438,11 @@ def initial_model(cfg: TrainConfig, vocab_size: int, mesh, rules_override):
             from recurrent_lm import lora
 
             model = lora.enable_lora(
-                model, cfg.lora_rank, targets=list(cfg.lora_targets) or None,
-                alpha=cfg.lora_alpha, key=jax.random.key(cfg.seed),
+                model,
+                cfg.lora_rank,
+                targets=list(cfg.lora_targets) or None,
+                alpha=cfg.lora_alpha,
+                key=jax.random.key(cfg.seed),
             )
         return model, rules
     model_type, config = model_config(cfg, vocab_size)
@@ -372,7 +462,9 @@ def split_trainable(model, mesh, rules):
     values = {}
     for p in params:
         array = p.value.unwrap(*param_axes[p.label])
-        target = sharding.named_sharding(param_axes[p.label], array.shape, mesh, rules, what=p.label)
+        target = sharding.named_sharding(
+            param_axes[p.label], array.shape, mesh, rules, what=p.label
+        )
         values[p.label] = jax.device_put(array, target)
     return skeleton, values, param_axes
 
@@ -392,7 +484,11 @@ class MetricsWriter:
         kept = []
         if start_step and os.path.exists(path):
             with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+                kept = [
+                    line
+                    for line in f
+                    if line.strip() and json.loads(line)["step"] <= start_step
+                ]
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         self.file = open(path, "w")  # noqa: SIM115 - kept open for the whole run
@@ -419,9 +515,13 @@ def _device_batch(rows: np.ndarray, cfg: TrainConfig, batch_sharding) -> jax.Arr
 def evaluate(fns, params, skeleton, rows, cfg, eval_sharding) -> float:
     total, count = 0.0, 0.0
     for tokens, pos in data.eval_batches(rows, cfg.batch_size, cfg.eval_batches):
-        process = slice(jax.process_index() * (cfg.batch_size // jax.process_count()),
-                        (jax.process_index() + 1) * (cfg.batch_size // jax.process_count()))
-        t = sharding.global_batch_from_local(tokens[process], eval_sharding, tokens.shape)
+        process = slice(
+            jax.process_index() * (cfg.batch_size // jax.process_count()),
+            (jax.process_index() + 1) * (cfg.batch_size // jax.process_count()),
+        )
+        t = sharding.global_batch_from_local(
+            tokens[process], eval_sharding, tokens.shape
+        )
         p = sharding.global_batch_from_local(pos[process], eval_sharding, pos.shape)
         loss, n = fns.eval_step(params, skeleton, t, p)
         total, count = total + float(loss), count + float(n)
@@ -440,7 +540,11 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     tokenizer, tokenizer_path = prepare_tokenizer(cfg)
     corpus = data.load_corpus(
-        files, tokenizer, cfg.seq_len, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
+        files,
+        tokenizer,
+        cfg.seq_len,
+        eval_fraction=cfg.eval_fraction,
+        seed=cfg.seed,
         batch_size=cfg.batch_size,
     )
     mesh = sharding.make_mesh(cfg.mesh)
@@ -450,17 +554,12 @@ def train(cfg: TrainConfig) -> TrainResult:
             f"the microbatch ({cfg.batch_size} / grad_accum {cfg.grad_accum}) is not divisible"
             f" by the mesh's data x fsdp = {batch_ways} devices."
         )
-    model, rules = initial_model(cfg, tokenizer.vocab_size, mesh, cfg.sharding_overrides)
+    model, rules = initial_model(
+        cfg, tokenizer.vocab_size, mesh, cfg.sharding_overrides
+    )
     skeleton, params, param_axes = split_trainable(model, mesh, rules)
     fns = step_functions(cfg, param_axes)
-    # Moment shardings follow the parameters; scalars (counts) are replicated
-    # on the mesh so every step sees the same input types (no recompilation).
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_state = jax.tree.map(
-        lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
-        else jax.device_put(x, replicated),
-        jax.jit(fns.optimizer.init)(params),
-    )
+    opt_state = init_optimizer_state(fns.optimizer, params, mesh)
     rng = jax.random.key_data(jax.random.key(cfg.seed))
     step = 0
 
@@ -472,23 +571,38 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     run = json.loads(json.dumps(run))
     iterator = data.BatchIterator(
-        corpus.train, cfg.batch_size, cfg.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        corpus.train,
+        cfg.batch_size,
+        cfg.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
     manager = None
     if cfg.checkpoint_dir:
         manager = checkpointing.Checkpointer(
-            cfg.checkpoint_dir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints
+            cfg.checkpoint_dir,
+            keep=cfg.keep_checkpoints,
+            async_save=cfg.async_checkpoints,
         )
         if cfg.resume:
-            state = {"params": params, "opt_state": opt_state, "step": np.int64(0), "rng": rng}
+            state = {
+                "params": params,
+                "opt_state": opt_state,
+                "step": np.int64(0),
+                "rng": rng,
+            }
             abstract = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
-                                               sharding=getattr(x, "sharding", None)),
+                lambda x: jax.ShapeDtypeStruct(
+                    np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)
+                ),
                 state,
             )
             step, restored, data_state = manager.restore_latest(abstract, run)
-            params, opt_state, rng = restored["params"], restored["opt_state"], restored["rng"]
+            params, opt_state, rng = (
+                restored["params"],
+                restored["opt_state"],
+                restored["rng"],
+            )
             iterator.set_state(data_state)
             logger.info("resumed from step %d", step)
     start_step = step
@@ -503,15 +617,24 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (cfg.progress and is_main),
-               file=sys.stderr, dynamic_ncols=True, desc="train")
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start_step,
+        disable=not (cfg.progress and is_main),
+        file=sys.stderr,
+        dynamic_ncols=True,
+        desc="train",
+    )
     try:
         while step < last:
             tokens, pos = next(iterator)
             t0 = time.perf_counter()
             params, opt_state, out = fns.train_step(
-                params, opt_state, skeleton,
-                _device_batch(tokens, cfg, batch_sharding), _device_batch(pos, cfg, batch_sharding),
+                params,
+                opt_state,
+                skeleton,
+                _device_batch(tokens, cfg, batch_sharding),
+                _device_batch(pos, cfg, batch_sharding),
             )
             loss = float(out["loss"])
             elapsed = time.perf_counter() - t0
@@ -522,13 +645,19 @@ def train(cfg: TrainConfig) -> TrainResult:
                     " (the last checkpoint is kept)."
                 )
             record = {
-                "step": step, "loss": loss, "tokens_per_s": tokens_per_step / elapsed,
-                "grad_norm": float(out["grad_norm"]), "learning_rate": float(schedule(step - 1)),
-                "step_time_s": elapsed, "target_tokens": int(out["target_tokens"]),
+                "step": step,
+                "loss": loss,
+                "tokens_per_s": tokens_per_step / elapsed,
+                "grad_norm": float(out["grad_norm"]),
+                "learning_rate": float(schedule(step - 1)),
+                "step_time_s": elapsed,
+                "target_tokens": int(out["target_tokens"]),
             }
             losses[step] = loss
-            if cfg.eval_interval and corpus.eval is not None and (
-                step % cfg.eval_interval == 0 or step == last
+            if (
+                cfg.eval_interval
+                and corpus.eval is not None
+                and (step % cfg.eval_interval == 0 or step == last)
             ):
                 record["eval_loss"] = eval_losses[step] = evaluate(
                     fns, params, skeleton, corpus.eval, cfg, eval_sharding
@@ -539,7 +668,12 @@ def train(cfg: TrainConfig) -> TrainResult:
             if manager and (step % cfg.checkpoint_interval == 0 or step == last):
                 manager.save(
                     step,
-                    {"params": params, "opt_state": opt_state, "step": np.int64(step), "rng": rng},
+                    {
+                        "params": params,
+                        "opt_state": opt_state,
+                        "step": np.int64(step),
+                        "rng": rng,
+                    },
                     iterator.get_state(),
                     run,
                 )
@@ -551,10 +685,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         if manager:
             manager.close()
 
-    final = skeleton.bind_variables([
-        pz.Parameter(label=label, value=pz.nx.wrap(params[label]).tag(*param_axes[label]))
-        for label in param_axes
-    ])
+    final = skeleton.bind_variables(
+        [
+            pz.Parameter(
+                label=label, value=pz.nx.wrap(params[label]).tag(*param_axes[label])
+            )
+            for label in param_axes
+        ]
+    )
     if cfg.lora_rank:
         from recurrent_lm import lora
 

@@ -86,11 +86,15 @@ def parse_mesh_shape(text: str | None, num_devices: int) -> dict[str, int]:
             sizes[name] = int(value)
     free = [n for n, s in sizes.items() if s == -1]
     if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
-        raise ValueError(f"mesh {sizes}: sizes must be positive, at most one may be -1.")
+        raise ValueError(
+            f"mesh {sizes}: sizes must be positive, at most one may be -1."
+        )
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if free:
         if num_devices % fixed:
-            raise ValueError(f"mesh {sizes}: {fixed} does not divide {num_devices} devices.")
+            raise ValueError(
+                f"mesh {sizes}: {fixed} does not divide {num_devices} devices."
+            )
         sizes[free[0]] = num_devices // fixed
     if math.prod(sizes.values()) != num_devices:
         raise ValueError(
@@ -100,7 +104,9 @@ def parse_mesh_shape(text: str | None, num_devices: int) -> dict[str, int]:
     return sizes
 
 
-def make_mesh(shape: Mapping[str, int] | str | None = None, devices=None) -> jax.sharding.Mesh:
+def make_mesh(
+    shape: Mapping[str, int] | str | None = None, devices=None
+) -> jax.sharding.Mesh:
     """A ("data", "fsdp", "model") mesh with automatic axis types."""
     devices = list(jax.devices() if devices is None else devices)
     if not isinstance(shape, Mapping):
@@ -139,7 +145,9 @@ def partition_spec(
             notes.append(f"{name!r} replicated: mesh axes {targets} already used")
             spec.append(None)
         elif size % ways:
-            notes.append(f"{name!r} ({size}) replicated: not divisible by {targets} ({ways})")
+            notes.append(
+                f"{name!r} ({size}) replicated: not divisible by {targets} ({ways})"
+            )
             spec.append(None)
         else:
             used.update(targets)
@@ -167,14 +175,18 @@ def parameter_shardings(
     }
 
 
-def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
+def batch_sharding(
+    mesh: jax.sharding.Mesh, ndim: int, batch_dim: int = 0
+) -> NamedSharding:
     """Rows split over ("data", "fsdp"), every other dimension replicated."""
     spec = [None] * ndim
     spec[batch_dim] = BATCH_MESH_AXES
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def load_sharded(path, mesh: jax.sharding.Mesh, rules: Rules | None = None, **build_kwargs):
+def load_sharded(
+    path, mesh: jax.sharding.Mesh, rules: Rules | None = None, **build_kwargs
+):
     """`recurrent_lm.load` with each parameter placed by the sharding rules.
 
     Each host reads only its shards (orbax restores into the target shardings),
@@ -202,7 +214,9 @@ def maybe_initialize_distributed(
     ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``); on TPU pods and SLURM, setting
     ``RECURRENT_LM_DISTRIBUTED=1`` lets JAX discover everything itself.
     """
-    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    coordinator_address = coordinator_address or os.environ.get(
+        "JAX_COORDINATOR_ADDRESS"
+    )
     if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
         num_processes = int(os.environ["JAX_NUM_PROCESSES"])
     if process_id is None and os.environ.get("JAX_PROCESS_ID"):
@@ -216,6 +230,8 @@ def maybe_initialize_distributed(
     return False
 
 
-def global_batch_from_local(local_rows: np.ndarray, sharding: NamedSharding, global_shape):
+def global_batch_from_local(
+    local_rows: np.ndarray, sharding: NamedSharding, global_shape
+):
     """Assembles a global array from this process's rows (multi-host input)."""
     return jax.make_array_from_process_local_data(sharding, local_rows, global_shape)

@@ -17,7 +17,12 @@ from recurrent_lm.train import loop
 
 @pytest.fixture(scope="module")
 def model():
-    config = griffin.GriffinConfig.from_preset("tiny", num_hidden_layers=3, vocab_size=64)
+    config = griffin.GriffinConfig.from_preset(
+        "tiny",
+        num_hidden_layers=2,
+        block_types=("recurrent", "attention"),
+        vocab_size=64,
+    )
     return griffin.build_model(config, jax.random.key(1))
 
 
@@ -27,10 +32,16 @@ def _logits(model, ids):
 
 def _perturbed(adapted):
     """Non-zero B matrices, so the adapters change the output."""
+
     def bump(layer):
         b = layer.lora_b
-        value = b.value + 0.05 * pz.nx.wrap(jnp.ones(b.value.data_array.shape)).tag(*b.value.named_shape)
-        return dataclasses.replace(layer, lora_b=pz.Parameter(label=b.label, value=value))
+        value = b.value + 0.05 * pz.nx.wrap(jnp.ones(b.value.data_array.shape)).tag(
+            *b.value.named_shape
+        )
+        return dataclasses.replace(
+            layer, lora_b=pz.Parameter(label=b.label, value=value)
+        )
+
     return pz.select(adapted).at_instances_of(lora.LoRALinear).apply(bump)
 
 
@@ -64,32 +75,59 @@ def test_merge_equals_adapted_model_and_adapters_round_trip(model, tmp_path):
 
 
 def test_lora_errors_name_the_problem(model, tmp_path):
-    with pytest.raises(ValueError, match="no Linear layer matches LoRA targets 'nothing'"):
+    with pytest.raises(
+        ValueError, match="no Linear layer matches LoRA targets 'nothing'"
+    ):
         lora.enable_lora(model, 2, targets="nothing")
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         lora.enable_lora(model, 0)
     lora.save_adapters(lora.enable_lora(model, 2, targets="mlp_block"), tmp_path / "a")
     wider = griffin.build_model(
-        griffin.GriffinConfig.from_preset("tiny", num_hidden_layers=3, vocab_size=64,
-                                          intermediate_size=96), jax.random.key(0))
+        griffin.GriffinConfig.from_preset(
+            "tiny",
+            num_hidden_layers=2,
+            block_types=("recurrent", "attention"),
+            vocab_size=64,
+            intermediate_size=96,
+        ),
+        jax.random.key(0),
+    )
     with pytest.raises(CheckpointMismatchError, match="mis-shaped"):
         lora.load_adapters(wider, tmp_path / "a")
 
 
 def test_lora_fine_tuning_run_trains_only_the_adapters(setup, tmp_path):
     config = dataclasses.replace(
-        setup.config, steps=2, decay_steps=2, eval_interval=0, init_checkpoint=setup.model_dir,
-        lora_rank=2, lora_targets=("mlp_block",), checkpoint_dir=str(tmp_path / "run"),
-        save_adapters=str(tmp_path / "adapters"), save_model=str(tmp_path / "merged"),
+        setup.config,
+        steps=2,
+        decay_steps=2,
+        eval_interval=0,
+        init_checkpoint=setup.model_dir,
+        lora_rank=2,
+        lora_targets=("mlp_block",),
+        checkpoint_dir=str(tmp_path / "run"),
+        save_adapters=str(tmp_path / "adapters"),
+        save_model=str(tmp_path / "merged"),
     )
     result = loop.train(config)
     base = recurrent_lm.load(setup.model_dir)
-    before, after = parameter_values(base), parameter_values(recurrent_lm.load(tmp_path / "merged"))
-    changed = {k for k in before
-               if not np.array_equal(before[k].unwrap(*before[k].named_shape),
-                                     after[k].unwrap(*before[k].named_shape))}
+    before, after = (
+        parameter_values(base),
+        parameter_values(recurrent_lm.load(tmp_path / "merged")),
+    )
+    changed = {
+        k
+        for k in before
+        if not np.array_equal(
+            before[k].unwrap(*before[k].named_shape),
+            after[k].unwrap(*before[k].named_shape),
+        )
+    }
     assert changed and all("mlp_block" in k and k.endswith("weights") for k in changed)
     adapted = lora.load_adapters(base, tmp_path / "adapters")
-    ids = jnp.asarray(np.random.default_rng(1).integers(0, base.config.vocab_size, (1, 10)), jnp.int32)
-    np.testing.assert_allclose(_logits(adapted, ids), _logits(result.model, ids), rtol=1e-4,
-                               atol=1e-5)
+    ids = jnp.asarray(
+        np.random.default_rng(1).integers(0, base.config.vocab_size, (1, 10)), jnp.int32
+    )
+    np.testing.assert_allclose(
+        _logits(adapted, ids), _logits(result.model, ids), rtol=1e-4, atol=1e-5
+    )

@@ -5,14 +5,12 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
+from train_setup import STEPS
 
 from recurrent_lm.train import checkpointing, data, loop
-
-from train_setup import STEPS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,18 +47,61 @@ def test_resume_after_kill_gives_the_same_losses(setup):
     directory = setup.directory / "killed"
     metrics = directory / "metrics.jsonl"
     command = [
-        sys.executable, "-m", "recurrent_lm.train", "--model", "griffin", "--preset", "tiny",
-        "--data", setup.corpus, "--tokenizer", setup.tokenizer, "--steps", str(STEPS),
-        "--decay-steps", str(STEPS), "--batch-size", "8", "--seq-len", "32", "--seed", "0",
-        "--warmup-steps", "2", "--learning-rate", "3e-3", "--eval-interval", "0",
-        "--eval-fraction", "0.1", "--config", "num_hidden_layers=2",
-        "--config", 'block_types=["recurrent", "attention"]', "--checkpoint-dir", str(directory),
-        "--checkpoint-interval", "1", "--metrics-file", str(metrics), "--no-progress",
+        sys.executable,
+        "-m",
+        "recurrent_lm.train",
+        "--model",
+        "griffin",
+        "--preset",
+        "tiny",
+        "--data",
+        setup.corpus,
+        "--tokenizer",
+        setup.tokenizer,
+        "--steps",
+        str(STEPS),
+        "--decay-steps",
+        str(STEPS),
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "32",
+        "--seed",
+        "0",
+        "--warmup-steps",
+        "2",
+        "--learning-rate",
+        "3e-3",
+        "--eval-interval",
+        "0",
+        "--eval-fraction",
+        "0.1",
+        "--config",
+        "num_hidden_layers=2",
+        "--config",
+        'block_types=["recurrent", "attention"]',
+        "--checkpoint-dir",
+        str(directory),
+        "--checkpoint-interval",
+        "1",
+        "--metrics-file",
+        str(metrics),
+        "--no-progress",
     ]
     env = dict(os.environ, RECURRENT_LM_TEST_KILL_AFTER_STEP="4")
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        command,
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL, no clean shutdown
-    resumed = loop.train(setup.config_for("killed", resume=True, metrics_file=str(metrics)))
+    resumed = loop.train(
+        setup.config_for("killed", resume=True, metrics_file=str(metrics))
+    )
     assert resumed.start_step in (3, 4)  # the step-4 save may have been cut off
     for step in range(resumed.start_step + 1, STEPS + 1):
         assert resumed.losses[step] == setup.reference.losses[step], step
@@ -72,7 +113,9 @@ def test_resume_after_kill_gives_the_same_losses(setup):
 
 
 def _largest_file(directory):
-    files = [os.path.join(root, n) for root, _, names in os.walk(directory) for n in names]
+    files = [
+        os.path.join(root, n) for root, _, names in os.walk(directory) for n in names
+    ]
     return max(files, key=os.path.getsize)
 
 
@@ -92,7 +135,10 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous(setup):
 
 def test_resume_with_other_settings_is_refused_naming_them(setup):
     config = dataclasses.replace(
-        setup.config, checkpoint_dir=setup.reference_dir, resume=True, learning_rate=1e-3,
+        setup.config,
+        checkpoint_dir=setup.reference_dir,
+        resume=True,
+        learning_rate=1e-3,
         config_overrides={"intermediate_size": 96},
     )
     with pytest.raises(checkpointing.RunMismatchError) as info:
@@ -124,57 +170,89 @@ def test_bad_inputs_fail_clearly_and_write_nothing(setup, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(checkpointing.CheckpointDirError, match="not a recurrent_lm training"):
+    with pytest.raises(
+        checkpointing.CheckpointDirError, match="not a recurrent_lm training"
+    ):
         loop.train(dataclasses.replace(base, checkpoint_dir=str(foreign)))
     assert os.listdir(foreign) == ["notes.txt"]
     # Starting over an existing run needs --resume; resuming needs a checkpoint.
     with pytest.raises(checkpointing.CheckpointDirError, match="pass --resume"):
         loop.train(dataclasses.replace(base, checkpoint_dir=setup.reference_dir))
     with pytest.raises(checkpointing.CheckpointDirError, match="no checkpoint"):
-        loop.train(dataclasses.replace(base, checkpoint_dir=str(tmp_path / "new"), resume=True))
+        loop.train(
+            dataclasses.replace(base, checkpoint_dir=str(tmp_path / "new"), resume=True)
+        )
 
 
 def test_cli_reports_bad_input_with_exit_code_2(setup, tmp_path, capsys):
     from recurrent_lm.train import cli
 
-    code = cli.main(["--data", str(tmp_path / "nope.txt"), "--tokenizer", setup.tokenizer,
-                     "--no-progress"])
+    code = cli.main(
+        [
+            "--data",
+            str(tmp_path / "nope.txt"),
+            "--tokenizer",
+            setup.tokenizer,
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert "data path" in capsys.readouterr().err
 
 
+SHARDED_SCRIPT = """
+import json, sys
+import jax
+import recurrent_lm.models
+from recurrent_lm.params import parameter_values
+from recurrent_lm.train import loop, sharding
+
+assert len(jax.devices()) == 8
+args = json.loads(sys.argv[1])
+settings = args["settings"]
+settings["data"] = tuple(settings["data"])
+settings["lora_targets"] = tuple(settings["lora_targets"])
+result = loop.train(loop.TrainConfig(**settings))
+values = parameter_values(result.model)
+table = values["embedder.embeddings"].data_array
+loaded = sharding.load_sharded(args["model_dir"], sharding.make_mesh("data=1,fsdp=2,model=4"))
+up = parameter_values(loaded)["blocks.0.mlp_block.up.weights"].data_array
+print(json.dumps({"losses": result.losses, "eval": result.eval_losses,
+                  "table": str(table.sharding.spec), "loaded": str(up.sharding.spec)}))
+"""
+
+
 def test_grad_accumulation_and_sharding_match_one_device(setup):
     """8 host devices, mesh data=2 x fsdp=2 x model=2, 2 microbatches: same losses."""
-    script = f"""
-import dataclasses, json
-import jax
-from recurrent_lm.train import loop, sharding
-import recurrent_lm.models
-assert len(jax.devices()) == 8
-config = loop.TrainConfig(**{ {k: v for k, v in dataclasses.asdict(setup.config).items()
-                                if k not in ("data", "lora_targets")}!r})
-config = dataclasses.replace(config, data=({setup.corpus!r},), mesh="data=2,fsdp=2,model=2",
-                             grad_accum=2)
-result = loop.train(config)
-from recurrent_lm.params import parameter_values
-table = [v for k, v in parameter_values(result.model).items() if k.startswith("embedder")][0]
-table = table.data_array
-mesh = sharding.make_mesh("data=1,fsdp=2,model=4")
-loaded = sharding.load_sharded({setup.model_dir!r}, mesh)
-up = [p for p in jax.tree.leaves(loaded) if getattr(p, "shape", None) == (128, 64)][0]
-print(json.dumps({{"losses": result.losses, "eval": result.eval_losses,
-                   "table": str(table.sharding.spec), "loaded": str(up.sharding.spec)}}))
-"""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=400)
+    settings = dataclasses.asdict(
+        dataclasses.replace(setup.config, mesh="data=2,fsdp=2,model=2", grad_accum=2)
+    )
+    arguments = json.dumps({"settings": settings, "model_dir": setup.model_dir})
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT, arguments],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     sharded = {int(k): v for k, v in out["losses"].items()}
     reference = setup.reference.losses
-    np.testing.assert_allclose([sharded[s] for s in range(1, STEPS + 1)],
-                               [reference[s] for s in range(1, STEPS + 1)], rtol=2e-5)
-    np.testing.assert_allclose(out["eval"]["6"], setup.reference.eval_losses[6], rtol=2e-5)
-    assert out["table"] == "PartitionSpec('model', 'fsdp')"  # {vocabulary, embedding}
-    assert "model" in out["loaded"] and "fsdp" in out["loaded"]
+    np.testing.assert_allclose(
+        [sharded[s] for s in range(1, STEPS + 1)],
+        [reference[s] for s in range(1, STEPS + 1)],
+        rtol=2e-5,
+    )
+    np.testing.assert_allclose(
+        out["eval"]["6"], setup.reference.eval_losses[6], rtol=2e-5
+    )
+    assert out["table"] == "P('model', 'fsdp')"  # {vocabulary, embedding}
+    assert out["loaded"] == "P('model', 'fsdp')"  # {mlp, embedding}

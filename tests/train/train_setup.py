@@ -8,7 +8,6 @@ import dataclasses
 
 import numpy as np
 
-from recurrent_lm import tokenizer as tokenizer_lib
 from recurrent_lm.train import loop
 
 STEPS = 6
@@ -16,11 +15,32 @@ STEPS = 6
 
 def write_corpus(path, documents: int = 120, seed: int = 0):
     rng = np.random.default_rng(seed)
-    words = ["river", "stone", "the", "a", "flows", "under", "bridge", "old", "light",
-             "morning", "cat", "sleeps", "on", "warm", "mat", "and", "slowly", "green"]
+    words = [
+        "river",
+        "stone",
+        "the",
+        "a",
+        "flows",
+        "under",
+        "bridge",
+        "old",
+        "light",
+        "morning",
+        "cat",
+        "sleeps",
+        "on",
+        "warm",
+        "mat",
+        "and",
+        "slowly",
+        "green",
+    ]
     docs = []
     for _ in range(documents):
-        lines = [" ".join(rng.choice(words, rng.integers(4, 12))) for _ in range(rng.integers(1, 4))]
+        lines = [
+            " ".join(rng.choice(words, rng.integers(4, 12)))
+            for _ in range(rng.integers(1, 4))
+        ]
         docs.append("\n".join(lines))
     path.write_text("\n\n\n".join(docs))
     return path
@@ -40,5 +60,3 @@ class Setup:
         """The reference settings with a fresh checkpoint dir `name`."""
         changes.setdefault("checkpoint_dir", str(self.directory / name))
         return dataclasses.replace(self.config, **changes)
-
-
