@@ -122,12 +122,7 @@ def main(argv=None):
         rel = abs(loss - first_loss[reference]) / abs(first_loss[reference])
         print(f"# {name}: first-step loss {loss:.6f} (relative difference {rel:.1e})")
 
-    times = {name: [] for name in candidates}
-    for _ in range(args.rounds):  # round-robin: machine noise hits all alike
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - start)
+    times = common_args.round_robin(candidates, args.rounds)
 
     tokens = args.batch * args.seq
     ref = statistics.median(times[reference])

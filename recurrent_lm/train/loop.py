@@ -60,6 +60,20 @@ TOKENIZER_FILE = "tokenizer.model"
 _KILL_AFTER_STEP = int(os.environ.get("RECURRENT_LM_TEST_KILL_AFTER_STEP", "0")) or None
 
 
+OPTIMIZER_FIELDS = (
+    "learning_rate",
+    "lr_schedule",
+    "warmup_steps",
+    "min_lr_ratio",
+    "weight_decay",
+    "adam_b1",
+    "adam_b2",
+    "adam_eps",
+    "grad_clip",
+)
+"""The TrainConfig fields that define the optimiser (with the schedule length)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Every setting of a training run (the CLI flags, one to one)."""
@@ -159,15 +173,7 @@ class TrainConfig:
             "seq_len",
             "batch_size",
             "seed",
-            "learning_rate",
-            "lr_schedule",
-            "warmup_steps",
-            "min_lr_ratio",
-            "weight_decay",
-            "adam_b1",
-            "adam_b2",
-            "adam_eps",
-            "grad_clip",
+            *OPTIMIZER_FIELDS,
             "grad_accum",
             "param_dtype",
             "compute_dtype",
@@ -336,20 +342,7 @@ def _step_functions(cfg_key: tuple, param_axes_items: tuple) -> StepFunctions:
 def step_functions(
     cfg: TrainConfig, param_axes: dict[str, tuple[str, ...]]
 ) -> StepFunctions:
-    keys = (
-        "learning_rate",
-        "lr_schedule",
-        "warmup_steps",
-        "decay_steps",
-        "steps",
-        "min_lr_ratio",
-        "weight_decay",
-        "adam_b1",
-        "adam_b2",
-        "adam_eps",
-        "grad_clip",
-        "compute_dtype",
-    )
+    keys = (*OPTIMIZER_FIELDS, "decay_steps", "steps", "compute_dtype")
     cfg_key = tuple((k, getattr(cfg, k)) for k in keys)
     return _step_functions(cfg_key, tuple(sorted(param_axes.items())))
 
