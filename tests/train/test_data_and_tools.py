@@ -138,3 +138,27 @@ def test_tokenizer_train_command(tmp_path, capsys):
         tokenizer_lib.main(
             ["train", "--data", str(empty), "--output", str(tmp_path / "x")]
         )
+
+
+def test_bfloat16_compute_binds_bf16_copies_of_float32_masters():
+    import jax.numpy as jnp
+    from penzai import pz
+
+    from recurrent_lm.models import griffin
+    from recurrent_lm.params import abstract_parameters
+    from recurrent_lm.train import loop
+
+    config = griffin.GriffinConfig.from_preset("tiny", vocab_size=32)
+    build = lambda key: griffin.build_model(config, key)
+    abstract = abstract_parameters(build)  # no initialiser runs: zeros will do
+    axes_by_label = {label: tuple(v.named_shape) for label, v in abstract.items()}
+    arrays = {
+        label: jnp.zeros(tuple(v.named_shape.values()), v.dtype)
+        for label, v in abstract.items()
+    }
+    skeleton = build(None)
+    bound = loop.bind_values(skeleton, axes_by_label, arrays, "bfloat16")
+    values = pz.select(bound).at_instances_of(pz.ParameterValue).get_sequence()
+    assert values and all(v.value.dtype == jnp.bfloat16 for v in values)
+    assert bound.config.param_dtype == "bfloat16"
+    assert all(a.dtype == jnp.float32 for a in arrays.values())  # masters untouched

