@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("evaluation, checkpoints, output")
     g.add_argument(
-        "--eval-interval", type=int, default=d.eval_interval, help="0: at the end only"
+        "--eval-interval",
+        type=int,
+        default=d.eval_interval,
+        help="evaluate every N steps and at the last step (0: never)",
     )
     g.add_argument("--eval-batches", type=int, default=d.eval_batches)
     g.add_argument("--checkpoint-dir")
