@@ -20,6 +20,7 @@ test: $(STAMP)
 benchmark: $(STAMP)
 	$(VENV)/bin/python benchmarks/scan_methods.py
 	$(VENV)/bin/python benchmarks/griffin_forward.py
+	$(VENV)/bin/python benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -32,3 +32,19 @@ def official_config(args, scan_type=None):
         lru_width=args.width,
         scan_type=scan_type or common.ScanType.AUTO,
     )
+
+
+def round_robin(candidates, rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each ``name -> fn()``, timed in turn for `rounds` rounds
+    (machine noise then hits every candidate alike)."""
+    import time
+
+    import jax
+
+    times = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return times

@@ -90,12 +90,7 @@ def main(argv=None):
         rel = np.abs(out - ref_out).max() / scale
         print(f"# {name}: max relative logit difference to {reference}: {rel:.2e}")
 
-    times = {name: [] for name in candidates}
-    for _ in range(args.rounds):  # round-robin: machine noise hits all alike
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - start)
+    times = common_args.round_robin(candidates, args.rounds)
 
     tokens = args.batch * args.seq
     ref_median = statistics.median(times[reference])

@@ -27,6 +27,7 @@ wkv            width of RWKV's WKV recurrence (``attention_hidden_size``)
 wkv_state      parts of a captured WKV state: numerator and denominator
                mantissas, and their shared log-scale (size 3)
 embedding_in   model width as the input of a square embedding -> embedding map
+lora_rank      rank of a LoRA adapter (`recurrent_lm.lora`)
 =============  ================================================================
 """
 
@@ -48,6 +49,7 @@ LAYERS = "layers"
 WKV = "wkv"
 WKV_STATE = "wkv_state"
 EMBEDDING_IN = "embedding_in"
+LORA_RANK = "lora_rank"
 
 TOKEN_AXES = (BATCH, SEQ)
 """Named axes of model inputs (token ids and segment positions)."""

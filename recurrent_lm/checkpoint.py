@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -70,14 +71,16 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 def load(
     path: str | os.PathLike,
     *,
-    sharding: jax.sharding.Sharding | None = None,
+    sharding: jax.sharding.Sharding | Callable[[tuple, tuple], jax.sharding.Sharding] | None = None,
     **build_kwargs,
 ):
     """Reads a directory written by `save`.
 
     Args:
       path: the directory.
-      sharding: where to place the arrays (default: first local device).
+      sharding: where to place the arrays (default: first local device); a
+        function ``(axis_names, shape) -> Sharding`` places each parameter by
+        its named axes (see `recurrent_lm.train.sharding.load_sharded`).
       **build_kwargs: passed to the architecture's ``build_model`` (e.g.
         ``scan_method``).
     """
@@ -92,8 +95,12 @@ def load(
     stored = metadata["parameters"]
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    place = sharding if callable(sharding) else (lambda names, shape: sharding)
     target = {
-        label: jax.ShapeDtypeStruct(tuple(info["shape"]), info["dtype"], sharding=sharding)
+        label: jax.ShapeDtypeStruct(
+            tuple(info["shape"]), info["dtype"],
+            sharding=place(tuple(info["axes"]), tuple(info["shape"])),
+        )
         for label, info in stored.items()
     }
     with ocp.StandardCheckpointer() as checkpointer:

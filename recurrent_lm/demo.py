@@ -1,19 +1,18 @@
-"""The main job: a small Griffin through the official checkpoint format and back.
+"""The main job: sample text from the bundled pretrained Griffin, and round-trip it
+through the official checkpoint format.
 
-    python -m recurrent_lm.demo [--prompt TEXT] [--output-dir DIR]
+    python -m recurrent_lm.demo [--prompt TEXT ...] [--max-new-tokens N] [--output-dir DIR]
 
-1. trains a small SentencePiece tokenizer on the bundled demo corpus (Gemma
-   special ids: pad 0, eos 1, bos 2, unk 3);
-2. builds a small random Griffin and writes it in the official RecurrentGemma
-   release layout (an orbax directory with the bare parameter tree, plus
-   ``tokenizer.model``);
-3. loads it back through `checkpoints_conversion.recurrentgemma` and checks
-   every parameter survived bit for bit;
-4. prints the model (treescope text rendering) and the top next tokens for
-   the prompt.
-
-The weights are random until the pretraining issue bundles a trained model, so
-the predicted tokens are arbitrary; the point is the full loading path.
+1. loads the small Griffin bundled with the package (``recurrent_lm/data/
+   pretrained/griffin-stdlib``: 1.1M parameters and a 2048-piece SentencePiece
+   tokenizer, pretrained with ``python -m recurrent_lm.train`` on the Python
+   standard library's docstrings; the exact command is in the README);
+2. prints the model (treescope text rendering) and samples a continuation of
+   each prompt with the compiled stateful decoder;
+3. writes the model in the official RecurrentGemma release layout (an orbax
+   directory with the bare parameter tree, plus ``tokenizer.model``), loads it
+   back through `checkpoints_conversion.recurrentgemma`, checks every parameter
+   survived bit for bit, and that the reloaded model predicts the same tokens.
 """
 
 from __future__ import annotations
@@ -21,29 +20,40 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import os
+import shutil
+import sys
 import tempfile
+import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import treescope
-from penzai import pz
 
 from checkpoints_conversion import recurrentgemma as rg_convert
+from recurrent_lm import checkpoint
 from recurrent_lm import params as params_lib
 from recurrent_lm import tokenizer as tokenizer_lib
-from recurrent_lm.models import griffin
+from recurrent_lm.sampling import generate
+
+BUNDLED_MODEL = "griffin-stdlib"
+DEFAULT_PROMPTS = ("Return a new list", "The socket module provides")
 
 
-def demo_config(vocab_size: int) -> griffin.GriffinConfig:
-    return griffin.GriffinConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        lru_width=64,
-        num_attention_heads=4,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        attention_window_size=16,
+def bundled_model_path() -> str:
+    """Directory of the bundled model (``recurrent_lm.save`` layout + tokenizer.model)."""
+    resource = (
+        importlib.resources.files("recurrent_lm")
+        / "data"
+        / "pretrained"
+        / BUNDLED_MODEL
+    )
+    return os.fspath(resource)
+
+
+def load_bundled():
+    """(model, tokenizer) pretrained on the standard library's docstrings."""
+    path = bundled_model_path()
+    return checkpoint.load(path), tokenizer_lib.Tokenizer.load(
+        os.path.join(path, "tokenizer.model")
     )
 
 
@@ -56,64 +66,128 @@ def write_official_checkpoint(model, directory: str) -> str:
     return path
 
 
-def run(prompt: str, output_dir: str, *, seed: int = 0, top_k: int = 5) -> dict:
-    corpus = importlib.resources.files("recurrent_lm") / "data" / "demo_corpus.txt"
-    with importlib.resources.as_file(corpus) as corpus_path:
-        tokenizer = tokenizer_lib.train(
-            [corpus_path], os.path.join(output_dir, "tokenizer"),
-            vocab_size=256, hard_vocab_limit=False,
-        )
+def sample(
+    model, tokenizer, prompts, *, max_new_tokens: int, temperature: float, seed: int
+):
+    encoded = [tokenizer.encode(p) for p in prompts]
+    out = generate(
+        model,
+        encoded,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=40 if temperature else None,
+        seed=seed,
+        eos_id=tokenizer.eos_id,
+    )
+    # Decode prompt and continuation together: SentencePiece drops the space
+    # that starts a piece sequence.
+    texts = [
+        tokenizer.decode(p + t)[len(tokenizer.decode(p)) :]
+        for p, t in zip(encoded, out.tokens)
+    ]
+    return texts, out.tokens
 
-    config = demo_config(tokenizer.vocab_size)
-    model = griffin.build_model(config, jax.random.key(seed))
+
+def run(
+    prompts,
+    output_dir: str,
+    *,
+    max_new_tokens: int = 40,
+    temperature: float = 0.7,
+    seed: int = 0,
+) -> dict:
+    start = time.perf_counter()
+    model, tokenizer = load_bundled()
+    config = model.config
+    print(f"bundled model {bundled_model_path()}:")
+    print(
+        f"  Griffin, width {config.hidden_size}, blocks {list(config.block_types)},"
+        f" {sum(v.data_array.size for v in params_lib.parameter_values(model).values()):,} parameters,"
+        f" tokenizer of {tokenizer.vocab_size} pieces"
+    )
+    print("\nmodel:")
+    with treescope.using_expansion_strategy(max_height=None, target_width=120):
+        print(treescope.render_to_text(model))
+
+    how = "greedy" if not temperature else f"temperature {temperature}, top-k 40"
+    print(f"\nsamples ({how}, {max_new_tokens} new tokens at most):")
+    texts, tokens = sample(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+    )
+    bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    for prompt, text in zip(prompts, texts):
+        print(f"  {prompt}{bold}{text}{plain}".replace("\n", "\n    "))
+
+    shutil.copyfile(
+        os.path.join(bundled_model_path(), "tokenizer.model"),
+        os.path.join(output_dir, "tokenizer.model"),
+    )
     path = write_official_checkpoint(model, output_dir)
-    print(f"wrote an official-layout RecurrentGemma checkpoint to {path}"
-          f" (tokenizer: {tokenizer.vocab_size} pieces, {output_dir}/tokenizer.model)")
-
     loaded = rg_convert.load_official_checkpoint(
         path, attention_window_size=config.attention_window_size
     )
-    before, after = params_lib.parameter_values(model), params_lib.parameter_values(loaded)
+    before, after = (
+        params_lib.parameter_values(model),
+        params_lib.parameter_values(loaded),
+    )
     exact = before.keys() == after.keys() and all(
-        np.array_equal(before[k].unwrap(*before[k].named_shape),
-                       after[k].unwrap(*before[k].named_shape))
+        np.array_equal(
+            before[k].unwrap(*before[k].named_shape),
+            after[k].unwrap(*before[k].named_shape),
+        )
         for k in before
     )
-    print(f"loaded it back through checkpoints_conversion: {len(after)} parameters,"
-          f" bit-exact: {exact}")
-    if not exact:
-        raise RuntimeError("the checkpoint round trip changed parameters")
-
-    print("\nmodel:")
-    with treescope.using_expansion_strategy(max_height=None, target_width=120):
-        print(treescope.render_to_text(loaded))
-
-    ids = tokenizer.encode(prompt)
-    tokens = pz.nx.wrap(jnp.asarray([ids], jnp.int32), "batch", "seq")
-    logits = loaded(tokens)
-    last = logits[{"batch": 0, "seq": -1}].unwrap("vocabulary")
-    probs = np.asarray(jax.nn.softmax(last))
-    top = np.argsort(-probs)[:top_k]
-    print(f"\nprompt: {prompt!r} -> {len(ids)} tokens {ids}")
-    print(f"top {top_k} next tokens (random weights, so arbitrary):")
-    for rank, token_id in enumerate(top, 1):
-        print(f"  {rank}. id {token_id:4d}  {tokenizer.id_to_piece(token_id)!r:16}  p={probs[token_id]:.4f}")
-    return {"checkpoint": path, "top_ids": [int(t) for t in top], "exact": exact}
+    _, reloaded_tokens = sample(
+        loaded,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+    )
+    same = reloaded_tokens == tokens
+    print(
+        f"\nwrote it in the official RecurrentGemma layout to {path} and loaded it back"
+        f" through checkpoints_conversion: {len(after)} parameters, bit-exact: {exact},"
+        f" same samples: {same}"
+    )
+    if not (exact and same):
+        raise RuntimeError("the checkpoint round trip changed the model")
+    print(f"({time.perf_counter() - start:.1f} s)")
+    return {"checkpoint": path, "samples": texts, "exact": exact, "same_samples": same}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recurrent_lm.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--prompt", default="The recurrent layer of Griffin")
-    parser.add_argument("--output-dir", help="where to write the checkpoint (default: a temporary directory)")
+    parser = argparse.ArgumentParser(
+        prog="python -m recurrent_lm.demo", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument(
+        "--output-dir",
+        help="where to write the official-layout checkpoint"
+        " (default: a temporary directory)",
+    )
     args = parser.parse_args(argv)
+    prompts = args.prompt or list(DEFAULT_PROMPTS)
+    options = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "seed": args.seed,
+    }
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
-        run(args.prompt, args.output_dir, seed=args.seed, top_k=args.top_k)
+        run(prompts, args.output_dir, **options)
     else:
         with tempfile.TemporaryDirectory() as directory:
-            run(args.prompt, directory, seed=args.seed, top_k=args.top_k)
+            run(prompts, directory, **options)
     return 0
 
 

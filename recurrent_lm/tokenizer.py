@@ -92,3 +92,44 @@ def train(
         **options,
     )
     return Tokenizer.load(f"{os.fspath(model_prefix)}.model")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m recurrent_lm.tokenizer train --data FILE ... --output PREFIX``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m recurrent_lm.tokenizer")
+    commands = parser.add_subparsers(dest="command", required=True)
+    cmd = commands.add_parser("train", help="train a SentencePiece model on text files")
+    cmd.add_argument("--data", action="append", required=True, metavar="PATH",
+                     help="text file or directory of .txt files (repeatable)")
+    cmd.add_argument("--output", required=True, metavar="PREFIX",
+                     help="writes PREFIX.model and PREFIX.vocab")
+    cmd.add_argument("--vocab-size", type=int, default=1024)
+    cmd.add_argument("--model-type", default="unigram", choices=("unigram", "bpe", "char", "word"))
+    cmd.add_argument("--exact-vocab-size", action="store_true",
+                     help="fail instead of shrinking the vocabulary when the text is too small")
+    args = parser.parse_args(argv)
+    files = []
+    for path in args.data:
+        if os.path.isdir(path):
+            files += sorted(
+                os.path.join(root, n) for root, _, names in os.walk(path) for n in names
+                if n.endswith(".txt")
+            )
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            parser.error(f"data path {path} does not exist.")
+    if not files or not any(os.path.getsize(f) for f in files):
+        parser.error(f"no text to train on in {args.data}.")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    tokenizer = train(files, args.output, vocab_size=args.vocab_size, model_type=args.model_type,
+                      hard_vocab_limit=args.exact_vocab_size)
+    print(f"wrote {args.output}.model ({tokenizer.vocab_size} pieces; pad {tokenizer.pad_id},"
+          f" eos {tokenizer.eos_id}, bos {tokenizer.bos_id}, unk {tokenizer.unk_id})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

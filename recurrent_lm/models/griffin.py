@@ -176,6 +176,11 @@ class GriffinConfig:
 
 
 PRESETS: dict[str, GriffinConfig] = {
+    # For tests and CPU experiments (the vocabulary follows the tokenizer in training).
+    "tiny": GriffinConfig(
+        vocab_size=256, hidden_size=64, lru_width=64, num_attention_heads=4,
+        intermediate_size=128, num_hidden_layers=3, attention_window_size=32,
+    ),
     "recurrentgemma-2b": GriffinConfig(
         vocab_size=256_000, hidden_size=2560, lru_width=2560, num_attention_heads=10,
         intermediate_size=7680, num_hidden_layers=26,

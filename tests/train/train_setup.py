@@ -1,0 +1,62 @@
+"""Training test helpers: a small corpus, settings, and the reference run record.
+
+Every in-process run uses the same optimiser settings, so the compiled step is
+shared (`loop._step_functions` is cached) and each test pays no compilation.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from recurrent_lm.train import loop
+
+STEPS = 6
+
+
+def write_corpus(path, documents: int = 120, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    words = [
+        "river",
+        "stone",
+        "the",
+        "a",
+        "flows",
+        "under",
+        "bridge",
+        "old",
+        "light",
+        "morning",
+        "cat",
+        "sleeps",
+        "on",
+        "warm",
+        "mat",
+        "and",
+        "slowly",
+        "green",
+    ]
+    docs = []
+    for _ in range(documents):
+        lines = [
+            " ".join(rng.choice(words, rng.integers(4, 12)))
+            for _ in range(rng.integers(1, 4))
+        ]
+        docs.append("\n".join(lines))
+    path.write_text("\n\n\n".join(docs))
+    return path
+
+
+@dataclasses.dataclass
+class Setup:
+    directory: object
+    corpus: str
+    tokenizer: str
+    config: loop.TrainConfig
+    reference: loop.TrainResult
+    reference_dir: str
+    model_dir: str
+
+    def config_for(self, name: str, **changes) -> loop.TrainConfig:
+        """The reference settings with a fresh checkpoint dir `name`."""
+        changes.setdefault("checkpoint_dir", str(self.directory / name))
+        return dataclasses.replace(self.config, **changes)
