@@ -175,8 +175,14 @@ class GemmaConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> GemmaConfig:
+        """A preset with fields replaced; ``vocab_size`` (the name every other
+        architecture uses, and the training CLI sets) means ``vocabulary_size``."""
         if name not in PRESETS:
             raise ValueError(f"unknown Gemma preset {name!r}; presets: {sorted(PRESETS)}.")
+        if "vocab_size" in overrides:
+            if "vocabulary_size" in overrides:
+                raise ValueError("give vocab_size or vocabulary_size, not both.")
+            overrides["vocabulary_size"] = overrides.pop("vocab_size")
         return dataclasses.replace(PRESETS[name], **overrides)
 
 
