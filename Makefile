@@ -15,7 +15,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m recurrent_lm.demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 benchmark: $(STAMP)
 	$(VENV)/bin/python benchmarks/scan_methods.py

@@ -37,11 +37,11 @@ from penzai import pz
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.griffin_decode import timed  # noqa: E402
-from checkpoints_conversion import gemma as convert  # noqa: E402
-from recurrent_lm.models import base, gemma, griffin  # noqa: E402
-from recurrent_lm.params import abstract_parameters, parameter_values  # noqa: E402
-from recurrent_lm.sampling import functional, to_sampling_mode  # noqa: E402
+from benchmarks.griffin_decode import timed
+from checkpoints_conversion import gemma as convert
+from recurrent_lm.models import base, gemma, griffin
+from recurrent_lm.params import abstract_parameters, parameter_values
+from recurrent_lm.sampling import functional, to_sampling_mode
 
 
 def official_tree(config: gemma.GemmaConfig, seed: int = 0) -> dict:

@@ -31,12 +31,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import recurrentgemma.jax as rg  # noqa: E402
-from recurrentgemma import common  # noqa: E402
+import recurrentgemma.jax as rg
+from recurrentgemma import common
 
-from benchmarks import common as common_args  # noqa: E402
-from checkpoints_conversion import recurrentgemma as convert  # noqa: E402
-from recurrent_lm.sampling import decode  # noqa: E402
+from benchmarks import common as common_args
+from checkpoints_conversion import recurrentgemma as convert
+from recurrent_lm.sampling import decode
 
 
 class _Vocab:

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from penzai import pz  # noqa: E402
+from penzai import pz
 
-from recurrent_lm.layers import recurrence  # noqa: E402
+from recurrent_lm.layers import recurrence
 
 
 def make_scan(method, chunk_size, grad):

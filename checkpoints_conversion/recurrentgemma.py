@@ -39,7 +39,12 @@ from checkpoints_conversion.common import (
 )
 from recurrent_lm import axes
 from recurrent_lm.models import griffin
-from recurrent_lm.params import CheckpointMismatchError, abstract_parameters, bind_parameters, parameter_values
+from recurrent_lm.params import (
+    CheckpointMismatchError,
+    abstract_parameters,
+    bind_parameters,
+    parameter_values,
+)
 
 E, V, L, M = axes.EMBEDDING, axes.VOCABULARY, axes.LRU, axes.MLP
 H, KV, P = axes.HEADS, axes.KV_HEADS, axes.PROJECTION

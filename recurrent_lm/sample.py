@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from recurrent_lm import checkpoint, tokenizer as tokenizer_lib
+from recurrent_lm import checkpoint
+from recurrent_lm import tokenizer as tokenizer_lib
 from recurrent_lm.sampling import generate, stream
 
 

@@ -1,7 +1,6 @@
 """Fixtures; helpers live in `griffin_cases` (this directory is on sys.path)."""
 
 import pytest
-
 from griffin_cases import CASES, OfficialCase
 
 

@@ -1,7 +1,6 @@
 """The SentencePiece wrapper, on a tokenizer trained here with the Gemma special ids."""
 
 import pytest
-
 from corpora import train_tokenizer
 
 from recurrent_lm import tokenizer as tokenizer_lib

@@ -12,7 +12,11 @@ from recurrent_lm.layers.embeddings import bfloat16_sqrt, embedding_table
 from recurrent_lm.layers.linear import BlockDiagonalLinear, dense
 from recurrent_lm.layers.mlp import MLP, GatedMLP, gelu_tanh
 from recurrent_lm.layers.norms import LayerNorm, RMSNorm
-from recurrent_lm.layers.positions import default_segment_pos, document_starts, segment_ids
+from recurrent_lm.layers.positions import (
+    default_segment_pos,
+    document_starts,
+    segment_ids,
+)
 from recurrent_lm.layers.recurrence import (
     SCAN_METHODS,
     default_scan_method,
@@ -24,18 +28,18 @@ from recurrent_lm.layers.rope import RotaryEmbedding, apply_rope
 from recurrent_lm.layers.ssm import DiagonalSSM, ShiftSSM
 
 __all__ = [
+    "MLP",
+    "RGLRU",
+    "SCAN_METHODS",
     "Attention",
     "BlockDiagonalLinear",
     "CausalConv1D",
     "DiagonalSSM",
     "GatedMLP",
     "LayerNorm",
-    "MLP",
-    "RGLRU",
     "RMSNorm",
     "ResidualBlock",
     "RotaryEmbedding",
-    "SCAN_METHODS",
     "ShiftSSM",
     "apply_rope",
     "attend",

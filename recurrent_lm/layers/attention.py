@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import linear, positions, rope as rope_lib, sites
+from recurrent_lm.layers import linear, positions, sites
+from recurrent_lm.layers import rope as rope_lib
 
 # Finite fill for masked logits (the official Griffin value): a fully masked row
 # becomes uniform instead of NaN.

@@ -59,6 +59,22 @@ def check_segment_pos(segment_pos, tokens) -> None:
         )
 
 
+class ConfigDict:
+    """``to_dict`` / ``from_dict`` for an architecture's config dataclass (what
+    `recurrent_lm.save` writes as JSON); unknown fields are refused by name."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}.")
+        return cls(**values)
+
+
 @pz.pytree_dataclass
 class DecoderLM(pz.nn.Layer):
     """A decoder-only language model: embed, residual blocks, norm, head.

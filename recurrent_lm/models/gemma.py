@@ -17,7 +17,6 @@ the embedding scale ``sqrt(D)`` rounded to the activation dtype.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +38,7 @@ ROPE_MAX_WAVELENGTH = 10_000.0
 
 
 @dataclasses.dataclass(frozen=True)
-class GemmaConfig:
+class GemmaConfig(base.ConfigDict):
     """Gemma hyper-parameters, with the argument names of Keras' `GemmaBackbone`.
 
     Attributes:
@@ -161,17 +160,6 @@ class GemmaConfig:
     def is_sliding(self, layer: int) -> bool:
         """Whether `layer` uses the sliding window (even layers, as released)."""
         return self.use_sliding_window_attention and layer % 2 == 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> GemmaConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown GemmaConfig fields {unknown}; known: {sorted(known)}.")
-        return cls(**values)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> GemmaConfig:

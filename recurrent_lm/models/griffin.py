@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,18 +19,20 @@ from penzai import pz
 
 from recurrent_lm import axes
 from recurrent_lm.layers import (
+    RGLRU,
     Attention,
     CausalConv1D,
     GatedMLP,
-    RGLRU,
-    RMSNorm,
     ResidualBlock,
+    RMSNorm,
     bfloat16_sqrt,
     dense,
     embedding_table,
     gelu_tanh,
+    recurrence,
+    rope,
+    stateful,
 )
-from recurrent_lm.layers import recurrence, rope, stateful
 from recurrent_lm.models import base
 
 RECURRENT = "recurrent"
@@ -47,7 +48,7 @@ def griffin_pattern(num_layers: int) -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class GriffinConfig:
+class GriffinConfig(base.ConfigDict):
     """Griffin hyper-parameters, with the field names of HF's RecurrentGemmaConfig.
 
     Attributes:
@@ -154,17 +155,6 @@ class GriffinConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> GriffinConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown GriffinConfig fields {unknown}; known: {sorted(known)}.")
-        return cls(**values)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> GriffinConfig:

@@ -51,7 +51,7 @@ SSM_MEASURES = ("diag-lin", "diag-inv")
 
 
 @dataclasses.dataclass(frozen=True)
-class H3Config:
+class H3Config(base.ConfigDict):
     """H3 hyper-parameters, with the field names of the HF port's H3Config.
 
     Attributes:
@@ -209,19 +209,9 @@ class H3Config:
         return self.hidden_size // self.num_attention_heads
 
     def to_dict(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
+        values = super().to_dict()
         values["attn_layer_idx"] = list(self.attn_layer_idx)
         return values
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> H3Config:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown H3Config fields {unknown}; known: {sorted(known)}."
-            )
-        return cls(**values)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> H3Config:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +46,7 @@ EMBEDDING_INIT = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
-class RwkvConfig:
+class RwkvConfig(base.ConfigDict):
     """RWKV-4 hyper-parameters, with the field names of HF's RwkvConfig.
 
     Attributes:
@@ -139,19 +138,6 @@ class RwkvConfig:
             )
         if errors:
             raise ValueError("invalid RwkvConfig: " + "; ".join(errors) + ".")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RwkvConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown RwkvConfig fields {unknown}; known: {sorted(known)}."
-            )
-        return cls(**values)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> RwkvConfig:

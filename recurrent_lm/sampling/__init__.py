@@ -9,7 +9,12 @@
 """
 
 from recurrent_lm.sampling.decode import GenerationOutput, generate, stream
-from recurrent_lm.sampling.mode import SamplingLM, functional, to_sampling_mode, to_stateless
+from recurrent_lm.sampling.mode import (
+    SamplingLM,
+    functional,
+    to_sampling_mode,
+    to_stateless,
+)
 
 __all__ = [
     "GenerationOutput",

@@ -5,11 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from griffin_cases import (
+    CASES,
+    case_inputs,
+    max_relative_error,
+    named_tokens,
+    official_apply,
+    official_params,
+)
 
 import recurrent_lm
 from checkpoints_conversion import recurrentgemma as convert
 from checkpoints_conversion.common import flatten, unflatten
-from griffin_cases import CASES, case_inputs, max_relative_error, named_tokens, official_apply, official_params
 from recurrent_lm.models import base
 from recurrent_lm.params import CheckpointMismatchError, parameter_values
 

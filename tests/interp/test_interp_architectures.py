@@ -10,7 +10,6 @@ from penzai import pz
 from recurrent_lm import interp
 from recurrent_lm.models import base, gemma, griffin, h3, rwkv
 
-
 SEQ = 8
 STATE_PATCH_AT = 3
 

@@ -7,9 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from penzai import pz
-
-from checkpoints_conversion import recurrentgemma as convert
 from griffin_cases import (
     CASES,
     case_inputs,
@@ -18,6 +15,9 @@ from griffin_cases import (
     official_apply,
     official_params,
 )
+from penzai import pz
+
+from checkpoints_conversion import recurrentgemma as convert
 from recurrent_lm import interp
 from recurrent_lm.layers import RGLRU, recurrence
 from recurrent_lm.models import base, griffin

@@ -6,12 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from corpora import train_tokenizer
+from griffin_cases import OfficialCase, official_params
 
 from checkpoints_conversion import recurrentgemma as convert
-from griffin_cases import OfficialCase, official_params
-from corpora import train_tokenizer
-from recurrent_lm.sampling import generate, stream, to_sampling_mode
-from recurrent_lm.sampling import strategies
+from recurrent_lm.sampling import generate, strategies, stream, to_sampling_mode
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import io
 
 import jax
 import pytest
+from corpora import train_tokenizer
 
 import recurrent_lm
-from corpora import train_tokenizer
 from recurrent_lm import sample
 from recurrent_lm.models import griffin
 from recurrent_lm.sampling import generate

@@ -6,11 +6,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from griffin_cases import (
+    CASES,
+    case_inputs,
+    max_relative_error,
+    named_tokens,
+    official_params,
+)
 from penzai import pz
 
 from checkpoints_conversion import recurrentgemma as convert
-from griffin_cases import CASES, case_inputs, max_relative_error, named_tokens, official_params
-from recurrent_lm.layers import Attention, RGLRU, stateful
+from recurrent_lm.layers import RGLRU, Attention, stateful
 from recurrent_lm.models import griffin
 from recurrent_lm.sampling import SamplingLM, functional, to_sampling_mode, to_stateless
 
