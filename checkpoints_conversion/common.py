@@ -11,6 +11,7 @@ lists every missing, unexpected or mis-shaped leaf.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -179,3 +180,19 @@ def restore_orbax_tree(path: str, sharding: jax.sharding.Sharding | None = None)
         lambda _: ocp.ArrayRestoreArgs(restore_type=jax.Array, sharding=sharding), tree
     )
     return checkpointer.restore(path, restore_args=restore_args)
+
+
+def convert_parser(
+    module: str, description: str, *, source: str, source_help: str
+) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The ``python -m checkpoints_conversion.<module> convert SRC DST`` command
+    line every converter has: returns (parser, the ``convert`` sub-parser, to
+    which the converter adds its format's flags)."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m checkpoints_conversion.{module}", description=description
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    convert = sub.add_parser("convert", help=f"{source} -> recurrent_lm.save directory")
+    convert.add_argument("src", help=source_help)
+    convert.add_argument("dst", help="output directory (must not exist)")
+    return parser, convert

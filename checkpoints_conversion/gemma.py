@@ -27,7 +27,6 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
 import sys
@@ -42,6 +41,7 @@ from checkpoints_conversion.common import (
     LeafLayout,
     check_leaves,
     convert_leaves,
+    convert_parser,
     flatten,
     restore_orbax_tree,
     unflatten,
@@ -331,14 +331,12 @@ def _overrides_from_args(args) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m checkpoints_conversion.gemma",
-        description="Convert an official Gemma / Gemma 2 Flax checkpoint to recurrent_lm's format.",
+    parser, convert = convert_parser(
+        "gemma",
+        "Convert an official Gemma / Gemma 2 Flax checkpoint to recurrent_lm's format.",
+        source="official orbax directory",
+        source_help="official checkpoint directory",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    convert = sub.add_parser("convert", help="official orbax directory -> recurrent_lm.save directory")
-    convert.add_argument("src", help="official checkpoint directory")
-    convert.add_argument("dst", help="output directory (must not exist)")
     convert.add_argument("--sliding-window-size", type=int)
     convert.add_argument("--attention-logit-soft-cap", type=float)
     convert.add_argument("--final-logit-soft-cap", type=float)

@@ -22,7 +22,6 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -33,7 +32,13 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from checkpoints_conversion.common import Dim, LeafLayout, check_leaves, convert_leaves
+from checkpoints_conversion.common import (
+    Dim,
+    LeafLayout,
+    check_leaves,
+    convert_leaves,
+    convert_parser,
+)
 from recurrent_lm import axes
 from recurrent_lm.models import h3
 from recurrent_lm.params import (
@@ -472,16 +477,12 @@ def save_checkpoint(model, path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m checkpoints_conversion.h3",
-        description="Convert a released H3 checkpoint to recurrent_lm's format.",
+    parser, convert = convert_parser(
+        "h3",
+        "Convert a released H3 checkpoint to recurrent_lm's format.",
+        source="model.pt / .safetensors",
+        source_help="released weights file",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    convert = sub.add_parser(
-        "convert", help="model.pt / .safetensors -> recurrent_lm.save directory"
-    )
-    convert.add_argument("src", help="released weights file")
-    convert.add_argument("dst", help="output directory (must not exist)")
     group = convert.add_mutually_exclusive_group(required=True)
     group.add_argument("--preset", choices=sorted(h3.PRESETS))
     group.add_argument("--config", help="JSON file: original config or H3Config fields")

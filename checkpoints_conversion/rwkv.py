@@ -19,7 +19,6 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -30,7 +29,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from checkpoints_conversion.common import LeafLayout, check_leaves, convert_leaves
+from checkpoints_conversion.common import (
+    LeafLayout,
+    check_leaves,
+    convert_leaves,
+    convert_parser,
+)
 from recurrent_lm import axes
 from recurrent_lm.models import rwkv
 from recurrent_lm.params import (
@@ -498,18 +502,12 @@ def load_checkpoint(path: str | os.PathLike, **kwargs):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m checkpoints_conversion.rwkv",
-        description="Convert an RWKV-4 checkpoint (HF directory or BlinkDL .pth) to recurrent_lm's format.",
+    parser, convert = convert_parser(
+        "rwkv",
+        "Convert an RWKV-4 checkpoint (HF directory or BlinkDL .pth) to recurrent_lm's format.",
+        source="HF directory or .pth",
+        source_help="HF checkpoint directory, or a BlinkDL .pth / .safetensors file",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    convert = sub.add_parser(
-        "convert", help="HF directory or .pth -> recurrent_lm.save directory"
-    )
-    convert.add_argument(
-        "src", help="HF checkpoint directory, or a BlinkDL .pth / .safetensors file"
-    )
-    convert.add_argument("dst", help="output directory (must not exist)")
     convert.add_argument("--param-dtype", choices=rwkv.PARAM_DTYPES)
     args = parser.parse_args(argv)
 
