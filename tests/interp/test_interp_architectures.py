@@ -61,14 +61,29 @@ ARCHITECTURES = {
 }
 
 
+RECURRENT = sorted(name for name, (_, state_site, _) in ARCHITECTURES.items() if state_site)
+_BUILT = {}
+
+
+def _setup(name):
+    """(model, tokens, clean run, state site, lag), built once per architecture."""
+    if name not in _BUILT:
+        build, state_site, lag = ARCHITECTURES[name]
+        model = build()
+        ids = jax.random.randint(jax.random.key(1), (2, SEQ), 0, 53)
+        tokens = pz.nx.wrap(ids, "batch", "seq")
+        _BUILT[name] = (model, tokens, interp.run_with_cache(model, tokens), state_site, lag)
+    return _BUILT[name]
+
+
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
 def setup(request):
-    build, state_site, lag = ARCHITECTURES[request.param]
-    model = build()
-    ids = jax.random.randint(jax.random.key(1), (2, SEQ), 0, 53)
-    tokens = pz.nx.wrap(ids, "batch", "seq")
-    clean = interp.run_with_cache(model, tokens)
-    return model, tokens, clean, state_site, lag
+    return _setup(request.param)
+
+
+@pytest.fixture(scope="module", params=RECURRENT)
+def recurrent_setup(request):
+    return _setup(request.param)
 
 
 def logits_array(x):
@@ -96,10 +111,8 @@ def test_writing_back_is_exact(setup):
         np.testing.assert_array_equal(logits_array(patched(tokens)), logits_array(logits))
 
 
-def test_state_patch_changes_only_later_outputs(setup):
-    model, tokens, (logits, cache), state_site, lag = setup
-    if state_site is None:
-        pytest.skip("no recurrent state (attention only)")
+def test_state_patch_changes_only_later_outputs(recurrent_setup):
+    model, tokens, (logits, cache), state_site, lag = recurrent_setup
     value = cache[state_site] * 0.0 + 0.5
     patched = interp.patch(model, {state_site: interp.Replace(value, positions=[STATE_PATCH_AT])})
     delta = np.abs(logits_array(patched(tokens)) - logits_array(logits)).max(axis=(0, 2))
