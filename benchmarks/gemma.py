@@ -39,7 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.griffin_decode import timed
 from checkpoints_conversion import gemma as convert
-from recurrent_lm.models import base, gemma, griffin
+import recurrent_lm
+from recurrent_lm.models import gemma, griffin
 from recurrent_lm.params import abstract_parameters, parameter_values
 from recurrent_lm.sampling import functional, to_sampling_mode
 
@@ -181,7 +182,7 @@ def compare_with_penzai(args, rng):
           f" window {args.window}; {param_count(ours) / 1e6:.1f}M parameters, float32")
 
     ids = jnp.asarray(rng.integers(0, args.vocab, (1, args.seq)), jnp.int32)
-    forwards = {"recurrent_lm": base.jit_forward(ours), "penzai": penzai_forward(theirs)}
+    forwards = {"recurrent_lm": recurrent_lm.jit_forward(ours), "penzai": penzai_forward(theirs)}
     results = {name: timed(lambda forward=forward: forward(ids)) for name, forward in forwards.items()}
     medians = round_robin({name: lambda f=f: f(ids) for name, f in forwards.items()}, args.repeats)
     results = {name: (logits, first, medians[name]) for name, (logits, first) in results.items()}

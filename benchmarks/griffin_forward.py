@@ -31,7 +31,7 @@ from recurrentgemma import common
 from benchmarks import common as common_args
 from checkpoints_conversion import recurrentgemma as convert
 from recurrent_lm.layers import recurrence
-from recurrent_lm.models import base
+import recurrent_lm
 
 
 def official_forward(config, scan_type):
@@ -72,7 +72,7 @@ def main(argv=None):
         model = convert.from_official_params(
             params, attention_window_size=args.window, scan_method=method
         )
-        forward = base.jit_forward(model)
+        forward = recurrent_lm.jit_forward(model)
         candidates[f"recurrent_lm ({method})"] = lambda f=forward: f(ids, pos)
     official_kinds = [("ASSOCIATIVE_NATIVE", common.ScanType.ASSOCIATIVE_NATIVE)]
     if not args.skip_official_linear:

@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.griffin_decode import Ours, copy_bandwidth, read_bandwidth, timed
 from checkpoints_conversion import rwkv as convert
-from recurrent_lm.models import base, rwkv
+import recurrent_lm
+from recurrent_lm.models import rwkv
 
 
 def hf_model(config: rwkv.RwkvConfig):
@@ -76,7 +77,7 @@ def main(argv=None):
     model = convert.from_hf_state_dict(state_dict, config)
     rng = np.random.default_rng(0)
     ids = rng.integers(1, args.vocab, (1, args.seq)).astype(np.int32)
-    forward = base.jit_forward(model)
+    forward = recurrent_lm.jit_forward(model)
     torch_ids = torch.from_numpy(ids.astype(np.int64))
 
     def hf_forward():

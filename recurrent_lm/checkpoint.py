@@ -16,7 +16,7 @@ from typing import Any
 import jax
 from penzai import pz
 
-from recurrent_lm import models
+from recurrent_lm.core import registry
 from recurrent_lm.params import abstract_parameters, bind_parameters, parameter_values
 
 FORMAT_VERSION = 1
@@ -31,11 +31,11 @@ def save(model, path: str | os.PathLike) -> None:
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path):
         raise FileExistsError(f"{path} already exists; choose a new directory.")
-    model_type = models.model_type_of(model.config)
+    architecture = registry.of_config(model.config)
     values = parameter_values(model)
     metadata = {
         "format_version": FORMAT_VERSION,
-        "model_type": model_type.name,
+        "model_type": architecture.name,
         "config": model.config.to_dict(),
         "parameters": {
             label: {"axes": list(v.named_shape), "shape": list(v.named_shape.values()),
@@ -88,9 +88,9 @@ def load(
 
     path = os.path.abspath(os.fspath(path))
     metadata = read_metadata(path)
-    model_type = models.get_model_type(metadata["model_type"])
-    config = model_type.config_class.from_dict(metadata["config"])
-    build = lambda key: model_type.build_model(config, key, **build_kwargs)
+    architecture = registry.get(metadata["model_type"])
+    config = architecture.config_class.from_dict(metadata["config"])
+    build = lambda key: architecture.build_model(config, key, **build_kwargs)
     expected = abstract_parameters(build)
     stored = metadata["parameters"]
     if sharding is None:

@@ -57,7 +57,8 @@ import numpy as np
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import positions, sites
+from recurrent_lm.core import sites
+from recurrent_lm.core.context import DocumentContext, default_segment_pos
 
 # Position index that matches no position (activation-patching sweeps).
 _NO_POSITION = 2**30
@@ -169,8 +170,10 @@ def logit_lens(model, tokens, *, segment_pos=None) -> pz.nx.NamedArray:
     embeddings and after every block: {"layers", "batch", "seq", "vocabulary"}
     ("layers" = num blocks + 1; the last entry equals the model's logits)."""
     _, stream = residual_stream(model, tokens, segment_pos=segment_pos, include_embeddings=True)
-    side = {} if segment_pos is None else {"segment_pos": segment_pos}
-    return model.head(model.final_norm(stream, **side), **side)
+    context = DocumentContext.build(
+        default_segment_pos(tokens) if segment_pos is None else segment_pos
+    )
+    return model.head(model.final_norm(stream, context=context), context=context)
 
 
 # ----------------------------------------------------------------------------- interventions
@@ -420,7 +423,7 @@ def activation_patching(
     )
     index = {name: i for i, name in enumerate(site_list)}
     if segment_pos is None:
-        segment_pos = positions.default_segment_pos(clean_tokens)
+        segment_pos = default_segment_pos(clean_tokens)
 
     def run_all(frozen, tokens, segment_pos):
         def one(pair):

@@ -15,6 +15,8 @@ from typing import Any
 import jax
 from penzai import pz
 
+from recurrent_lm.core.model import DecoderLM
+
 
 class CheckpointMismatchError(ValueError):
     """Parameters missing, unexpected or mis-shaped; the message lists each."""
@@ -141,8 +143,6 @@ def cast_parameters(model, dtype):
         .at_instances_of(pz.Parameter | pz.ParameterValue)
         .apply(lambda p: replacements[id(p)])
     )
-    from recurrent_lm.models.base import DecoderLM  # models build on this module
-
     if isinstance(model, DecoderLM):
         config = dataclasses.replace(model.config, param_dtype=jnp.dtype(dtype).name)
         model = dataclasses.replace(model, config=config)

@@ -1,22 +1,22 @@
 """Shared named-axis building blocks (axis vocabulary: `recurrent_lm.axes`).
 
-One concept per module: the linear-recurrence primitive (`recurrence`), segment
-positions (`positions`), norms, linear and block-diagonal layers, causal
-convolution, RG-LRU, rotary embeddings, attention, gated MLP, embeddings and
-the residual block, and H3's state-space layers (`ssm`). Each layer's docstring states its named axes in and out.
+One concept per module: the linear-recurrence primitive (`recurrence`), the
+document-aware causal filter (`causal_filter`: conv, shift SSM, token shift),
+norms, linear and block-diagonal layers, causal convolution, RG-LRU, rotary
+embeddings, attention and its KV cache, gated MLP, embeddings and the residual
+block, H3's state-space layers (`ssm`), RWKV's time and channel mixes (`wkv`,
+`channel_mix`). Each layer's docstring states its named axes in and out;
+temporal layers implement `recurrent_lm.core.state.StatefulLayer`. This package
+imports no architecture.
 """
 
-from recurrent_lm.layers.attention import Attention, attend, causal_mask
-from recurrent_lm.layers.conv import CausalConv1D, causal_conv_1d
+from recurrent_lm.layers.attention import Attention, KVCache, attend, causal_mask
+from recurrent_lm.layers.causal_filter import causal_filter, token_shift
+from recurrent_lm.layers.conv import CausalConv1D
 from recurrent_lm.layers.embeddings import bfloat16_sqrt, embedding_table
 from recurrent_lm.layers.linear import BlockDiagonalLinear, dense
 from recurrent_lm.layers.mlp import MLP, GatedMLP, gelu_tanh
 from recurrent_lm.layers.norms import LayerNorm, RMSNorm
-from recurrent_lm.layers.positions import (
-    default_segment_pos,
-    document_starts,
-    segment_ids,
-)
 from recurrent_lm.layers.recurrence import (
     SCAN_METHODS,
     default_scan_method,
@@ -32,6 +32,7 @@ __all__ = [
     "RGLRU",
     "SCAN_METHODS",
     "Attention",
+    "KVCache",
     "BlockDiagonalLinear",
     "CausalConv1D",
     "DiagonalSSM",
@@ -44,14 +45,12 @@ __all__ = [
     "apply_rope",
     "attend",
     "bfloat16_sqrt",
-    "causal_conv_1d",
+    "causal_filter",
     "causal_mask",
     "default_scan_method",
-    "default_segment_pos",
     "dense",
-    "document_starts",
     "embedding_table",
     "gelu_tanh",
     "linear_scan",
-    "segment_ids",
+    "token_shift",
 ]

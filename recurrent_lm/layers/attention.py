@@ -9,7 +9,10 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import linear, positions, sites
+from recurrent_lm.core import sites
+from recurrent_lm.core.context import DocumentContext
+from recurrent_lm.core.state import StatefulLayer
+from recurrent_lm.layers import linear
 from recurrent_lm.layers import rope as rope_lib
 
 # Finite fill for masked logits (the official Griffin value): a fully masked row
@@ -92,22 +95,80 @@ def to_kv_seq(x: pz.nx.NamedArray) -> pz.nx.NamedArray:
     return x.untag(axes.SEQ).tag(axes.KV_SEQ)
 
 
-def causal_mask(
-    segment_pos: pz.nx.NamedArray, window_size: int | None
-) -> pz.nx.NamedArray:
-    """Boolean {"batch", "seq", "kv_seq"} mask of the full-sequence pass
+def causal_mask(context: DocumentContext, window_size: int | None) -> pz.nx.NamedArray:
+    """Boolean {"batch", "seq", "kv_seq"} mask of one call over its own tokens
     (see `attention_mask`)."""
-    ids = positions.segment_ids(segment_pos)
-    index = pz.nx.arange(axes.SEQ, segment_pos.named_shape[axes.SEQ])
-    return attention_mask(index, ids, to_kv_seq(index), to_kv_seq(ids), window_size)
+    index, document = context.stream_pos, context.document_id
+    return attention_mask(index, document, to_kv_seq(index), to_kv_seq(document), window_size)
 
 
 @pz.pytree_dataclass
-class Attention(pz.nn.Layer):
+class KVCache(pz.Struct):
+    """Keys and values of the last `slots` tokens, in a ring buffer.
+
+    Slot ``i % slots`` holds token ``i`` of the stream. Keys are stored after
+    RoPE. ``index`` is the stream index of each slot's token (-1: empty);
+    ``document`` its document id.
+
+    Named axes: keys, values {"batch", "kv_heads", "projection", "kv_seq"};
+    index, document {"batch", "kv_seq"}. "kv_seq" is stored last: a one-token
+    write is then an in-place update and attention reads the keys without a
+    transposed copy (measured on XLA:CPU decoding).
+    """
+
+    keys: pz.nx.NamedArray
+    values: pz.nx.NamedArray
+    index: pz.nx.NamedArray
+    document: pz.nx.NamedArray
+
+    @classmethod
+    def empty(cls, batch_size: int, slots: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
+        kv_shape = {axes.BATCH: batch_size, axes.KV_HEADS: kv_heads, axes.PROJECTION: head_dim,
+                    axes.KV_SEQ: slots}
+        slot_shape = {axes.BATCH: batch_size, axes.KV_SEQ: slots}
+        return cls(
+            keys=pz.nx.zeros(kv_shape, dtype),
+            values=pz.nx.zeros(kv_shape, dtype),
+            index=pz.nx.full(slot_shape, -1, jnp.int32),
+            document=pz.nx.zeros(slot_shape, jnp.int32),
+        )
+
+    @property
+    def slots(self) -> int:
+        return self.index.named_shape[axes.KV_SEQ]
+
+    def write(self, keys, values, index, document) -> KVCache:
+        """Stores new tokens ({"kv_seq": T} each) at slots ``index % slots``."""
+        slots = self.slots
+        steps = index.named_shape[axes.KV_SEQ]
+        if steps > slots:  # only the last `slots` tokens survive
+            keep = {axes.KV_SEQ: pz.slice[steps - slots :]}
+            keys, values, index, document = (t[keep] for t in (keys, values, index, document))
+
+        def put(buffer, new, idx):
+            return buffer.at[idx % slots].set(new.astype(buffer.dtype))
+
+        def scatter(buffer, new):
+            return pz.nx.nmap(put)(buffer.untag(axes.KV_SEQ), new.untag(axes.KV_SEQ),
+                                   index.untag(axes.KV_SEQ)).tag(axes.KV_SEQ)
+
+        return KVCache(
+            keys=scatter(self.keys, keys),
+            values=scatter(self.values, values),
+            index=scatter(self.index, index),
+            document=scatter(self.document, document),
+        )
+
+
+@pz.pytree_dataclass
+class Attention(StatefulLayer):
     """Causal self-attention with rotary positions and an optional window.
 
     Named axes: in {..., "seq", "embedding"} -> out {..., "seq", "embedding"}.
-    Side input: ``segment_pos`` {"batch", "seq"} (document cuts, RoPE positions).
+    Side input: ``context`` (document cuts, RoPE positions, stream positions).
+    State: a `KVCache`: a ring buffer of the window (W + 1 slots: the W
+    previous tokens and the current one) for local attention, or
+    ``max_length`` slots for global attention (the whole stream).
     Sublayers: ``query`` {"embedding"} -> {"heads", "projection"}; ``key``,
     ``value`` {"embedding"} -> {"kv_heads", "projection"}; ``output``
     {"heads", "projection"} -> {"embedding"}; ``rope`` (or None).
@@ -181,7 +242,20 @@ class Attention(pz.nn.Layer):
         projection = pz.select(self.key).at_instances_of(pz.nn.Linear).get()
         return projection.output_axes, projection.weights.value.dtype
 
-    def project(self, x: pz.nx.NamedArray, segment_pos: pz.nx.NamedArray):
+    def initial_state(self, batch_size: int, max_length: int | None = None) -> KVCache:
+        if self.window_size is not None:
+            slots = self.window_size + 1
+        elif max_length is not None:
+            slots = max_length
+        else:
+            raise ValueError(
+                "the model has global attention layers, whose cache holds the whole"
+                " stream: pass max_length to to_sampling_mode."
+            )
+        kv_axes, dtype = self.key_spec()
+        return KVCache.empty(batch_size, slots, kv_axes[axes.KV_HEADS], kv_axes[axes.PROJECTION], dtype)
+
+    def project(self, x: pz.nx.NamedArray, context: DocumentContext):
         """Queries, keys and values of `x`, with RoPE applied to q and k.
 
         Returns q {..., "seq", "heads", "projection"} and k, v
@@ -189,8 +263,8 @@ class Attention(pz.nn.Layer):
         """
         q, k, v = self.query(x), self.key(x), self.value(x)
         if self.rope is not None:
-            q = self.rope(q, segment_pos=segment_pos)
-            k = self.rope(k, segment_pos=segment_pos)
+            q = self.rope(q, context=context)
+            k = self.rope(k, context=context)
         return q, k, v
 
     def attend(self, q, k, v, mask) -> pz.nx.NamedArray:
@@ -215,9 +289,22 @@ class Attention(pz.nn.Layer):
         ).tag(axes.SEQ, axes.HEADS, axes.PROJECTION)
         return self.output(self.head_outputs(encoded))
 
-    def __call__(
-        self, x: pz.nx.NamedArray, *, segment_pos=None, **_unused_side_inputs
-    ) -> pz.nx.NamedArray:
-        segment_pos = positions.require_segment_pos(segment_pos, "Attention")
-        q, k, v = self.project(x, segment_pos)
-        return self.attend(q, to_kv_seq(k), to_kv_seq(v), causal_mask(segment_pos, self.window_size))
+    def forward(self, x, context: DocumentContext, cache: KVCache) -> tuple[pz.nx.NamedArray, KVCache]:
+        """Attention over the cached tokens and the call's own, then the call's
+        keys and values written into the cache: a chunk of any length continues
+        the stream. A single token (decoding) is written first and attends over
+        the cache alone, which saves concatenating the cache every step."""
+        q, k, v = self.project(x, context)
+        k, v = to_kv_seq(k), to_kv_seq(v)
+        new_index, new_document = to_kv_seq(context.stream_pos), to_kv_seq(context.document_id)
+        updated = cache.write(k, v, new_index, new_document)
+        if context.new_streams:  # nothing cached to attend to
+            keys, values, index, document = k, v, new_index, new_document
+        elif x.named_shape[axes.SEQ] == 1:  # every slot the token may see survives its write
+            keys, values, index, document = updated.keys, updated.values, updated.index, updated.document
+        else:
+            join = lambda old, new: pz.nx.concatenate([old, new.astype(old.dtype)], axes.KV_SEQ)
+            keys, values = join(cache.keys, k), join(cache.values, v)
+            index, document = join(cache.index, new_index), join(cache.document, new_document)
+        mask = attention_mask(context.stream_pos, context.document_id, index, document, self.window_size)
+        return self.attend(q, keys, values, mask), updated

@@ -7,18 +7,21 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import positions, sites
-from recurrent_lm.layers.token_shift import token_shift
+from recurrent_lm.core import sites
+from recurrent_lm.core.context import DocumentContext
+from recurrent_lm.core.state import StatefulLayer
+from recurrent_lm.layers.causal_filter import token_shift
 from recurrent_lm.layers.wkv import mix, rwkv_dense, time_mix_init
 
 
 @pz.pytree_dataclass
-class ChannelMix(pz.nn.Layer):
+class ChannelMix(StatefulLayer):
     """``sigmoid(W_r mix(x, x', mu_r)) * W_v relu(W_k mix(x, x', mu_k))^2``, x' = shift(x).
 
     Named axes: in {..., "seq", "embedding"} -> out {..., "seq", "embedding"};
     the hidden layer is {..., "seq", "mlp"}.
-    Side input: ``segment_pos`` (the token shift is cut at document starts).
+    Side input: ``context`` (the token shift is cut at document starts).
+    State: the last input {"batch", "embedding"} (the token shift's).
     Parameters: ``time_mix_{key,receptance}`` {"embedding"}; ``key``
     {"mlp", "embedding"}; ``receptance`` {"embedding", "embedding_in"};
     ``value`` {"embedding", "mlp"}.
@@ -77,22 +80,19 @@ class ChannelMix(pz.nn.Layer):
             ),
         )
 
-    def empty_state(self, batch_shape) -> pz.nx.NamedArray:
-        """The token-shift state {**batch_shape, "embedding"} of fresh streams."""
+    def initial_state(self, batch_size: int, max_length: int | None = None) -> pz.nx.NamedArray:
+        del max_length  # a fixed-size state
         ratio = self.time_mix_key.value
-        return pz.nx.zeros({**batch_shape, **ratio.named_shape}, ratio.dtype)
+        return pz.nx.zeros({axes.BATCH: batch_size, **ratio.named_shape}, ratio.dtype)
 
     def forward(
         self,
         x: pz.nx.NamedArray,
-        segment_pos: pz.nx.NamedArray,
-        shift: pz.nx.NamedArray | None,
+        context: DocumentContext,
+        shift: pz.nx.NamedArray,
     ) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray]:
-        """Channel mixing continuing from the last input `shift` (None: zeros).
-
-        Returns ``(y, new_shift)``.
-        """
-        shifted, last = token_shift(x, segment_pos, shift)
+        """Channel mixing continuing from the last input `shift`; ``(y, new_shift)``."""
+        shifted, last = token_shift(x, context, None if context.new_streams else shift)
         hidden = self.hidden(pz.nx.nmap(lambda h: jnp.square(jax.nn.relu(h)))(
             self.key(mix(x, shifted, self.time_mix_key.value))
         ))
@@ -100,8 +100,3 @@ class ChannelMix(pz.nn.Layer):
         gate = self.receptance(gate_in.untag(axes.EMBEDDING).tag(axes.EMBEDDING_IN))
         gate = self.receptance_value(pz.nx.nmap(jax.nn.sigmoid)(gate))
         return gate * self.value(hidden), last
-
-    def __call__(self, x: pz.nx.NamedArray, *, segment_pos=None, **_unused_side_inputs):
-        segment_pos = positions.require_segment_pos(segment_pos, "ChannelMix")
-        y, _ = self.forward(x, segment_pos, None)
-        return y

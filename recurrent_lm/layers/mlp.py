@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import linear, sites
+from recurrent_lm.core import sites
+from recurrent_lm.layers import linear
 
 
 def gelu_tanh(x: pz.nx.NamedArray) -> pz.nx.NamedArray:

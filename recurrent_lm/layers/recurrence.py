@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
-from recurrent_lm.layers import named
+from recurrent_lm.core import named
 
 ScanMethod = Literal["associative", "sequential", "chunked"]
 SCAN_METHODS: tuple[str, ...] = ("associative", "sequential", "chunked")

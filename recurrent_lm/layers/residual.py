@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from penzai import pz
 
-from recurrent_lm.layers import sites
+from recurrent_lm.core import sites
 
 
 @pz.pytree_dataclass

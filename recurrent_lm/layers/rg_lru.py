@@ -10,7 +10,10 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import linear, positions, recurrence, sites
+from recurrent_lm.core import sites
+from recurrent_lm.core.context import DocumentContext
+from recurrent_lm.core.state import StatefulLayer
+from recurrent_lm.layers import linear, recurrence
 
 # `a = sigma(Lambda)^(c r)` with c = 8 (paper section 2.4).
 GATE_EXPONENT = 8.0
@@ -50,7 +53,7 @@ def a_param_init(
 
 
 @pz.pytree_dataclass
-class RGLRU(pz.nn.Layer):
+class RGLRU(StatefulLayer):
     """Real-Gated Linear Recurrent Unit.
 
     ``i_t = sigma(W_i x_t)``, ``r_t = sigma(W_a x_t)`` (block-diagonal gates),
@@ -59,7 +62,8 @@ class RGLRU(pz.nn.Layer):
     (``h_t = i_t x_t``) where a document starts. Padding does not reset.
 
     Named axes: in {..., "seq", "lru"} -> out {..., "seq", "lru"}.
-    Side input: ``segment_pos`` {"batch", "seq"}.
+    Side input: ``context`` (document cuts).
+    State: ``h`` float32 {"batch", "lru"}.
     Parameters: ``a_param`` {"lru"}; ``input_gate`` and ``a_gate`` are
     `BlockDiagonalLinear` over "lru" with {"heads"} blocks.
     Sites: ``input_gate_value`` (i_t), ``recurrence_gate_value`` (r_t) and the
@@ -103,13 +107,15 @@ class RGLRU(pz.nn.Layer):
             scan_method=scan_method,
         )
 
+    def initial_state(self, batch_size: int, max_length: int | None = None) -> pz.nx.NamedArray:
+        del max_length  # a fixed-size state
+        width = self.a_param.value.named_shape[axes.LRU]
+        return pz.nx.zeros({axes.BATCH: batch_size, axes.LRU: width}, jnp.float32)
+
     def forward(
-        self,
-        x: pz.nx.NamedArray,
-        segment_pos: pz.nx.NamedArray,
-        h0: pz.nx.NamedArray | None,
+        self, x: pz.nx.NamedArray, context: DocumentContext, h0: pz.nx.NamedArray
     ) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray]:
-        """The recurrence continuing from `h0` (float32 {..., "lru"}, None = 0).
+        """The recurrence continuing from `h0` (float32 {..., "lru"}).
 
         Returns ``(y, h_last)``, ``h_last`` in float32.
         """
@@ -118,25 +124,15 @@ class RGLRU(pz.nn.Layer):
         gate_a = self.recurrence_gate_value(sigmoid(self.a_gate(x)))
         a_param = self.a_param.value.astype(jnp.result_type(x.dtype, self.a_param.value.dtype))
         log_a = -GATE_EXPONENT * gate_a * pz.nx.nmap(jax.nn.softplus)(a_param)
-        a = pz.nx.nmap(jnp.exp)(log_a)
-        a_squared = pz.nx.nmap(jnp.exp)(2 * log_a)
-        reset = positions.document_starts(segment_pos)
-        # Normalise the input so that h stays O(1); not at a reset, where a := 0.
-        multiplier = pz.nx.nmap(lambda v: sqrt_bounded_grad(v, SQRT_MAX_GRADIENT))(
-            1 - a_squared
-        )
-        multiplier = pz.nx.nmap(jnp.where)(reset, jnp.ones((), multiplier.dtype), multiplier)
+        # A document start restarts the recurrence: a := 0 there, so h_t is the
+        # input alone and its normaliser sqrt(1 - a^2) is exactly 1.
+        where_start = lambda value, v: pz.nx.nmap(jnp.where)(context.starts, jnp.asarray(value, v.dtype), v)
+        a = where_start(0, pz.nx.nmap(jnp.exp)(log_a))
+        a_squared = where_start(0, pz.nx.nmap(jnp.exp)(2 * log_a))
+        multiplier = pz.nx.nmap(lambda v: sqrt_bounded_grad(v, SQRT_MAX_GRADIENT))(1 - a_squared)
         normalized_x = (x * gate_x) * multiplier.astype(x.dtype)
         a, normalized_x = self.hidden_state.update(a, normalized_x)
         h, h_last = recurrence.linear_scan(
-            a, normalized_x, h0=h0, reset=reset, method=self.scan_method
+            a, normalized_x, h0=None if context.new_streams else h0, method=self.scan_method
         )
         return self.hidden_state(h), h_last
-
-    def __call__(
-        self, x: pz.nx.NamedArray, *, segment_pos=None, **_unused_side_inputs
-    ) -> pz.nx.NamedArray:
-        segment_pos = positions.require_segment_pos(segment_pos, "RGLRU")
-        y, _ = self.forward(x, segment_pos, None)
-        return y
-

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import positions
+from recurrent_lm.core.context import require_context
 
 
 def rotary_dims(head_dim: int, rotary_fraction: float) -> int:
@@ -49,7 +49,7 @@ class RotaryEmbedding(pz.nn.Layer):
     """RoPE at each token's segment position (restarting in every document).
 
     Named axes: in {..., "seq", "projection"} -> same.
-    Side input: ``segment_pos`` {"batch", "seq"}.
+    Side input: ``context`` (its ``segment_pos`` {"batch", "seq"}).
     Static: ``divide_by_timescale`` picks the angle's rounding (see `apply_rope`).
     """
 
@@ -58,9 +58,9 @@ class RotaryEmbedding(pz.nn.Layer):
     divide_by_timescale: bool = dataclasses.field(default=False, metadata={"pytree_node": False})
 
     def __call__(
-        self, x: pz.nx.NamedArray, *, segment_pos=None, **_unused_side_inputs
+        self, x: pz.nx.NamedArray, *, context=None, **_unused_side_inputs
     ) -> pz.nx.NamedArray:
-        segment_pos = positions.require_segment_pos(segment_pos, "RotaryEmbedding")
+        segment_pos = require_context(context, "RotaryEmbedding").segment_pos
         head_dim = x.named_shape[axes.PROJECTION]
         dims = rotary_dims(head_dim, self.rotary_fraction)
         return pz.nx.nmap(

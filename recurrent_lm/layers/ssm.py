@@ -27,7 +27,11 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import init, positions, recurrence, sites, stateful
+from recurrent_lm.core import sites
+from recurrent_lm.core.context import DocumentContext, require_context
+from recurrent_lm.core.state import StatefulLayer
+from recurrent_lm.layers import init, recurrence
+from recurrent_lm.layers.causal_filter import causal_filter
 
 DISCRETISATIONS = ("bilinear", "zoh")
 SSM_METHODS = ("fft", "scan")
@@ -116,45 +120,8 @@ def shift_kernel(b, c):
     return jnp.fft.irfft(spectrum, n=2 * size)[..., :size]
 
 
-def shift_filter(x, starts, kernel, history):
-    """One channel of a causal FIR filter cut at document starts, positional.
-
-    ``y_t = sum_l kernel[l] x_{t-l}``, dropping the terms that reach across a
-    document start in ``(t-l, t]``.
-
-    Args:
-      x: [T] inputs; starts: [T] bool; kernel: [N], tap l multiplies
-        ``x_{t-l}``; history: [N] the inputs before `x`, oldest first, zeroed
-        where a document started after them.
-
-    Returns:
-      ``(y [T], new_history [N])``, the new history with the same convention.
-    """
-    steps, taps = x.shape[0], kernel.shape[0]
-    index = jnp.arange(steps)
-    # The latest document start at or before t (-1: none in this chunk; the
-    # history is then already cut). An associative scan: cummax along seq
-    # would be O(T^2) on XLA:CPU.
-    last_start = jax.lax.associative_scan(jnp.maximum, jnp.where(starts, index, -1))
-    reach = jnp.where(last_start >= 0, index - last_start, taps)  # furthest valid lag
-    extended = jnp.concatenate([history, x])
-
-    # A loop over the N taps (not unrolled: compile time stays flat in N),
-    # each an O(T) shifted multiply-add.
-    def tap(lag, y):
-        shifted = jax.lax.dynamic_slice_in_dim(extended, taps - lag, steps)
-        return y + jnp.where(lag <= reach, shifted, 0) * kernel[lag]
-
-    y = jax.lax.fori_loop(0, taps, tap, jnp.zeros_like(x))
-    # Inputs preceding the chunk's last document start are cut for the future.
-    tail_index = steps - taps + jnp.arange(taps)
-    cut = (last_start[-1] >= 0) & (tail_index < last_start[-1])
-    new_history = jnp.where(cut, 0, extended[steps:])
-    return y, new_history.astype(history.dtype)
-
-
 @pz.pytree_dataclass
-class ShiftSSM(pz.nn.Layer):
+class ShiftSSM(StatefulLayer):
     """H3's shift SSM: a causal FIR filter of length N per channel, plus a skip.
 
     ``y_t = sum_{l<N} k[l] x_{t-l} + D x_t``, the sum cut at document starts.
@@ -163,7 +130,7 @@ class ShiftSSM(pz.nn.Layer):
     ``history`` {..., "conv_taps": N, axis}, oldest first.
 
     Named axes: in {..., "seq", axis} -> out {..., "seq", axis}.
-    Side input: ``segment_pos``.
+    Side input: ``context`` (document cuts).
     Parameters: ``B``, ``C`` {axis, "state": N}; ``D`` {axis}.
     """
 
@@ -212,10 +179,11 @@ class ShiftSSM(pz.nn.Layer):
         c = self.C.value.unwrap(self.axis, axes.STATE).astype(jnp.float32)
         return pz.nx.wrap(shift_kernel(b, c)).tag(self.axis, axes.CONV_TAPS)
 
-    def empty_history(self, named_shape) -> pz.nx.NamedArray:
-        """Zero history for a stream whose other axes are `named_shape`."""
+    def initial_state(self, batch_size: int, max_length: int | None = None) -> pz.nx.NamedArray:
+        """Zero history {"batch", "conv_taps": N, axis} in the parameter dtype."""
+        del max_length  # a fixed-size state
         shape = {
-            **named_shape,
+            axes.BATCH: batch_size,
             axes.CONV_TAPS: self.d_state,
             self.axis: self.D.value.named_shape[self.axis],
         }
@@ -235,30 +203,15 @@ class ShiftSSM(pz.nn.Layer):
 
         return pz.nx.nmap(one)(history.untag(axes.CONV_TAPS), b).tag(axes.STATE)
 
-    def forward(self, x, segment_pos, history):
-        """The filter continuing from `history` (None = zeros): ``(y, new_history)``.
+    def forward(self, x, context: DocumentContext, history):
+        """The filter continuing from `history`: ``(y, new_history)``.
 
         `history` holds the N inputs before `x`, oldest first, already zeroed
         where a document started after them.
         """
-        if history is None:
-            batch = {
-                n: s for n, s in x.named_shape.items() if n not in (axes.SEQ, self.axis)
-            }
-            history = self.empty_history(batch)
-        starts = positions.document_starts(segment_pos)
-        y, new_history = pz.nx.nmap(shift_filter)(
-            x.untag(axes.SEQ),
-            starts.untag(axes.SEQ),
-            self.kernel().untag(axes.CONV_TAPS).astype(x.dtype),
-            history.untag(axes.CONV_TAPS).astype(x.dtype),
-        )
-        y = y.tag(axes.SEQ) + self.D.value.astype(x.dtype) * x
-        return y, new_history.tag(axes.CONV_TAPS)
-
-    def __call__(self, x, *, segment_pos=None, **_unused_side_inputs):
-        segment_pos = positions.require_segment_pos(segment_pos, "ShiftSSM")
-        return self.forward(x, segment_pos, None)[0]
+        kernel = self.kernel().astype(x.dtype)
+        y, new_history = causal_filter(x, context, kernel, history)
+        return y + self.D.value.astype(x.dtype) * x, new_history
 
 
 # ---------------------------------------------------------------------------
@@ -302,12 +255,12 @@ def fft_causal_conv(x, kernel):
 
 
 @pz.pytree_dataclass
-class DiagonalSSM(pz.nn.Layer):
+class DiagonalSSM(StatefulLayer):
     """S4D: a complex diagonal linear SSM per channel, with a skip ``D x``.
 
     Named axes: in {..., "seq", axis} -> out {..., "seq", axis}; the state is
     complex64 {..., axis, "state": N/2}.
-    Side input: ``segment_pos`` (the recurrence restarts at document starts).
+    Side input: ``context`` (the recurrence restarts at document starts).
     Parameters (the released checkpoints' S4D parameterisation): ``log_dt``
     {axis}; ``inv_A_real``, ``A_imag``, ``B_re``, ``B_im``, ``C_re``, ``C_im``
     {axis, "state"}; ``D`` {axis}.
@@ -421,21 +374,25 @@ class DiagonalSSM(pz.nn.Layer):
         _, log_d_a, d_b, c = self._positional()
         return pz.nx.wrap(power_sum(c * d_b, log_d_a, length)).tag(self.axis, axes.SEQ)
 
-    def empty_state(self, named_shape) -> pz.nx.NamedArray:
+    def initial_state(self, batch_size: int, max_length: int | None = None) -> pz.nx.NamedArray:
+        """Zero complex64 state {"batch", axis, "state"}."""
+        del max_length  # a fixed-size state
         shape = {
-            **named_shape,
+            axes.BATCH: batch_size,
             self.axis: self.D.value.named_shape[self.axis],
             axes.STATE: self.num_modes,
         }
         return pz.nx.zeros(shape, jnp.complex64)
 
-    def forward(self, x, segment_pos, h0, *, with_state: bool = True):
-        """The SSM continuing from `h0` (complex {..., axis, "state"}; None = 0).
+    def forward(self, x, context: DocumentContext, h0, *, with_state: bool = True):
+        """The SSM continuing from `h0` (complex {..., axis, "state"}).
 
         Returns ``(y, h_last)``: y like `x`, h_last complex64 (None unless
-        `with_state`: the full forward skips computing it).
+        `with_state`: the ordinary call skips computing it).
         """
-        starts = positions.document_starts(segment_pos)
+        starts = context.starts
+        if context.new_streams:
+            h0 = None  # nothing to read: the FFT route needs no state term
         steps = x.named_shape[axes.SEQ]
         batch = [n for n in x.named_shape if n not in (axes.SEQ, self.axis)]
 
@@ -503,9 +460,10 @@ class DiagonalSSM(pz.nn.Layer):
         y = y.tag(self.axis, axes.SEQ).astype(x.dtype) + self._skip(x)
         return y, None if h_last is None else h_last.tag(self.axis, axes.STATE)
 
-    def __call__(self, x, *, segment_pos=None, **_unused_side_inputs):
-        segment_pos = positions.require_segment_pos(segment_pos, "DiagonalSSM")
-        return self.forward(x, segment_pos, None, with_state=False)[0]
+    def __call__(self, x, *, context=None, **_unused_side_inputs):
+        # Not the protocol's default: no final state is formed at all.
+        context = require_context(context, "DiagonalSSM")
+        return self.forward(x, context, None, with_state=False)[0]
 
 
 # Powers dA^l for l < L as dA^(a B + b) = dA^(a B) dA^b: H S (B + L/B) complex
@@ -561,42 +519,3 @@ def with_ssm_method(model, method: str):
         .at_instances_of(DiagonalSSM)
         .apply(lambda layer: dataclasses.replace(layer, method=method))
     )
-
-
-# ---------------------------------------------------------------------------
-# Sampling-mode twin of the diagonal SSM (the shift SSM reuses
-# `stateful.StatefulConv1D`: it has the same history interface).
-# ---------------------------------------------------------------------------
-
-
-@pz.pytree_dataclass
-class StatefulDiagonalSSM(stateful.StatefulTwin):
-    """`DiagonalSSM` that carries its complex state between calls.
-
-    State: ``hidden`` complex64 {"batch", axis, "state"}.
-    """
-
-    layer: DiagonalSSM
-    hidden: pz.StateVariable
-
-    @classmethod
-    def from_layer(
-        cls, layer: DiagonalSSM, context: stateful.TwinContext
-    ) -> StatefulDiagonalSSM:
-        hidden = layer.empty_state({axes.BATCH: context.batch_size})
-        return cls(layer=layer, hidden=pz.StateVariable(hidden, label=context.label))
-
-    def __call__(
-        self,
-        x,
-        *,
-        segment_pos=None,
-        state_is_empty: bool = False,
-        **_unused_side_inputs,
-    ):
-        segment_pos = positions.require_segment_pos(segment_pos, "StatefulDiagonalSSM")
-        h0 = None if state_is_empty else self.hidden.value
-        y, hidden = self.layer.forward(x, segment_pos, h0)
-        # A fixed axis order: the state is a while-loop carry when decoding.
-        self.hidden.value = pz.nx.order_like(hidden, self.hidden.value)
-        return y

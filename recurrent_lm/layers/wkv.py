@@ -21,9 +21,12 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import init, positions, recurrence, sites, stateful
+from recurrent_lm.core import sites
+from recurrent_lm.core.context import DocumentContext
+from recurrent_lm.core.state import StatefulLayer
+from recurrent_lm.layers import init, recurrence
+from recurrent_lm.layers.causal_filter import token_shift
 from recurrent_lm.layers.linear import dense
-from recurrent_lm.layers.token_shift import token_shift
 
 WkvState = recurrence.ScaledState
 """WKV state: mantissas (numerator, denominator) and their shared log-scale
@@ -35,7 +38,7 @@ def wkv(
     time_first: pz.nx.NamedArray,
     k: pz.nx.NamedArray,
     v: pz.nx.NamedArray,
-    segment_pos: pz.nx.NamedArray,
+    context: DocumentContext,
     state: WkvState | None,
     *,
     method: str | None = None,
@@ -46,7 +49,7 @@ def wkv(
     Args:
       time_decay, time_first: raw parameters {"wkv"} (``w = -exp(time_decay)``).
       k, v: keys and values {..., "seq", "wkv"}.
-      segment_pos: {"batch", "seq"}; the state restarts where a document starts.
+      context: the document context; the state restarts where a document starts.
       state: the state before the first token (None: empty).
       method: scan implementation (`recurrence.SCAN_METHODS`, None = default).
       state_site: the state site (see `TimeMix`): it sees the states after
@@ -62,7 +65,7 @@ def wkv(
     exp = pz.nx.nmap(jnp.exp)
     log_decay = -exp(time_decay.astype(acc))
     k, v = k.astype(acc), v.astype(acc)
-    reset = positions.document_starts(segment_pos)
+    reset = context.starts
     ones = pz.nx.ones({axes.SEQ: k.named_shape[axes.SEQ]}, acc)
     scan_v, scan_ones, scan_k, scan_reset = v, ones, k, reset
     if state_site is not None and not isinstance(state_site, sites.StateSite):
@@ -85,10 +88,10 @@ def wkv(
     # where a document starts. Empty means zero mantissas and the log-scale
     # sentinel: with log-scale 0 instead, a key below -88 would give 0 / 0.
     num, den = (
-        token_shift(x, segment_pos, p)[0]
+        token_shift(x, context, p)[0]
         for x, p in zip(after.mantissas, state.mantissas)
     )
-    scale = token_shift(after.log_scale, segment_pos, state.log_scale)[0]
+    scale = token_shift(after.log_scale, context, state.log_scale)[0]
     scale = pz.nx.nmap(jnp.where)(
         reset, jnp.asarray(recurrence.NEG_LOG_SCALE, acc), scale
     )
@@ -178,7 +181,7 @@ class TimeMixState(pz.Struct):
 
 
 @pz.pytree_dataclass
-class TimeMix(pz.nn.Layer):
+class TimeMix(StatefulLayer):
     """RWKV-4 time mixing: token shift, k/v/r projections, WKV, output.
 
     ``x' = shift(x)``; ``k = W_k mix(x, x', mu_k)`` (likewise v, r);
@@ -186,7 +189,8 @@ class TimeMix(pz.nn.Layer):
 
     Named axes: in {..., "seq", "embedding"} -> out {..., "seq", "embedding"};
     k, v, r and the recurrence are {..., "seq", "wkv"}.
-    Side input: ``segment_pos`` (token shift and WKV restart at document starts).
+    Side input: ``context`` (token shift and WKV restart at document starts).
+    State: `TimeMixState`.
     Parameters: ``time_mix_{key,value,receptance}`` {"embedding"};
     ``time_decay``, ``time_first`` {"wkv"} (raw, as in the checkpoints);
     ``key``, ``value``, ``receptance`` {"wkv", "embedding"}; ``output``
@@ -276,28 +280,25 @@ class TimeMix(pz.nn.Layer):
             scan_method=scan_method,
         )
 
-    def empty_state(self, batch_shape) -> TimeMixState:
-        """The state of fresh streams with batch axes `batch_shape` (e.g. {"batch": 2})."""
+    def initial_state(self, batch_size: int, max_length: int | None = None) -> TimeMixState:
+        del max_length  # a fixed-size state
         shift = self.time_mix_key.value
         width = self.time_decay.value.named_shape[axes.WKV]
         return TimeMixState(
-            shift=pz.nx.zeros({**batch_shape, **shift.named_shape}, shift.dtype),
-            wkv=recurrence.empty_scaled_state({**batch_shape, axes.WKV: width}, 2),
+            shift=pz.nx.zeros({axes.BATCH: batch_size, **shift.named_shape}, shift.dtype),
+            wkv=recurrence.empty_scaled_state({axes.BATCH: batch_size, axes.WKV: width}, 2),
         )
 
     def forward(
         self,
         x: pz.nx.NamedArray,
-        segment_pos: pz.nx.NamedArray,
-        state: TimeMixState | None,
+        context: DocumentContext,
+        state: TimeMixState,
     ) -> tuple[pz.nx.NamedArray, TimeMixState]:
-        """Time mixing continuing from `state` (None: fresh streams).
-
-        Returns ``(y, new_state)``.
-        """
-        shifted, last = token_shift(
-            x, segment_pos, None if state is None else state.shift
-        )
+        """Time mixing continuing from `state`; returns ``(y, new_state)``."""
+        if context.new_streams:
+            state = None  # nothing to read
+        shifted, last = token_shift(x, context, None if state is None else state.shift)
         k = self.key(mix(x, shifted, self.time_mix_key.value))
         v = self.value(mix(x, shifted, self.time_mix_value.value))
         r = self.receptance_value(pz.nx.nmap(jax.nn.sigmoid)(
@@ -308,7 +309,7 @@ class TimeMix(pz.nn.Layer):
             self.time_first.value,
             k,
             v,
-            segment_pos,
+            context,
             None if state is None else state.wkv,
             method=self.scan_method,
             state_site=self.state,
@@ -317,34 +318,3 @@ class TimeMix(pz.nn.Layer):
         return self.output(r * y.astype(r.dtype)), TimeMixState(
             shift=last, wkv=wkv_state
         )
-
-    def __call__(self, x: pz.nx.NamedArray, *, segment_pos=None, **_unused_side_inputs):
-        segment_pos = positions.require_segment_pos(segment_pos, "TimeMix")
-        y, _ = self.forward(x, segment_pos, None)
-        return y
-
-
-@pz.pytree_dataclass
-class StatefulMix(stateful.StatefulTwin):
-    """Sampling-mode twin of an RWKV mixing layer (`TimeMix`, `ChannelMix`).
-
-    Carries the state the layer's ``forward(x, segment_pos, state) -> (y,
-    state)`` returns (`TimeMixState`; the channel mix's last input), starting
-    from the layer's ``empty_state``.
-    """
-
-    layer: pz.nn.Layer
-    state: pz.StateVariable
-
-    @classmethod
-    def from_layer(cls, layer, context: stateful.TwinContext) -> StatefulMix:
-        state = layer.empty_state({axes.BATCH: context.batch_size})
-        return cls(layer=layer, state=pz.StateVariable(state, label=context.label))
-
-    def __call__(self, x, *, segment_pos=None, **_unused_side_inputs):
-        segment_pos = positions.require_segment_pos(
-            segment_pos, type(self.layer).__name__
-        )
-        y, state = self.layer.forward(x, segment_pos, self.state.value)
-        stateful.write_state(self.state, state)
-        return y

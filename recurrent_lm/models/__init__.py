@@ -1,11 +1,6 @@
-"""One module per architecture; each registers itself in `base.MODEL_TYPES`."""
+"""One module per architecture: its config, presets and ``build_model``.
 
-from recurrent_lm.models import gemma, griffin, h3, rwkv
-from recurrent_lm.models.base import (
-    MODEL_TYPES,
-    DecoderLM,
-    get_model_type,
-    model_type_of,
-)
-
-__all__ = ["MODEL_TYPES", "DecoderLM", "gemma", "get_model_type", "griffin", "h3", "model_type_of", "rwkv"]
+Import the one you use (``from recurrent_lm.models import griffin``); by name,
+`recurrent_lm.core.registry.get` imports it on first use. This package imports
+no architecture itself.
+"""

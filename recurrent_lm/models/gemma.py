@@ -17,6 +17,7 @@ the embedding scale ``sqrt(D)`` rounded to the activation dtype.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -29,16 +30,17 @@ from recurrent_lm.layers import (
     RMSNorm,
     embedding_table,
     rope,
-    stateful,
 )
-from recurrent_lm.models import base
+from recurrent_lm.core.config import Config
+from recurrent_lm.core.model import DecoderLM
+from recurrent_lm.core.registry import Architecture
 
 PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")
 ROPE_MAX_WAVELENGTH = 10_000.0
 
 
 @dataclasses.dataclass(frozen=True)
-class GemmaConfig(base.ConfigDict):
+class GemmaConfig(Config):
     """Gemma hyper-parameters, with the argument names of Keras' `GemmaBackbone`.
 
     Attributes:
@@ -68,6 +70,8 @@ class GemmaConfig(base.ConfigDict):
       param_dtype: dtype of the parameters; activations follow it unless the
         model is built with ``upcast_activations_to_float32``.
     """
+
+    model_type: ClassVar[str] = "gemma"
 
     vocabulary_size: int = 256_128
     num_layers: int = 18
@@ -228,8 +232,8 @@ class GemmaAttention(Attention):
     query_pre_scale: float = dataclasses.field(default=1.0, metadata={"pytree_node": False})
     activation_dtype: str | None = dataclasses.field(default=None, metadata={"pytree_node": False})
 
-    def project(self, x, segment_pos):
-        q, k, v = super().project(x, segment_pos)
+    def project(self, x, context):
+        q, k, v = super().project(x, context)
         return q * jnp.asarray(self.query_pre_scale, q.dtype), k, v
 
     def key_spec(self):
@@ -285,7 +289,7 @@ def build_model(
     key: jax.Array | None,
     *,
     upcast_activations_to_float32: bool = False,
-) -> base.DecoderLM:
+) -> DecoderLM:
     """Builds a Gemma model.
 
     Args:
@@ -329,7 +333,7 @@ def build_model(
                 channel_post_norm=norm("post_ffw_norm") if config.use_post_ffw_norm else None,
             )
         )
-    return base.DecoderLM(
+    return DecoderLM(
         config=config,
         embedder=pz.nn.Sequential(embedder),
         blocks=pz.nn.Sequential(blocks),
@@ -340,7 +344,4 @@ def build_model(
     )
 
 
-base.register_model_type("gemma", GemmaConfig, build_model)
-# Sampling mode: a `max_length` cache for global layers, a ring buffer of the
-# window for sliding ones (`CachedAttention` sizes itself from the layer).
-stateful.register_twins({GemmaAttention: stateful.CachedAttention.from_layer})
+ARCHITECTURE = Architecture("gemma", GemmaConfig, build_model)

@@ -11,6 +11,7 @@ a tanh logit soft cap. Parameter labels mirror the official tree
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import itertools
 
 import jax
@@ -31,9 +32,10 @@ from recurrent_lm.layers import (
     gelu_tanh,
     recurrence,
     rope,
-    stateful,
 )
-from recurrent_lm.models import base
+from recurrent_lm.core.config import Config
+from recurrent_lm.core.model import DecoderLM
+from recurrent_lm.core.registry import Architecture
 
 RECURRENT = "recurrent"
 ATTENTION = "attention"
@@ -48,7 +50,7 @@ def griffin_pattern(num_layers: int) -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class GriffinConfig(base.ConfigDict):
+class GriffinConfig(Config):
     """Griffin hyper-parameters, with the field names of HF's RecurrentGemmaConfig.
 
     Attributes:
@@ -72,6 +74,8 @@ class GriffinConfig(base.ConfigDict):
       param_dtype: dtype of the parameters; computation follows it (as in the
         official code), the recurrence and softmax always accumulate in float32.
     """
+
+    model_type: ClassVar[str] = "griffin"
 
     vocab_size: int = 256_000
     hidden_size: int = 2560
@@ -190,7 +194,7 @@ class RecurrentBlock(pz.nn.Layer):
 
     Named axes: in {..., "seq", "embedding"} -> out {..., "seq", "embedding"};
     inside, both branches are {..., "seq", "lru"}.
-    Side input: ``segment_pos`` (document cuts for the conv and the RG-LRU).
+    Side input: ``context`` (document cuts for the conv and the RG-LRU).
     """
 
     linear_y: pz.nn.Layer
@@ -246,7 +250,7 @@ def build_model(
     key: jax.Array | None,
     *,
     scan_method: str | None = None,
-) -> base.DecoderLM:
+) -> DecoderLM:
     """Builds a Griffin initialised as the official code does.
 
     Args:
@@ -290,7 +294,7 @@ def build_model(
                 ),
             )
         )
-    return base.DecoderLM(
+    return DecoderLM(
         config=config,
         embedder=pz.nn.Sequential(embedder),
         blocks=pz.nn.Sequential(blocks),
@@ -301,10 +305,4 @@ def build_model(
     )
 
 
-base.register_model_type("griffin", GriffinConfig, build_model)
-# Sampling mode: the stateful twin of each temporal layer Griffin uses.
-stateful.register_twins({
-    CausalConv1D: stateful.StatefulConv1D.from_layer,
-    RGLRU: stateful.StatefulRGLRU.from_layer,
-    Attention: stateful.CachedAttention.from_layer,
-})
+ARCHITECTURE = Architecture("griffin", GriffinConfig, build_model)

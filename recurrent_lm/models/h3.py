@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +41,10 @@ from recurrent_lm.layers import (
     dense,
     recurrence,
     ssm,
-    stateful,
 )
-from recurrent_lm.models import base
+from recurrent_lm.core.config import Config
+from recurrent_lm.core.model import DecoderLM
+from recurrent_lm.core.registry import Architecture
 
 PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")
 SSM_MODES = ("diag",)
@@ -51,7 +52,7 @@ SSM_MEASURES = ("diag-lin", "diag-inv")
 
 
 @dataclasses.dataclass(frozen=True)
-class H3Config(base.ConfigDict):
+class H3Config(Config):
     """H3 hyper-parameters, with the field names of the HF port's H3Config.
 
     Attributes:
@@ -85,6 +86,8 @@ class H3Config(base.ConfigDict):
         2.7B), 0 for none.
       param_dtype: dtype of the parameters (the SSMs always compute in float32).
     """
+
+    model_type: ClassVar[str] = "h3"
 
     vocab_size: int = 50264
     hidden_size: int = 768
@@ -273,7 +276,7 @@ class H3Mixer(pz.nn.Layer):
 
     Named axes: in {..., "seq", "embedding"} -> out {..., "seq", "embedding"};
     q, k, v and the SSM channels are {..., "seq", "heads": D} (head_dim 1).
-    Side input: ``segment_pos`` (both SSMs restart at document starts).
+    Side input: ``context`` (both SSMs restart at document starts).
     """
 
     q_proj: pz.nn.Layer
@@ -363,7 +366,7 @@ def build_model(
     *,
     ssm_method: str = "fft",
     scan_method: str | None = None,
-) -> base.DecoderLM:
+) -> DecoderLM:
     """Builds an H3 LM initialised as the original code does.
 
     Args:
@@ -434,7 +437,7 @@ def build_model(
                 mlp_block=pz.nn.Sequential([mlp, _dropout(config.residual_dropout)]),
             )
         )
-    return base.DecoderLM(
+    return DecoderLM(
         config=config,
         embedder=pz.nn.Sequential(embedder),
         blocks=pz.nn.Sequential(blocks),
@@ -467,17 +470,9 @@ def eval_mode(model):
     )
 
 
-def mixer(model: base.DecoderLM, layer: int) -> pz.nn.Layer:
+def mixer(model: DecoderLM, layer: int) -> pz.nn.Layer:
     """The mixer (H3 layer or attention) of block `layer`."""
     return model.blocks.sublayers[layer].temporal_block.sublayers[0]
 
 
-base.register_model_type("h3", H3Config, build_model)
-# Sampling mode: the shift SSM has CausalConv1D's history interface.
-stateful.register_twins(
-    {
-        ShiftSSM: stateful.StatefulConv1D.from_layer,
-        DiagonalSSM: ssm.StatefulDiagonalSSM.from_layer,
-        Attention: stateful.CachedAttention.from_layer,
-    }
-)
+ARCHITECTURE = Architecture("h3", H3Config, build_model)

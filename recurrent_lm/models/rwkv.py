@@ -17,6 +17,7 @@ epsilon (~1e-4 on logits), and training never applies it.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import functools
 import math
 
@@ -31,11 +32,12 @@ from recurrent_lm.layers import (
     dense,
     init,
     recurrence,
-    stateful,
 )
 from recurrent_lm.layers.channel_mix import ChannelMix
-from recurrent_lm.layers.wkv import StatefulMix, TimeMix
-from recurrent_lm.models import base
+from recurrent_lm.layers.wkv import TimeMix
+from recurrent_lm.core.config import Config
+from recurrent_lm.core.model import DecoderLM
+from recurrent_lm.core.registry import Architecture
 from recurrent_lm.params import bind_parameters, parameter_values
 
 PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -46,7 +48,7 @@ EMBEDDING_INIT = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
-class RwkvConfig(base.ConfigDict):
+class RwkvConfig(Config):
     """RWKV-4 hyper-parameters, with the field names of HF's RwkvConfig.
 
     Attributes:
@@ -68,6 +70,8 @@ class RwkvConfig(base.ConfigDict):
       param_dtype: dtype of the parameters; computation follows it, the WKV
         recurrence always runs in float32.
     """
+
+    model_type: ClassVar[str] = "rwkv"
 
     vocab_size: int = 50277
     context_length: int = 1024
@@ -191,7 +195,7 @@ def build_model(
     key: jax.Array | None,
     *,
     scan_method: str | None = None,
-) -> base.DecoderLM:
+) -> DecoderLM:
     """Builds an RWKV-4 initialised as BlinkDL's RWKV-LM does.
 
     Args:
@@ -217,7 +221,7 @@ def _initial_values(build, key):
 
 def _build(
     config: RwkvConfig, key: jax.Array | None, scan_method: str | None
-) -> base.DecoderLM:
+) -> DecoderLM:
     dtype = jnp.dtype(config.param_dtype)
     width, layers = config.hidden_size, config.num_hidden_layers
     embed = {axes.EMBEDDING: width}
@@ -266,7 +270,7 @@ def _build(
         )
         for i in range(layers)
     ]
-    return base.DecoderLM(
+    return DecoderLM(
         config=config,
         # Block 0's pre_ln normalises the embeddings: it belongs to the embedder.
         embedder=pz.nn.Sequential(
@@ -295,11 +299,4 @@ def _head(key, embed, vocab, dtype):
     )
 
 
-base.register_model_type("rwkv", RwkvConfig, build_model)
-# Sampling mode: the stateful twins of RWKV's two temporal layers.
-stateful.register_twins(
-    {
-        TimeMix: StatefulMix.from_layer,
-        ChannelMix: StatefulMix.from_layer,
-    }
-)
+ARCHITECTURE = Architecture("rwkv", RwkvConfig, build_model)

@@ -2,19 +2,16 @@
 
 * `to_sampling_mode(model, batch_size=...)`: the model with its temporal layers
   swapped for stateful twins (`SamplingLM`); call it on chunks of any length.
-* `functional(sampler)`: the same as a pure ``step(params, state, ids)``.
+* `recurrent_lm.functional(sampler)`: the same as a pure ``apply(params,
+  state, ids)`` (re-exported here as `functional`).
 * `generate(model, prompts, max_new_tokens=...)`: compiled decoding with
   temperature / top-k / top-p, EOS and stop sequences, ragged batches;
   `stream` yields the tokens as they come.
 """
 
 from recurrent_lm.sampling.decode import GenerationOutput, generate, stream
-from recurrent_lm.sampling.mode import (
-    SamplingLM,
-    functional,
-    to_sampling_mode,
-    to_stateless,
-)
+from recurrent_lm.core.functional import functional
+from recurrent_lm.sampling.mode import SamplingLM, to_sampling_mode, to_stateless
 
 __all__ = [
     "GenerationOutput",

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recurrent_lm.models import base
+from recurrent_lm.core import functional
+from recurrent_lm.core.model import DecoderLM
 from recurrent_lm.sampling import mode, strategies
 
 FINISH_REASONS = ("length", "eos", "stop_sequence")
@@ -69,7 +70,7 @@ class DecodeSettings:
 
 
 class _Carry(NamedTuple):
-    state: tuple
+    state: dict
     tokens: jax.Array  # [batch, max_new_tokens] int32, pad after a row ends
     logprobs: jax.Array  # [batch, max_new_tokens] float32
     step: jax.Array  # tokens generated so far
@@ -113,13 +114,14 @@ def _prefill(skeleton, params, state, ids, segment_pos, key, settings: DecodeSet
              chunk_size: int | None) -> _Carry:
     batch, length = ids.shape
     if chunk_size is None or chunk_size >= length:
-        logits, state = mode.pure_step(skeleton, params, state, ids, segment_pos, True, state_is_empty=True)
+        logits, state = functional.call(skeleton, params, state, ids, segment_pos, last_position_only=True,
+                                        new_streams=True)
     else:
         # A scan over equal chunks: one compiled chunk, activations of one chunk live.
         chunks = lambda a: a.reshape(batch, length // chunk_size, chunk_size).swapaxes(0, 1)
 
         def body(state, chunk):
-            logits, state = mode.pure_step(skeleton, params, state, chunk[0], chunk[1], True)
+            logits, state = functional.call(skeleton, params, state, chunk[0], chunk[1], last_position_only=True)
             return state, logits
 
         state, logits = jax.lax.scan(body, state, (chunks(ids), chunks(segment_pos)))
@@ -146,7 +148,7 @@ def _decode(skeleton, params, carry: _Carry, until, settings: DecodeSettings) ->
 
     def body(carry):
         last = jax.lax.dynamic_slice_in_dim(carry.tokens, carry.step - 1, 1, axis=1)
-        logits, state = mode.pure_step(skeleton, params, carry.state, last)
+        logits, state = functional.call(skeleton, params, carry.state, last)
         return _record(carry._replace(state=state), logits[:, 0], settings)
 
     return jax.lax.while_loop(cond, body, carry)
@@ -212,7 +214,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], batch_size: int, *, pad_id: in
 def _prepare(model, prompts, settings_kwargs, prompt_bucket, prefill_chunk_size):
     if isinstance(model, mode.SamplingLM):
         stateless, batch_size = mode.to_stateless(model), model.batch_size
-    elif isinstance(model, base.DecoderLM):
+    elif isinstance(model, DecoderLM):
         stateless, batch_size = model, len(prompts) if isinstance(prompts, Sequence) else 0
     else:
         raise TypeError(f"expected a recurrent_lm model, got {type(model).__name__}.")
@@ -252,7 +254,7 @@ def _split_sampler(model, batch_size: int, max_length: int):
     key = (batch_size, max_length)
     if key not in entries:
         entries.clear()  # keep one sampling mode per model
-        entries[key] = mode.split(mode.to_sampling_mode(model, batch_size=batch_size, max_length=max_length))
+        entries[key] = functional.split(mode.to_sampling_mode(model, batch_size=batch_size, max_length=max_length))
     return entries[key]
 
 

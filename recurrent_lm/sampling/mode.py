@@ -1,36 +1,37 @@
-"""Stateful sampling mode: any model, with its temporal layers swapped for twins.
+"""Stateful sampling mode: any model, its temporal layers carrying their state.
 
     sampler = to_sampling_mode(model, batch_size=2)
     logits = sampler(prompt_chunk_1)      # {"batch", "seq", "vocabulary"}
     logits = sampler(prompt_chunk_2)      # continues the same streams
     logits = sampler(next_tokens)         # decoding is a chunk of length 1
 
-The handler knows no architecture: it swaps every layer whose type an
-architecture registered with `recurrent_lm.layers.stateful.register_twins`
-(found with `pz.select`), and wraps the model in `SamplingLM`, which owns the
-stream positions. Each call's logits equal those of the ordinary model run on
-everything fed so far (packed documents and padding included).
+The handler knows no architecture: it wraps every `StatefulLayer` of the model
+(found by type with `pz.select`) in the generic `Stateful` wrapper, refuses a
+temporal layer without the protocol, and wraps the model in `SamplingLM`, which
+owns the stream counters and builds each call's `DocumentContext` from them.
+Each call's logits equal those of the ordinary model run on everything fed so
+far (packed documents and padding included).
 
-Functional form, for `jax.jit` / `lax.while_loop` (state in, state out)::
+Pure form, for `jax.jit` / `lax.while_loop` (state in, state out)::
 
-    step, params, state = functional(sampler)
-    logits, state = step(params, state, ids)          # ids: int [batch, T]
+    apply, params, state = recurrent_lm.functional(sampler)
+    logits, state = apply(params, state, ids)          # ids: int [batch, T]
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import positions, sites, stateful
-from recurrent_lm.models import base
+from recurrent_lm.core import model as model_lib
+from recurrent_lm.core import sites
+from recurrent_lm.core.context import DocumentContext
+from recurrent_lm.core.state import Stateful, StatefulLayer, TemporalLayer, order_like
+from recurrent_lm.layers.attention import Attention
 
 
 @pz.pytree_dataclass
@@ -44,7 +45,7 @@ class SamplingLM(pz.nn.Layer):
     -1 marks padding, exactly as for the ordinary model.
 
     Attributes:
-      model: the model, its temporal layers replaced by stateful twins.
+      model: the model, each temporal layer wrapped in `Stateful`.
       stream_index: {"batch"} int32, tokens consumed so far per row.
       next_position: {"batch"} int32, the default segment position of the
         next token.
@@ -54,7 +55,7 @@ class SamplingLM(pz.nn.Layer):
         caches), or None when unbounded (recurrences, local ring buffers).
     """
 
-    model: base.DecoderLM
+    model: model_lib.DecoderLM
     stream_index: pz.StateVariable
     next_position: pz.StateVariable
     documents: pz.StateVariable
@@ -65,22 +66,21 @@ class SamplingLM(pz.nn.Layer):
     def config(self):
         return self.model.config
 
+    # Site names read through the wrapper: a site keeps its ordinary-model name.
+    transparent_fields = ("model",)
+
     def __call__(self, tokens, /, *, segment_pos=None, **side_inputs):
-        if side_inputs:
-            raise TypeError(
-                f"unknown keyword arguments {sorted(side_inputs)}; a sampling-mode model"
-                " takes tokens and optionally segment_pos."
-            )
-        base.check_tokens(tokens, self.config.vocab_size)
+        model_lib.reject_side_inputs(side_inputs, "a sampling-mode model")
+        model_lib.check_tokens(tokens, self.config.vocab_size)
         if tokens.named_shape[axes.BATCH] != self.batch_size:
             raise ValueError(
                 f"tokens have batch {tokens.named_shape[axes.BATCH]} but this sampling-mode"
                 f" model was built for batch_size={self.batch_size}."
             )
         if segment_pos is not None:
-            base.check_segment_pos(segment_pos, tokens)
+            model_lib.check_segment_pos(segment_pos, tokens)
         self._check_capacity(tokens.named_shape[axes.SEQ])
-        return base.call_forward(self, tokens, segment_pos)
+        return model_lib.call_forward(self, tokens, segment_pos)
 
     def _check_capacity(self, steps: int) -> None:
         index = self.stream_index.value.data_array
@@ -94,8 +94,8 @@ class SamplingLM(pz.nn.Layer):
                 " sampling mode with a larger max_length."
             )
 
-    def forward(self, tokens, segment_pos=None, last_position_only: bool = False,
-                state_is_empty: bool = False):
+    def forward(self, tokens, segment_pos=None, *, last_position_only: bool = False,
+                new_streams: bool = False):
         """Runs the chunk and advances the state.
 
         Args:
@@ -103,44 +103,52 @@ class SamplingLM(pz.nn.Layer):
           last_position_only: compute logits for the last position only (the
             "seq" axis keeps size 1), skipping the vocabulary projection
             elsewhere: all a prefill needs.
-          state_is_empty: promise that the state is the initial one (fresh
-            streams), so that layers skip reading it. A wrong promise gives
-            wrong results; only the generation prefill makes it.
+          new_streams: start fresh streams with this chunk, discarding the
+            state (a command, not a promise: the result is always that of
+            fresh streams). Layers then skip reading their state.
         """
         steps = pz.nx.arange(axes.SEQ, tokens.named_shape[axes.SEQ], dtype=jnp.int32)
-        if segment_pos is None:
-            segment_pos = self.next_position.value + steps
-        document_id = self.documents.value + positions.segment_ids(segment_pos)
-        logits = self.model.forward(
-            tokens,
-            segment_pos,
-            last_position_only=last_position_only,
-            stream_pos=self.stream_index.value + steps,
-            document_id=document_id,
-            state_is_empty=state_is_empty,
-        )
+        if new_streams:
+            if segment_pos is None:
+                segment_pos = steps.broadcast_like(tokens)
+            context = DocumentContext.build(segment_pos)
+        else:
+            if segment_pos is None:
+                segment_pos = self.next_position.value + steps
+            context = DocumentContext.build(
+                segment_pos,
+                stream_offset=self.stream_index.value,
+                documents_before=self.documents.value,
+            )
+            context = dataclasses.replace(context, new_streams=False)
+        logits = self.model.run(tokens, context, last_position_only)
         last = {axes.SEQ: -1}
         last_pos = segment_pos[last]
-        self.stream_index.value = self.stream_index.value + tokens.named_shape[axes.SEQ]
-        self.documents.value = pz.nx.order_like(document_id[last], self.documents.value)
-        self.next_position.value = pz.nx.order_like(
+        self.stream_index.value = order_like(context.stream_pos[last] + 1, self.stream_index.value)
+        self.documents.value = order_like(context.document_id[last], self.documents.value)
+        self.next_position.value = order_like(
             pz.nx.nmap(jnp.where)(last_pos >= 0, last_pos + 1, 0).astype(jnp.int32),
             self.next_position.value,
         )
         return logits
 
 
-sites.register_transparent_fields(SamplingLM, "model")
 
 
-def _twin_factory(layer, twins) -> Callable | None:
-    for cls in type(layer).__mro__:
-        if cls in twins:
-            return twins[cls]
-    return None
+
+def _unsupported_temporal_layers(model) -> list[str]:
+    """Layers that mix along "seq" but cannot carry a state, by site name."""
+    selection = pz.select(model).at_subtrees_where(
+        lambda node: (isinstance(node, TemporalLayer) and not isinstance(node, StatefulLayer))
+        or isinstance(node, (pz.nn.Attention, pz.nn.KVCachingAttention))
+    )
+    return [
+        f"{sites.path_name(model, keypath)} ({type(node).__name__})"
+        for keypath, node in zip(selection.get_keypaths(), selection.get_sequence())
+    ]
 
 
-def to_sampling_mode(model: base.DecoderLM, *, batch_size: int, max_length: int | None = None) -> SamplingLM:
+def to_sampling_mode(model: model_lib.DecoderLM, *, batch_size: int, max_length: int | None = None) -> SamplingLM:
     """Returns `model` in stateful sampling mode, with empty state.
 
     Args:
@@ -152,95 +160,50 @@ def to_sampling_mode(model: base.DecoderLM, *, batch_size: int, max_length: int 
     """
     if isinstance(model, SamplingLM):
         raise TypeError("the model is already in sampling mode.")
-    if not isinstance(model, base.DecoderLM):
+    if not isinstance(model, model_lib.DecoderLM):
         raise TypeError(f"expected a recurrent_lm model, got {type(model).__name__}.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise ValueError(f"max_length must be a positive integer, got {max_length!r}.")
-    twins = stateful.registered_twins()
-
-    def swap(keypath, layer):
-        label = "sampler" + pz.pretty_keystr(keypath, model)
-        context = stateful.TwinContext(batch_size=batch_size, max_length=max_length, label=label)
-        return _twin_factory(layer, twins)(layer, context)
-
-    swapped = (
+    unsupported = _unsupported_temporal_layers(model)
+    if unsupported:
+        raise TypeError(
+            f"these layers mix along 'seq' but do not implement the state protocol"
+            f" (recurrent_lm.core.state.StatefulLayer), so sampling mode cannot continue"
+            f" their streams: {', '.join(unsupported)}. Implement initial_state and"
+            " forward(x, context, state) for them."
+        )
+    wrapped = (
         pz.select(model)
-        .at_subtrees_where(lambda node: _twin_factory(node, twins) is not None)
-        .apply(swap, with_keypath=True)
+        .at_instances_of(StatefulLayer)
+        .apply(
+            lambda keypath, layer: Stateful.wrap(
+                layer, batch_size=batch_size, max_length=max_length,
+                label="sampler." + sites.path_name(model, keypath),
+            ),
+            with_keypath=True,
+        )
     )
-    global_caches = (
-        pz.select(swapped)
-        .at_instances_of(stateful.CachedAttention)
-        .where(lambda layer: layer.holds_whole_stream)
+    global_attention = (
+        pz.select(model)
+        .at_instances_of(Attention)
+        .where(lambda layer: layer.window_size is None)
         .count()
     )
     zeros = lambda label: pz.StateVariable(
         pz.nx.zeros({axes.BATCH: batch_size}, jnp.int32), label=f"sampler.{label}"
     )
     return SamplingLM(
-        model=swapped,
+        model=wrapped,
         stream_index=zeros("stream_index"),
         next_position=zeros("next_position"),
         documents=zeros("documents"),
         batch_size=batch_size,
-        stream_capacity=max_length if global_caches else None,
+        stream_capacity=max_length if global_attention else None,
     )
 
 
-def to_stateless(sampler: SamplingLM) -> base.DecoderLM:
+def to_stateless(sampler: SamplingLM) -> model_lib.DecoderLM:
     """The ordinary model back from a sampling-mode one (same parameters)."""
-    return (
-        pz.select(sampler.model)
-        .at_instances_of(stateful.StatefulTwin)
-        .apply(lambda twin: twin.layer)
-    )
-
-
-def functional(sampler: SamplingLM) -> tuple[Callable, Any, Any]:
-    """``(step, params, state)``: a pure form of `sampler` for jit and loops.
-
-    ``step(params, state, ids, segment_pos=None, last_position_only=False) ->
-    (logits, state)`` takes and returns raw arrays: ids and segment_pos are int
-    [batch, T]; logits are [batch, T, vocabulary] (T = 1 with
-    `last_position_only`). ``params`` and ``state`` are tuples of frozen variable
-    values (pytrees), to pass through `jax.jit` and to carry in
-    `lax.while_loop`. No host checks run inside: validate inputs before.
-    """
-    skeleton, params, state = split(sampler)
-    return functools.partial(pure_step, skeleton), params, state
-
-
-def split(sampler: SamplingLM):
-    """``(skeleton, params, state)``: the sampler without its variables, and their
-    frozen values. The skeleton holds no arrays (a pytree with static leaves
-    only), so it can be passed to a jitted function at no cost."""
-    stateless, state = pz.unbind_state_vars(sampler, freeze=True)
-    skeleton, params = pz.unbind_params(stateless, freeze=True)
-    return skeleton, params, state
-
-
-def pure_step(skeleton, params, state, ids, segment_pos=None, last_position_only=False,
-              state_is_empty=False):
-    """One call of the sampling-mode model on raw arrays: ``(logits, state)``.
-
-    See `functional`; `state_is_empty` is `SamplingLM.forward`'s promise.
-    """
-    tokens = pz.nx.wrap(ids).tag(*axes.TOKEN_AXES)
-    pos = None if segment_pos is None else pz.nx.wrap(segment_pos).tag(*axes.TOKEN_AXES)
-    runner = _Forward(skeleton.bind_variables(params), last_position_only, state_is_empty)
-    logits, state = runner.stateless_call(state, tokens, segment_pos=pos)
-    return logits.unwrap(*axes.TOKEN_AXES, axes.VOCABULARY), state
-
-
-@pz.pytree_dataclass
-class _Forward(pz.nn.Layer):
-    """Adapter: `stateless_call` runs a layer's ``__call__``; this runs ``forward``."""
-
-    sampler: SamplingLM
-    last_position_only: bool = dataclasses.field(metadata={"pytree_node": False})
-    state_is_empty: bool = dataclasses.field(default=False, metadata={"pytree_node": False})
-
-    def __call__(self, tokens, *, segment_pos=None, **_unused_side_inputs):
-        return self.sampler.forward(tokens, segment_pos, self.last_position_only, self.state_is_empty)
+    return pz.select(sampler.model).at_instances_of(Stateful).apply(lambda wrapper: wrapper.layer)

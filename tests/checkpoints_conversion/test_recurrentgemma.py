@@ -17,7 +17,6 @@ from griffin_cases import (
 import recurrent_lm
 from checkpoints_conversion import recurrentgemma as convert
 from checkpoints_conversion.common import flatten, unflatten
-from recurrent_lm.models import base
 from recurrent_lm.params import CheckpointMismatchError, parameter_values
 
 
@@ -44,7 +43,7 @@ def test_release_layout_loads_and_matches_official(release_checkpoint):
     model = convert.load_official_checkpoint(path, **case.overrides())
     ids, pos = case_inputs(case)
     expected = official_apply(case)(official_params(case), ids, pos)
-    assert max_relative_error(base.jit_forward(model)(ids, pos), expected) <= 1e-5
+    assert max_relative_error(recurrent_lm.jit_forward(model)(ids, pos), expected) <= 1e-5
 
 
 def test_params_root_also_loads(tmp_path):
@@ -124,7 +123,7 @@ def test_convert_cli(release_checkpoint, tmp_path, capsys):
     assert model.config.attention_window_size == case.window
     ids, pos = case_inputs(case)
     expected = official_apply(case)(official_params(case), ids, pos)
-    assert max_relative_error(base.jit_forward(model)(ids, pos), expected) <= 1e-5
+    assert max_relative_error(recurrent_lm.jit_forward(model)(ids, pos), expected) <= 1e-5
 
 
 def test_every_mismatch_is_listed_with_shapes():

@@ -8,7 +8,8 @@ import pytest
 from penzai import pz
 
 from recurrent_lm import interp
-from recurrent_lm.models import base, gemma, griffin, h3, rwkv
+from recurrent_lm.core import model as base
+from recurrent_lm.models import gemma, griffin, h3, rwkv
 
 SEQ = 8
 STATE_PATCH_AT = 3

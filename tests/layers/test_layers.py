@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from penzai import pz
 
-from recurrent_lm import layers
+from streams import context, continue_in_pieces, run_fresh
+
+from recurrent_lm.core.context import DocumentContext
 from recurrent_lm.layers import attention, conv, linear, norms, rg_lru, rope
 
 
@@ -55,7 +57,7 @@ def test_conv_matches_numpy_with_document_cuts(taps):
     w = layer.weights.value.unwrap("conv_taps", "lru")
     b = rng.normal(size=(6,)).astype(np.float32)
     layer.bias.value = named(b, "lru")
-    y = layer(named(x, "batch", "seq", "lru"), segment_pos=named(pos, "batch", "seq"))
+    y = layer(named(x, "batch", "seq", "lru"), context=context(pos))
     np.testing.assert_allclose(
         y.unwrap("batch", "seq", "lru"), numpy_conv(x, pos, np.asarray(w), b), rtol=1e-5, atol=1e-6
     )
@@ -66,16 +68,6 @@ def split_points(rng, steps, pieces):
     return [0, *cuts, steps]
 
 
-def continue_in_pieces(forward, x, pos, bounds):
-    """Runs `forward(x, pos, state) -> (y, state)` chunk by chunk, carrying the state."""
-    state, pieces = None, []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        piece = {"seq": pz.slice[lo:hi]}
-        y, state = forward(x[piece], pos[piece], state)
-        pieces.append(y)
-    return pz.nx.concatenate(pieces, "seq"), state
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_conv_history_continues_the_stream(seed):
     rng = np.random.default_rng(seed)
@@ -83,8 +75,8 @@ def test_conv_history_continues_the_stream(seed):
     x = named(rng.normal(size=(2, steps, 5)).astype(np.float32), "batch", "seq", "lru")
     pos = named(random_segment_pos(rng, 2, steps), "batch", "seq")
     layer = conv.CausalConv1D.from_config("conv", jax.random.key(seed), 5, 4)
-    full, _ = layer.forward(x, pos, None)
-    chunked, _ = continue_in_pieces(layer.forward, x, pos, split_points(rng, steps, 4))
+    full, _ = run_fresh(layer, x, pos)
+    chunked, _ = continue_in_pieces(layer, x, pos, split_points(rng, steps, 4))
     np.testing.assert_allclose(
         chunked.unwrap("batch", "seq", "lru"), full.unwrap("batch", "seq", "lru"), rtol=1e-6, atol=1e-6
     )
@@ -97,8 +89,8 @@ def test_rg_lru_continues_from_its_state(seed):
     x = named(rng.normal(size=(2, steps, 8)).astype(np.float32), "batch", "seq", "lru")
     pos = named(random_segment_pos(rng, 2, steps), "batch", "seq")
     layer = rg_lru.RGLRU.from_config("lru", jax.random.key(seed), 8, 2)
-    full, full_last = layer.forward(x, pos, None)
-    chunked, state = continue_in_pieces(layer.forward, x, pos, split_points(rng, steps, 5))
+    full, full_last = run_fresh(layer, x, pos)
+    chunked, state = continue_in_pieces(layer, x, pos, split_points(rng, steps, 5))
     np.testing.assert_allclose(
         chunked.unwrap("batch", "seq", "lru"),
         full.unwrap("batch", "seq", "lru"), rtol=1e-5, atol=1e-6,
@@ -112,8 +104,8 @@ def test_rg_lru_reset_forgets_the_past():
     x = rng.normal(size=(1, 10, 4)).astype(np.float32)
     pos = np.array([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]], np.int32)
     layer = rg_lru.RGLRU.from_config("lru", jax.random.key(0), 4, 2)
-    y = layer(named(x, "batch", "seq", "lru"), segment_pos=named(pos, "batch", "seq"))
-    second = layer(named(x[:, 5:], "batch", "seq", "lru"), segment_pos=named(pos[:, 5:], "batch", "seq"))
+    y = layer(named(x, "batch", "seq", "lru"), context=context(pos))
+    second = layer(named(x[:, 5:], "batch", "seq", "lru"), context=context(pos[:, 5:]))
     np.testing.assert_allclose(
         y.unwrap("batch", "seq", "lru")[:, 5:], second.unwrap("batch", "seq", "lru"), rtol=1e-6, atol=1e-7
     )
@@ -156,7 +148,8 @@ def test_rope_rotates_leading_pairs_in_rotate_half_layout(fraction):
     x = rng.normal(size=(steps, head_dim)).astype(np.float32)
     pos = np.array([0, 1, 2, 0, 1, 5, -1], np.int32)
     layer = rope.RotaryEmbedding(fraction, 10_000.0)
-    y = layer(named(x, "seq", "projection"), segment_pos=named(pos, "seq")).unwrap("seq", "projection")
+    y = layer(named(x, "seq", "projection"), context=DocumentContext.build(named(pos, "seq")))
+    y = y.unwrap("seq", "projection")
     rot = int(head_dim * fraction)
     half = rot // 2
     expected = x.astype(np.float64).copy()
@@ -176,7 +169,7 @@ def test_rope_rejects_odd_rotary_width():
 
 def test_causal_mask_sees_window_plus_one_keys_within_documents():
     pos = np.array([[-1, -1, 0, 1, 2, 3, 4, 0, 1, 2]], np.int32)
-    mask = attention.causal_mask(named(pos, "batch", "seq"), window_size=2)
+    mask = attention.causal_mask(context(pos), window_size=2)
     m = np.asarray(mask.unwrap("batch", "seq", "kv_seq"))[0]
     for q in range(10):
         for k in range(10):
@@ -200,13 +193,16 @@ def test_attention_groups_query_heads_onto_kv_heads():
         np.testing.assert_allclose(out[:, h], probs @ v[:, g], rtol=1e-5, atol=1e-6)
 
 
-def test_segment_ids_count_document_starts():
-    pos = np.array([[-1, 0, 1, 0, 0, 1, 2]], np.int32)
-    ids = layers.segment_ids(named(pos, "batch", "seq")).unwrap("batch", "seq")
-    np.testing.assert_array_equal(ids, [[0, 1, 1, 2, 3, 3, 3]])
+def test_context_counts_documents_and_distances_to_starts():
+    pos = np.array([[-1, 0, 1, 0, 0, 1, 2, -1]], np.int32)
+    ctx = DocumentContext.build(named(pos, "batch", "seq"))
+    np.testing.assert_array_equal(ctx.document_id.unwrap("batch", "seq"), [[0, 1, 1, 2, 3, 3, 3, 3]])
+    since = ctx.since_start.unwrap("batch", "seq")
+    np.testing.assert_array_equal(since[:, 1:], [[0, 1, 0, 0, 1, 2, 3]])
+    assert since[0, 0] > 1000  # no start yet: every earlier token is reachable
 
 
-def test_layers_need_segment_pos():
+def test_layers_need_a_context():
     layer = conv.CausalConv1D.from_config("conv", jax.random.key(0), 4, 4)
-    with pytest.raises(ValueError, match="needs the side input segment_pos"):
+    with pytest.raises(ValueError, match="needs the side input context"):
         layer(named(np.zeros((1, 3, 4), np.float32), "batch", "seq", "lru"))

@@ -20,7 +20,8 @@ from penzai import pz
 
 from checkpoints_conversion import gemma as convert
 from recurrent_lm.layers import Attention
-from recurrent_lm.models import base, gemma
+import recurrent_lm
+from recurrent_lm.models import gemma
 from recurrent_lm.params import abstract_parameters
 
 
@@ -124,7 +125,7 @@ def test_tiny_preset_builds_runs_and_checks_inputs():
     assert config.num_layers <= 4 and config.hidden_dim <= 128
     model = gemma.build_model(config, jax.random.key(0))
     ids = np.arange(12, dtype=np.int32).reshape(2, 6)
-    logits = base.jit_forward(model)(ids)
+    logits = recurrent_lm.jit_forward(model)(ids)
     assert logits.shape == (2, 6, config.vocabulary_size)
     assert np.all(np.isfinite(logits))
     assert np.abs(logits).max() <= config.final_logit_soft_cap

@@ -20,7 +20,8 @@ from penzai import pz
 from checkpoints_conversion import recurrentgemma as convert
 from recurrent_lm import interp
 from recurrent_lm.layers import RGLRU, recurrence
-from recurrent_lm.models import base, griffin
+import recurrent_lm
+from recurrent_lm.models import griffin
 from recurrent_lm.params import abstract_parameters, cast_parameters
 
 
@@ -46,7 +47,7 @@ def test_every_scan_method_matches_official_under_jit(method):
     case = CASES["hybrid"]
     ids, pos = case_inputs(case)
     expected = official_apply(case)(official_params(case), ids, pos)
-    forward = base.jit_forward(our_model(case, scan_method=method))
+    forward = recurrent_lm.jit_forward(our_model(case, scan_method=method))
     assert max_relative_error(forward(ids, pos), expected) <= 1e-5
 
 
@@ -66,7 +67,7 @@ def test_bfloat16_matches_official_bfloat16():
     assert official_bf16.dtype == jnp.bfloat16
     model = convert.from_official_params(params_bf16, **case.overrides())
     assert model.config.param_dtype == "bfloat16"
-    ours = base.jit_forward(model)(ids, pos)
+    ours = recurrent_lm.jit_forward(model)(ids, pos)
     assert ours.dtype == jnp.bfloat16
     official_error = max_relative_error(official_bf16, reference)
     our_error = max_relative_error(ours, reference)
@@ -86,7 +87,7 @@ def test_cast_parameters_matches_official_compute_dtype():
         official_params(case), ids, pos)
     model = cast_parameters(our_model(case), jnp.bfloat16)
     assert model.config.param_dtype == "bfloat16"
-    ours = base.jit_forward(model)(ids, pos)
+    ours = recurrent_lm.jit_forward(model)(ids, pos)
     assert ours.dtype == expected.dtype == jnp.bfloat16
     # Same bf16 arithmetic; only rounding order may differ (see the bf16 test for the scale).
     assert max_relative_error(ours, expected) <= 2e-2
@@ -268,7 +269,7 @@ def test_token_ids_out_of_range_are_rejected(small_model):
     with pytest.raises(ValueError, match="token id -1"):
         small_model(named_tokens(np.array([[1, -1]], np.int32)))
     with pytest.raises(ValueError, match="outside the vocabulary range"):
-        base.jit_forward(small_model)(np.array([[1, 40]], np.int32))
+        recurrent_lm.jit_forward(small_model)(np.array([[1, 40]], np.int32))
 
 
 def test_wrong_axes_are_rejected(small_model):

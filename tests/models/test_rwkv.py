@@ -16,7 +16,9 @@ from rwkv_cases import CASES, case_ids, hf_logits, hf_model, our_model
 from checkpoints_conversion import rwkv as convert
 from recurrent_lm.layers.channel_mix import ChannelMix
 from recurrent_lm.layers.wkv import StatefulMix, TimeMix
-from recurrent_lm.models import base, rwkv
+import recurrent_lm
+from recurrent_lm.core import model as base
+from recurrent_lm.models import rwkv
 from recurrent_lm.params import abstract_parameters, parameter_values
 from recurrent_lm.sampling import generate, to_sampling_mode
 
@@ -245,7 +247,7 @@ def test_100k_tokens_with_large_keys_stay_finite(fresh_model):
 
     model = pz.select(fresh_model).at_instances_of(pz.Parameter).apply(large_keys)
     ids = np.random.default_rng(0).integers(0, 11, (1, 100_000)).astype(np.int32)
-    logits = np.asarray(base.jit_forward(model)(ids))
+    logits = np.asarray(recurrent_lm.jit_forward(model)(ids))
     assert np.isfinite(logits).all()
 
 

@@ -11,7 +11,8 @@ from test_sampling_mode import feed_in_chunks
 
 from checkpoints_conversion import gemma as convert
 from recurrent_lm.layers import stateful
-from recurrent_lm.models import base, gemma
+import recurrent_lm
+from recurrent_lm.models import gemma
 from recurrent_lm.sampling import generate, to_sampling_mode
 
 
@@ -67,7 +68,7 @@ def test_generate_is_greedy_over_the_full_forward():
     prompts = [[2, 17, 5, 9, 33, 8, 1], [2, 40]]
     out = generate(model, prompts, max_new_tokens=8, prompt_bucket=4)
     assert out.finish_reasons == ["length", "length"]
-    forward = base.jit_forward(model)
+    forward = recurrent_lm.jit_forward(model)
     for prompt, generated in zip(prompts, out.tokens, strict=True):
         assert len(generated) == 8
         ids = np.asarray([prompt + generated], np.int32)

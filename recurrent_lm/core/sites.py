@@ -56,24 +56,30 @@ class StateSite(Hook):
 
 
 # Fields that site names skip: containers whose nesting says nothing about the
-# model ("blocks.sublayers.3" reads "blocks.3"; a sampling twin's wrapped layer).
-_TRANSPARENT_FIELDS: dict[type, tuple[str, ...]] = {pz.nn.Sequential: ("sublayers",)}
+# model ("blocks.sublayers.3" reads "blocks.3"). Our own wrappers (the sampling
+# mode's `Stateful` and `SamplingLM`) declare theirs in a class attribute
+# ``transparent_fields``.
+_PENZAI_TRANSPARENT_FIELDS: dict[type, tuple[str, ...]] = {pz.nn.Sequential: ("sublayers",)}
 
 
-def register_transparent_fields(cls: type, *field_names: str) -> None:
-    """Declares fields of `cls` that do not appear in site names."""
-    _TRANSPARENT_FIELDS[cls] = _TRANSPARENT_FIELDS.get(cls, ()) + field_names
+def _transparent_fields(node) -> tuple[str, ...]:
+    for cls, names in _PENZAI_TRANSPARENT_FIELDS.items():
+        if isinstance(node, cls):
+            return names
+    return getattr(type(node), "transparent_fields", ())
 
 
 def path_name(root, keypath) -> str:
-    """The dotted site name of the subtree of `root` at `keypath`."""
+    """The dotted name of the subtree of `root` at `keypath`.
+
+    The one naming scheme of the library: sites, sampling-state labels and
+    parameter labels all read ``blocks.2.temporal_block.rg_lru...``. (Penzai's
+    `pz.pretty_keystr` spells the same path ``.blocks.sublayers[2]...``, with
+    the container fields that say nothing about the model.)"""
     parts, node = [], root
     for key in keypath:
         if isinstance(key, jax.tree_util.GetAttrKey):
-            skip = any(
-                isinstance(node, cls) and key.name in names
-                for cls, names in _TRANSPARENT_FIELDS.items()
-            )
+            skip = key.name in _transparent_fields(node)
             node = getattr(node, key.name)
             if not skip:
                 parts.append(key.name)

@@ -1,0 +1,47 @@
+"""Test helpers: run a temporal layer's state protocol on named inputs."""
+
+import numpy as np
+from penzai import pz
+
+from recurrent_lm import axes
+from recurrent_lm.core.context import DocumentContext
+
+
+def context(pos, *, stream_offset: int | None = None, documents_before=None) -> DocumentContext:
+    """The context of `pos` ({"batch", "seq"} NamedArray or [batch, seq] array);
+    with an offset the call continues streams (``new_streams`` False)."""
+    if not isinstance(pos, pz.nx.NamedArrayBase):
+        pos = pz.nx.wrap(np.asarray(pos, np.int32)).tag(*axes.TOKEN_AXES)
+    batch = pos.named_shape[axes.BATCH]
+    as_batch = lambda v: pz.nx.wrap(np.broadcast_to(np.asarray(v, np.int32), (batch,))).tag(axes.BATCH)
+    offset = None if stream_offset is None else as_batch(stream_offset)
+    documents = None if documents_before is None else as_batch(documents_before)
+    if offset is not None and documents is None:
+        documents = as_batch(0)
+    return DocumentContext.build(pos, stream_offset=offset, documents_before=documents)
+
+
+def run_fresh(layer, x, pos):
+    """``layer.forward`` on fresh streams: ``(y, state after)``."""
+    ctx = context(pos)
+    return layer.forward(x, ctx, layer.initial_state(ctx.segment_pos.named_shape[axes.BATCH]))
+
+
+def run_from(layer, x, pos, state):
+    """``layer.forward`` continuing from `state` (at stream offset 0)."""
+    return layer.forward(x, context(pos, stream_offset=0), state)
+
+
+def continue_in_pieces(layer, x, pos, bounds, max_length=None):
+    """Runs `layer` chunk by chunk (``bounds`` along "seq"), carrying its state."""
+    raw = np.asarray(pos.unwrap(*axes.TOKEN_AXES))
+    state = layer.initial_state(raw.shape[0], max_length=max_length)
+    pieces = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        piece = {axes.SEQ: pz.slice[lo:hi]}
+        documents = (raw[:, :lo] == 0).sum(axis=1)
+        y, state = layer.forward(
+            x[piece], context(pos[piece], stream_offset=lo, documents_before=documents), state
+        )
+        pieces.append(y)
+    return pz.nx.concatenate(pieces, axes.SEQ), state
