@@ -17,7 +17,9 @@ from penzai import pz
 from safetensors.numpy import load_file
 
 from checkpoints_conversion import h3 as convert
-from recurrent_lm.layers import ssm, stateful
+from recurrent_lm.core.context import DocumentContext
+from recurrent_lm.core.state import Stateful
+from recurrent_lm.layers import ssm
 from recurrent_lm.models import h3
 from recurrent_lm.params import CheckpointMismatchError
 from recurrent_lm.sampling import to_sampling_mode
@@ -116,7 +118,7 @@ def test_layer0_mixer(model, expected):
     pos = pz.nx.wrap(
         np.broadcast_to(np.arange(x.named_shape["seq"]), x.data_array.shape[:2])
     ).tag("batch", "seq")
-    out = jax.jit(lambda x, pos: h3.mixer(model, 0)(x, segment_pos=pos))(x, pos)
+    out = jax.jit(lambda x, pos: h3.mixer(model, 0)(x, context=DocumentContext.build(pos)))(x, pos)
     out = out.unwrap("batch", "seq", "embedding")
     assert rel(out, expected["layer0_mixer_out"]) <= 1e-5
 
@@ -125,13 +127,14 @@ def test_prompt_states(model, expected):
     ids = expected["input_ids"]
     sampler = to_sampling_mode(model, batch_size=ids.shape[0], max_length=ids.shape[1])
     sampler(tokens(ids[:, :PROMPT]))
-    diag = pz.select(sampler).at_instances_of(ssm.StatefulDiagonalSSM).get_sequence()
-    shift = pz.select(sampler).at_instances_of(stateful.StatefulConv1D).get_sequence()
+    wrappers = pz.select(sampler).at_instances_of(Stateful).get_sequence()
+    diag = [w for w in wrappers if isinstance(w.layer, ssm.DiagonalSSM)]
+    shift = [w for w in wrappers if isinstance(w.layer, ssm.ShiftSSM)]
     for twin_diag, twin_shift, layer in zip(diag, shift, (0, 2)):
-        h = twin_diag.hidden.value.unwrap("batch", "heads", "state")
+        h = twin_diag.state.value.unwrap("batch", "heads", "state")
         assert rel(h.real, expected[f"prompt_state_diag_layer{layer}_real"]) <= 1e-5
         assert rel(h.imag, expected[f"prompt_state_diag_layer{layer}_imag"]) <= 1e-5
-        register = twin_shift.layer.register(twin_shift.history.value)
+        register = twin_shift.layer.register(twin_shift.state.value)
         assert (
             rel(
                 register.unwrap("batch", "heads", "state"),

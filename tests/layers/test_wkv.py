@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from griffin_cases import segment_layout
+from streams import context
 from penzai import pz
 
 from recurrent_lm.layers import recurrence
@@ -66,7 +67,7 @@ def _wkv_raw(time_decay, time_first, k, v, pos, state, method):
         named(time_first, "wkv"),
         named(k, "batch", "seq", "wkv"),
         named(v, "batch", "seq", "wkv"),
-        named(pos, "batch", "seq"),
+        context(pos),
         state,
         method=method,
     )

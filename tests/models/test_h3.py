@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from penzai import pz
+from streams import context, run_fresh
 
 from recurrent_lm import checkpoint
 from recurrent_lm.layers import ssm
@@ -105,8 +106,8 @@ def test_diagonal_ssm_against_float64(discretisation, method):
     run = jax.jit(
         lambda z, pos, h0: layer.forward(
             named(z, "batch", "seq", "heads"),
-            named(pos, "batch", "seq"),
-            None if h0 is None else named(h0, "batch", "heads", "state"),
+            context(named(pos, "batch", "seq"), stream_offset=0),
+            named(h0, "batch", "heads", "state"),
         )
     )
     # One plain row (the FFT route), then packed and padded rows.
@@ -132,7 +133,7 @@ def test_fft_and_scan_agree_on_long_rows():
         np.broadcast_to(np.arange(1024, dtype=np.int32), (2, 1024)), "batch", "seq"
     )
     run = lambda method: jax.jit(
-        lambda z, p: ssm.with_ssm_method(layer, method).forward(z, p, None)
+        lambda z, p: run_fresh(ssm.with_ssm_method(layer, method), z, p)
     )(z, pos)
     (y_fft, h_fft), (y_scan, h_scan) = run("fft"), run("scan")
     assert (
@@ -167,9 +168,7 @@ def test_shift_ssm_against_the_original_register():
     pos = packed_positions(40)
     k = rng.normal(size=(3, 40, H)).astype(np.float32)
     y, history = jax.jit(
-        lambda k, p: layer.forward(
-            named(k, "batch", "seq", "heads"), named(p, "batch", "seq"), None
-        )
+        lambda k, p: run_fresh(layer, named(k, "batch", "seq", "heads"), named(p, "batch", "seq"))
     )(k, pos)
     s = np.zeros((3, H, n))
     ys = []

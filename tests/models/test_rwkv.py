@@ -15,9 +15,10 @@ from rwkv_cases import CASES, case_ids, hf_logits, hf_model, our_model
 
 from checkpoints_conversion import rwkv as convert
 from recurrent_lm.layers.channel_mix import ChannelMix
-from recurrent_lm.layers.wkv import StatefulMix, TimeMix
+from recurrent_lm.core.state import Stateful
+from recurrent_lm.layers.wkv import TimeMix
 import recurrent_lm
-from recurrent_lm.core import model as base
+from recurrent_lm.core import registry
 from recurrent_lm.models import rwkv
 from recurrent_lm.params import abstract_parameters, parameter_values
 from recurrent_lm.sampling import generate, to_sampling_mode
@@ -134,7 +135,7 @@ def test_sampling_state_matches_hf_state(fixture_model):
     ids = expected["input_ids"].astype(np.int32)
     sampler = to_sampling_mode(model, batch_size=ids.shape[0])
     sampler(named_tokens(ids))
-    twins = pz.select(sampler).at_instances_of(StatefulMix).get_sequence()
+    twins = pz.select(sampler).at_instances_of(Stateful).get_sequence()
     time_mix = [t.state for t in twins if isinstance(t.layer, TimeMix)]
     channel_mix = [t.state for t in twins if isinstance(t.layer, ChannelMix)]
     assert len(time_mix) == len(channel_mix) == 4
@@ -264,7 +265,7 @@ def test_presets_have_the_released_sizes():
     small = rwkv.RwkvConfig.from_preset("169m", hidden_size=64)
     assert (small.attention_hidden_size, small.intermediate_size) == (64, 256)
     assert "tiny" in rwkv.PRESETS
-    assert base.get_model_type("rwkv").config_class is rwkv.RwkvConfig
+    assert registry.get("rwkv").config_class is rwkv.RwkvConfig
     assert rwkv.RwkvConfig.from_dict(small.to_dict()) == small
 
 

@@ -10,7 +10,8 @@ from penzai import pz
 from test_sampling_mode import feed_in_chunks
 
 from checkpoints_conversion import gemma as convert
-from recurrent_lm.layers import stateful
+from recurrent_lm.core.state import Stateful
+from recurrent_lm.layers import Attention
 import recurrent_lm
 from recurrent_lm.models import gemma
 from recurrent_lm.sampling import generate, to_sampling_mode
@@ -36,8 +37,8 @@ def test_token_by_token_equals_the_full_forward():
 def test_cache_sizes_follow_the_layer_kind():
     case = CASES["gemma2_gqa"]
     sampler = to_sampling_mode(our_model(case), batch_size=2, max_length=40)
-    caches = [t.cache.value for t in
-              pz.select(sampler).at_instances_of(stateful.CachedAttention).get_sequence()]
+    caches = [w.state.value for w in pz.select(sampler).at_instances_of(Stateful).get_sequence()
+              if isinstance(w.layer, Attention)]
     # Sliding layers: the window (4 keys, the current one included); global: max_length.
     assert [c.slots for c in caches] == [4, 40, 4, 40]
     assert sampler.stream_capacity == 40
@@ -52,8 +53,8 @@ def test_upcast_model_caches_float32():
     bf16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), official_params(case))
     model = our_model(case, bf16, upcast_activations_to_float32=True)
     sampler = to_sampling_mode(model, batch_size=case.batch, max_length=case.seq)
-    twins = pz.select(sampler).at_instances_of(stateful.CachedAttention).get_sequence()
-    assert {t.cache.value.keys.dtype for t in twins} == {jnp.dtype(jnp.float32)}
+    wrappers = pz.select(sampler).at_instances_of(Stateful).get_sequence()
+    assert {w.state.value.keys.dtype for w in wrappers} == {jnp.dtype(jnp.float32)}
     tokens, segment_pos = named_tokens(*case_inputs(case))
     full = model(tokens, segment_pos=segment_pos).unwrap("batch", "seq", "vocabulary")
     assert max_relative_error(feed_in_chunks(sampler, tokens, segment_pos, 6), full) <= 1e-5

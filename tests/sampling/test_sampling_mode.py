@@ -16,7 +16,8 @@ from griffin_cases import (
 from penzai import pz
 
 from checkpoints_conversion import recurrentgemma as convert
-from recurrent_lm.layers import RGLRU, Attention, stateful
+from recurrent_lm.core.state import Stateful, StatefulLayer, TemporalLayer
+from recurrent_lm.layers import RGLRU, Attention, CausalConv1D
 from recurrent_lm.models import griffin
 from recurrent_lm.sampling import SamplingLM, functional, to_sampling_mode, to_stateless
 
@@ -88,18 +89,32 @@ def test_functional_form_under_jit_and_while_loop():
 def test_twins_share_the_parameters_and_swap_back():
     model = our_model(CASES["hybrid"])
     sampler = to_sampling_mode(model, batch_size=2)
-    twins = pz.select(sampler).at_instances_of(stateful.StatefulTwin).get_sequence()
-    assert sorted(type(t).__name__ for t in twins) == [
-        "CachedAttention", "StatefulConv1D", "StatefulConv1D", "StatefulRGLRU", "StatefulRGLRU"]
+    wrappers = pz.select(sampler).at_instances_of(Stateful).get_sequence()
+    assert sorted(type(w.layer).__name__ for w in wrappers) == [
+        "Attention", "CausalConv1D", "CausalConv1D", "RGLRU", "RGLRU"]
+    by_type = lambda cls: [w for w in wrappers if isinstance(w.layer, cls)]
     original = pz.select(model).at_instances_of(RGLRU).get_sequence()[0]
-    twin = pz.select(sampler).at_instances_of(stateful.StatefulRGLRU).get_sequence()[0]
-    assert twin.layer.a_param is original.a_param  # the same Parameter object
+    lru = by_type(RGLRU)[0]
+    assert lru.layer.a_param is original.a_param  # the same Parameter object
     assert to_stateless(sampler) == model
-    assert twin.hidden.value.dtype == jnp.float32
-    conv_twin = pz.select(sampler).at_instances_of(stateful.StatefulConv1D).get_sequence()[0]
-    assert dict(conv_twin.history.value.named_shape) == {"batch": 2, "conv_taps": 3, "lru": 64}
-    attn = pz.select(sampler).at_instances_of(stateful.CachedAttention).get_sequence()[0]
-    assert attn.cache.value.keys.named_shape["kv_seq"] == 6  # a ring buffer of window + 1
+    assert lru.state.value.dtype == jnp.float32
+    assert lru.state.label == "sampler.blocks.0.temporal_block.rg_lru"  # the site naming scheme
+    conv = by_type(CausalConv1D)[0]
+    assert dict(conv.state.value.named_shape) == {"batch": 2, "conv_taps": 3, "lru": 64}
+    attn = by_type(Attention)[0]
+    assert attn.state.value.keys.named_shape["kv_seq"] == 6  # a ring buffer of window + 1
+
+
+def test_temporal_layer_without_state_protocol_is_refused():
+    @pz.pytree_dataclass
+    class Stateless(TemporalLayer):
+        def __call__(self, x, **_unused_side_inputs):
+            return x
+
+    model = pz.select(our_model(CASES["hybrid"])).at_instances_of(RGLRU).apply(lambda _: Stateless())
+    with pytest.raises(TypeError, match=r"do not implement the state protocol.*blocks\.0\.temporal_block\.rg_lru \(Stateless\)"):
+        to_sampling_mode(model, batch_size=2)
+    assert issubclass(RGLRU, StatefulLayer)
 
 
 def global_attention_model():
@@ -158,8 +173,8 @@ def test_sampling_mode_bad_inputs():
         sampler(named_tokens(np.full((2, 1), 99, np.int32)))
     with pytest.raises(ValueError, match="empty 'seq' axis"):
         sampler(named_tokens(np.zeros((2, 0), np.int32)))
-    layer = pz.select(sampler).at_instances_of(stateful.CachedAttention).get_sequence()[0]
+    wrapper = pz.select(sampler).at_instances_of(Stateful).get_sequence()[0]
     x = pz.nx.zeros({"batch": 2, "seq": 1, "embedding": 48})
-    with pytest.raises(ValueError, match="needs the side input stream_pos"):
-        layer(x, segment_pos=pz.nx.zeros({"batch": 2, "seq": 1}, jnp.int32))
+    with pytest.raises(ValueError, match="needs the side input context"):
+        wrapper(x, segment_pos=pz.nx.zeros({"batch": 2, "seq": 1}, jnp.int32))
     assert isinstance(sampler, SamplingLM)
