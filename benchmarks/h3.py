@@ -33,6 +33,7 @@ from penzai import pz
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from recurrent_lm.core.context import DocumentContext
 from recurrent_lm.models import h3
 from recurrent_lm.params import parameter_values
 from recurrent_lm.sampling import decode
@@ -60,7 +61,8 @@ def mixer_function(width: int, d_state: int, method: str):
         pos = pz.nx.wrap(
             np.broadcast_to(np.arange(steps, dtype=np.int32), x.shape[:2])
         ).tag("batch", "seq")
-        return layer(named, segment_pos=pos).unwrap("batch", "seq", "embedding")
+        context = DocumentContext.build(pos)
+        return layer(named, context=context).unwrap("batch", "seq", "embedding")
 
     return run, params
 

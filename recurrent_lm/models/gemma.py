@@ -31,12 +31,60 @@ from recurrent_lm.layers import (
     embedding_table,
     rope,
 )
-from recurrent_lm.core.config import Config
+from recurrent_lm.core.config import (
+    BOOL,
+    PARAM_DTYPE,
+    POSITIVE,
+    POSITIVE_INT,
+    Config,
+    Rule,
+    field,
+    optional,
+)
 from recurrent_lm.core.model import DecoderLM
 from recurrent_lm.core.registry import Architecture
 
-PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")
+SOFT_CAP = optional(POSITIVE)
+NO_DROPOUT = Rule(lambda v: v == 0, "0: recurrent_lm models have no dropout layers (the field exists"
+                  " for Keras compatibility)")
 ROPE_MAX_WAVELENGTH = 10_000.0
+
+
+_GEMMA2 = dict(
+    use_post_ffw_norm=True, use_post_attention_norm=True, attention_logit_soft_cap=50.0,
+    final_logit_soft_cap=30.0, use_sliding_window_attention=True, sliding_window_size=4096,
+)
+
+# Shapes of the official Flax releases (vocabulary 256128, the Flax embedding
+# size; Keras' presets drop the last 128 rows).
+PRESETS_VALUES: dict[str, dict] = {
+    "gemma-2b": dict(
+        num_layers=18, num_query_heads=8, num_key_value_heads=1, hidden_dim=2048,
+        intermediate_dim=32_768, head_dim=256,
+    ),
+    "gemma-7b": dict(
+        num_layers=28, num_query_heads=16, num_key_value_heads=16, hidden_dim=3072,
+        intermediate_dim=49_152, head_dim=256,
+    ),
+    "gemma2-2b": dict(
+        num_layers=26, num_query_heads=8, num_key_value_heads=4, hidden_dim=2304,
+        intermediate_dim=18_432, head_dim=256, **_GEMMA2,
+    ),
+    "gemma2-9b": dict(
+        num_layers=42, num_query_heads=16, num_key_value_heads=8, hidden_dim=3584,
+        intermediate_dim=28_672, head_dim=256, **_GEMMA2,
+    ),
+    "gemma2-27b": dict(
+        num_layers=46, num_query_heads=32, num_key_value_heads=16, hidden_dim=4608,
+        intermediate_dim=73_728, head_dim=128, query_head_dim_normalize=False, **_GEMMA2,
+    ),
+    # A small Gemma-2-style model for training runs and tests.
+    "tiny": dict(
+        vocabulary_size=256, num_layers=4, num_query_heads=4, num_key_value_heads=2,
+        hidden_dim=128, intermediate_dim=512, head_dim=32,
+        **{**_GEMMA2, "sliding_window_size": 64},
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,84 +115,49 @@ class GemmaConfig(Config):
       layer_norm_epsilon: RMSNorm epsilon.
       dropout: kept for Keras compatibility; recurrent_lm models are
         deterministic, so it must be 0.
-      param_dtype: dtype of the parameters; activations follow it unless the
-        model is built with ``upcast_activations_to_float32``.
+      param_dtype: dtype of the parameters; activations follow it unless
+        ``upcast_activations_to_float32``.
+      upcast_activations_to_float32: as in penzai's Gemma: keep the parameters
+        in ``param_dtype`` but cast the embeddings to float32, so every
+        activation (and the sampling-mode KV cache) is float32.
     """
 
     model_type: ClassVar[str] = "gemma"
+    presets: ClassVar[dict[str, dict]] = PRESETS_VALUES
+    # ``vocab_size``: the name every other architecture uses, and the training CLI sets.
+    aliases: ClassVar[dict[str, str]] = {"vocab_size": "vocabulary_size"}
 
-    vocabulary_size: int = 256_128
-    num_layers: int = 18
-    num_query_heads: int = 8
-    num_key_value_heads: int = 1
-    hidden_dim: int = 2048
-    intermediate_dim: int = 32_768
-    head_dim: int = 256
-    query_head_dim_normalize: bool = True
-    use_post_ffw_norm: bool = False
-    use_post_attention_norm: bool = False
-    attention_logit_soft_cap: float | None = None
-    final_logit_soft_cap: float | None = None
-    use_sliding_window_attention: bool = False
-    sliding_window_size: int = 4096
-    layer_norm_epsilon: float = 1e-6
-    dropout: float = 0.0
-    param_dtype: str = "float32"
+    vocabulary_size: int = field(256_128, POSITIVE_INT)
+    num_layers: int = field(18, POSITIVE_INT)
+    num_query_heads: int = field(8, POSITIVE_INT)
+    num_key_value_heads: int = field(1, POSITIVE_INT)
+    hidden_dim: int = field(2048, POSITIVE_INT)
+    intermediate_dim: int = field(32_768, POSITIVE_INT)
+    head_dim: int = field(256, POSITIVE_INT)
+    query_head_dim_normalize: bool = field(True, BOOL)
+    use_post_ffw_norm: bool = field(False, BOOL)
+    use_post_attention_norm: bool = field(False, BOOL)
+    attention_logit_soft_cap: float | None = field(None, SOFT_CAP)
+    final_logit_soft_cap: float | None = field(None, SOFT_CAP)
+    use_sliding_window_attention: bool = field(False, BOOL)
+    sliding_window_size: int = field(4096, POSITIVE_INT)
+    layer_norm_epsilon: float = field(1e-6, POSITIVE)
+    dropout: float = field(0.0, NO_DROPOUT)
+    param_dtype: str = field("float32", PARAM_DTYPE)
+    upcast_activations_to_float32: bool = field(False, BOOL)
 
-    def __post_init__(self):
-        try:
-            object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype).name)
-        except TypeError as e:
-            raise ValueError(f"invalid GemmaConfig: param_dtype {self.param_dtype!r}: {e}.") from e
-        self._validate()
-
-    def _validate(self):
-        errors = []
-        for name in (
-            "vocabulary_size", "num_layers", "num_query_heads", "num_key_value_heads",
-            "hidden_dim", "intermediate_dim", "head_dim", "sliding_window_size",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                errors.append(f"{name} must be a positive integer, got {value!r}")
-        if errors:
-            raise ValueError("invalid GemmaConfig: " + "; ".join(errors) + ".")
+    def check(self):
         if self.num_query_heads % self.num_key_value_heads:
-            errors.append(
-                f"num_key_value_heads {self.num_key_value_heads} does not divide"
-                f" num_query_heads {self.num_query_heads}"
-            )
+            yield (f"num_key_value_heads {self.num_key_value_heads} does not divide"
+                   f" num_query_heads {self.num_query_heads}")
         if self.intermediate_dim % 2:
-            errors.append(
-                f"intermediate_dim {self.intermediate_dim} must be even (two MLP branches of"
-                " intermediate_dim // 2 units)"
-            )
+            yield (f"intermediate_dim {self.intermediate_dim} must be even (two MLP branches of"
+                   " intermediate_dim // 2 units)")
         if self.head_dim % 2:
-            errors.append(f"head_dim {self.head_dim} must be even (RoPE rotates feature pairs)")
+            yield f"head_dim {self.head_dim} must be even (RoPE rotates feature pairs)"
         if not self.query_head_dim_normalize and self.hidden_dim < self.num_query_heads:
-            errors.append(
-                f"hidden_dim {self.hidden_dim} // num_query_heads {self.num_query_heads} is 0:"
-                " no query scale (query_head_dim_normalize=False)"
-            )
-        for name in ("attention_logit_soft_cap", "final_logit_soft_cap"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                errors.append(f"{name} must be None (off) or > 0, got {value!r}")
-        for name in ("query_head_dim_normalize", "use_post_ffw_norm", "use_post_attention_norm",
-                     "use_sliding_window_attention"):
-            if not isinstance(getattr(self, name), bool):
-                errors.append(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if not self.layer_norm_epsilon > 0:
-            errors.append(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
-        if self.dropout != 0:
-            errors.append(
-                f"dropout must be 0, got {self.dropout!r}: recurrent_lm models have no dropout"
-                " layers (the field exists for Keras compatibility)"
-            )
-        if self.param_dtype not in PARAM_DTYPES:
-            errors.append(f"param_dtype {self.param_dtype!r} is not one of {PARAM_DTYPES}")
-        if errors:
-            raise ValueError("invalid GemmaConfig: " + "; ".join(errors) + ".")
+            yield (f"hidden_dim {self.hidden_dim} // num_query_heads {self.num_query_heads} is 0:"
+                   " no query scale (query_head_dim_normalize=False)")
 
     @property
     def vocab_size(self) -> int:
@@ -165,54 +178,8 @@ class GemmaConfig(Config):
         """Whether `layer` uses the sliding window (even layers, as released)."""
         return self.use_sliding_window_attention and layer % 2 == 0
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> GemmaConfig:
-        """A preset with fields replaced; ``vocab_size`` (the name every other
-        architecture uses, and the training CLI sets) means ``vocabulary_size``."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown Gemma preset {name!r}; presets: {sorted(PRESETS)}.")
-        if "vocab_size" in overrides:
-            if "vocabulary_size" in overrides:
-                raise ValueError("give vocab_size or vocabulary_size, not both.")
-            overrides["vocabulary_size"] = overrides.pop("vocab_size")
-        return dataclasses.replace(PRESETS[name], **overrides)
 
-
-_GEMMA2 = dict(
-    use_post_ffw_norm=True, use_post_attention_norm=True, attention_logit_soft_cap=50.0,
-    final_logit_soft_cap=30.0, use_sliding_window_attention=True, sliding_window_size=4096,
-)
-
-# Shapes of the official Flax releases (vocabulary 256128, the Flax embedding
-# size; Keras' presets drop the last 128 rows).
-PRESETS: dict[str, GemmaConfig] = {
-    "gemma-2b": GemmaConfig(
-        num_layers=18, num_query_heads=8, num_key_value_heads=1, hidden_dim=2048,
-        intermediate_dim=32_768, head_dim=256,
-    ),
-    "gemma-7b": GemmaConfig(
-        num_layers=28, num_query_heads=16, num_key_value_heads=16, hidden_dim=3072,
-        intermediate_dim=49_152, head_dim=256,
-    ),
-    "gemma2-2b": GemmaConfig(
-        num_layers=26, num_query_heads=8, num_key_value_heads=4, hidden_dim=2304,
-        intermediate_dim=18_432, head_dim=256, **_GEMMA2,
-    ),
-    "gemma2-9b": GemmaConfig(
-        num_layers=42, num_query_heads=16, num_key_value_heads=8, hidden_dim=3584,
-        intermediate_dim=28_672, head_dim=256, **_GEMMA2,
-    ),
-    "gemma2-27b": GemmaConfig(
-        num_layers=46, num_query_heads=32, num_key_value_heads=16, hidden_dim=4608,
-        intermediate_dim=73_728, head_dim=128, query_head_dim_normalize=False, **_GEMMA2,
-    ),
-    # A small Gemma-2-style model for training runs and tests.
-    "tiny": GemmaConfig(
-        vocabulary_size=256, num_layers=4, num_query_heads=4, num_key_value_heads=2,
-        hidden_dim=128, intermediate_dim=512, head_dim=32,
-        **{**_GEMMA2, "sliding_window_size": 64},
-    ),
-}
+PRESETS: dict[str, GemmaConfig] = {name: GemmaConfig.from_preset(name) for name in PRESETS_VALUES}
 
 
 @pz.pytree_dataclass(has_implicitly_inherited_fields=True)  # Attention's fields first
@@ -284,24 +251,16 @@ class EmbeddingScale(pz.nn.Layer):
         return x * jnp.sqrt(jnp.float32(self.width)).astype(x.dtype)
 
 
-def build_model(
-    config: GemmaConfig,
-    key: jax.Array | None,
-    *,
-    upcast_activations_to_float32: bool = False,
-) -> DecoderLM:
+def build_model(config: GemmaConfig, key: jax.Array | None) -> DecoderLM:
     """Builds a Gemma model.
 
     Args:
-      config: the hyper-parameters.
+      config: the hyper-parameters (and ``upcast_activations_to_float32``).
       key: PRNG key; None builds the structure with empty parameter slots, to
         be filled from a checkpoint (``pz.bind_variables``).
-      upcast_activations_to_float32: as in penzai's Gemma: keep the parameters
-        in ``config.param_dtype`` but cast the embeddings to float32, so every
-        activation (and the sampling-mode KV cache) is float32.
     """
     dtype = jnp.dtype(config.param_dtype)
-    activation_dtype = jnp.dtype(jnp.float32) if upcast_activations_to_float32 else dtype
+    activation_dtype = jnp.dtype(jnp.float32) if config.upcast_activations_to_float32 else dtype
     width = config.hidden_dim
     table = embedding_table("embedder", key, config.vocabulary_size, width, dtype=dtype)
     embedder = [pz.nn.EmbeddingLookup(table)]

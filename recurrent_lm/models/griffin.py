@@ -33,20 +33,49 @@ from recurrent_lm.layers import (
     recurrence,
     rope,
 )
-from recurrent_lm.core.config import Config
+from recurrent_lm.core.config import (
+    BOOL,
+    FRACTION,
+    NON_NEGATIVE,
+    PARAM_DTYPE,
+    POSITIVE,
+    POSITIVE_INT,
+    Config,
+    field,
+    one_of,
+    optional,
+    tuple_of,
+)
 from recurrent_lm.core.model import DecoderLM
 from recurrent_lm.core.registry import Architecture
 
 RECURRENT = "recurrent"
 ATTENTION = "attention"
 BLOCK_TYPES = (RECURRENT, ATTENTION)
-PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def griffin_pattern(num_layers: int) -> tuple[str, ...]:
     """(recurrent, recurrent, attention) repeated, as in both releases."""
     cycle = itertools.cycle((RECURRENT, RECURRENT, ATTENTION))
     return tuple(itertools.islice(cycle, num_layers))
+
+
+# Presets: field values (the rest are the defaults, or derived from these).
+PRESETS_VALUES: dict[str, dict] = {
+    # For tests and CPU experiments (the vocabulary follows the tokenizer in training).
+    "tiny": dict(
+        vocab_size=256, hidden_size=64, lru_width=64, num_attention_heads=4,
+        intermediate_size=128, num_hidden_layers=3, attention_window_size=32,
+    ),
+    "recurrentgemma-2b": dict(
+        vocab_size=256_000, hidden_size=2560, lru_width=2560, num_attention_heads=10,
+        intermediate_size=7680, num_hidden_layers=26,
+    ),
+    "recurrentgemma-9b": dict(
+        vocab_size=256_000, hidden_size=4096, lru_width=4096, num_attention_heads=16,
+        intermediate_size=12288, num_hidden_layers=38,
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,117 +102,60 @@ class GriffinConfig(Config):
       embeddings_scale_by_sqrt_dim: multiply embeddings by bf16(sqrt(D)).
       param_dtype: dtype of the parameters; computation follows it (as in the
         official code), the recurrence and softmax always accumulate in float32.
+      scan_method: the RG-LRU scan implementation (`recurrence.SCAN_METHODS`;
+        None picks the backend default at trace time).
     """
 
     model_type: ClassVar[str] = "griffin"
+    presets: ClassVar[dict[str, dict]] = PRESETS_VALUES
 
-    vocab_size: int = 256_000
-    hidden_size: int = 2560
-    lru_width: int | None = None
-    num_attention_heads: int = 10
-    intermediate_size: int = 7680
-    num_hidden_layers: int = 26
-    block_types: tuple[str, ...] | None = None
-    attention_window_size: int = 2048
-    conv1d_width: int = 4
-    logits_soft_cap: float = 30.0
-    rms_norm_eps: float = 1e-6
-    partial_rotary_factor: float = 0.5
-    rope_theta: float = 10000.0
-    num_key_value_heads: int = 1
-    embeddings_scale_by_sqrt_dim: bool = True
-    param_dtype: str = "float32"
+    vocab_size: int = field(256_000, POSITIVE_INT)
+    hidden_size: int = field(2560, POSITIVE_INT)
+    lru_width: int | None = field(None, optional(POSITIVE_INT))
+    num_attention_heads: int = field(10, POSITIVE_INT)
+    intermediate_size: int = field(7680, POSITIVE_INT)
+    num_hidden_layers: int = field(26, POSITIVE_INT)
+    block_types: tuple[str, ...] | None = field(None, optional(tuple_of(one_of(*BLOCK_TYPES))))
+    attention_window_size: int = field(2048, POSITIVE_INT)
+    conv1d_width: int = field(4, POSITIVE_INT)
+    logits_soft_cap: float = field(30.0, NON_NEGATIVE)
+    rms_norm_eps: float = field(1e-6, POSITIVE)
+    partial_rotary_factor: float = field(0.5, FRACTION)
+    rope_theta: float = field(10000.0, POSITIVE)
+    num_key_value_heads: int = field(1, POSITIVE_INT)
+    embeddings_scale_by_sqrt_dim: bool = field(True, BOOL)
+    param_dtype: str = field("float32", PARAM_DTYPE)
+    scan_method: str | None = field(None, optional(one_of(*recurrence.SCAN_METHODS)))
 
-    def __post_init__(self):
-        set_ = lambda name, value: object.__setattr__(self, name, value)
-        if self.block_types is None:
-            set_("block_types", griffin_pattern(self.num_hidden_layers))
-        else:
-            set_("block_types", tuple(self.block_types))
-        if self.lru_width is None:
-            set_("lru_width", self.hidden_size)
-        set_("param_dtype", jnp.dtype(self.param_dtype).name)
-        self._validate()
+    def derived(self):
+        return {
+            "block_types": self.block_types or griffin_pattern(self.num_hidden_layers),
+            "lru_width": self.lru_width or self.hidden_size,
+        }
 
-    def _validate(self):
-        errors = []
-        for name in (
-            "vocab_size", "hidden_size", "lru_width", "num_attention_heads",
-            "intermediate_size", "num_hidden_layers", "attention_window_size",
-            "conv1d_width", "num_key_value_heads",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                errors.append(f"{name} must be a positive integer, got {value!r}")
-        if errors:
-            raise ValueError("invalid GriffinConfig: " + "; ".join(errors) + ".")
-        bad = [t for t in self.block_types if t not in BLOCK_TYPES]
-        if bad:
-            errors.append(f"block_types has {bad}; each must be one of {BLOCK_TYPES}")
+    def check(self):
         if len(self.block_types) != self.num_hidden_layers:
-            errors.append(
-                f"len(block_types) = {len(self.block_types)} but num_hidden_layers ="
-                f" {self.num_hidden_layers}"
-            )
-        if self.hidden_size % self.num_attention_heads:
-            errors.append(
-                f"num_attention_heads {self.num_attention_heads} does not divide"
-                f" hidden_size {self.hidden_size}"
-            )
-        if self.lru_width % self.num_attention_heads:
-            errors.append(
-                f"num_attention_heads {self.num_attention_heads} does not divide"
-                f" lru_width {self.lru_width}"
-            )
+            yield (f"len(block_types) = {len(self.block_types)} but num_hidden_layers ="
+                   f" {self.num_hidden_layers}")
+        for name in ("hidden_size", "lru_width"):
+            if getattr(self, name) % self.num_attention_heads:
+                yield (f"num_attention_heads {self.num_attention_heads} does not divide"
+                       f" {name} {getattr(self, name)}")
         if self.num_attention_heads % self.num_key_value_heads:
-            errors.append(
-                f"num_key_value_heads {self.num_key_value_heads} does not divide"
-                f" num_attention_heads {self.num_attention_heads}"
-            )
-        if not errors:
+            yield (f"num_key_value_heads {self.num_key_value_heads} does not divide"
+                   f" num_attention_heads {self.num_attention_heads}")
+        elif not self.hidden_size % self.num_attention_heads:
             try:
                 rope.rotary_dims(self.head_dim, self.partial_rotary_factor)
             except ValueError as e:
-                errors.append(f"partial_rotary_factor: {e}")
-        if self.logits_soft_cap < 0:
-            errors.append(f"logits_soft_cap must be >= 0 (0 = off), got {self.logits_soft_cap}")
-        if not self.rms_norm_eps > 0:
-            errors.append(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
-        if not self.rope_theta > 0:
-            errors.append(f"rope_theta must be > 0, got {self.rope_theta}")
-        if self.param_dtype not in PARAM_DTYPES:
-            errors.append(f"param_dtype {self.param_dtype!r} is not one of {PARAM_DTYPES}")
-        if errors:
-            raise ValueError("invalid GriffinConfig: " + "; ".join(errors) + ".")
+                yield f"partial_rotary_factor: {e}"
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> GriffinConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown Griffin preset {name!r}; presets: {sorted(PRESETS)}.")
-        if "num_hidden_layers" in overrides and "block_types" not in overrides:
-            overrides["block_types"] = None  # re-derive the pattern for the new depth
-        return dataclasses.replace(PRESETS[name], **overrides)
 
-
-PRESETS: dict[str, GriffinConfig] = {
-    # For tests and CPU experiments (the vocabulary follows the tokenizer in training).
-    "tiny": GriffinConfig(
-        vocab_size=256, hidden_size=64, lru_width=64, num_attention_heads=4,
-        intermediate_size=128, num_hidden_layers=3, attention_window_size=32,
-    ),
-    "recurrentgemma-2b": GriffinConfig(
-        vocab_size=256_000, hidden_size=2560, lru_width=2560, num_attention_heads=10,
-        intermediate_size=7680, num_hidden_layers=26,
-    ),
-    "recurrentgemma-9b": GriffinConfig(
-        vocab_size=256_000, hidden_size=4096, lru_width=4096, num_attention_heads=16,
-        intermediate_size=12288, num_hidden_layers=38,
-    ),
-}
+PRESETS: dict[str, GriffinConfig] = {name: GriffinConfig.from_preset(name) for name in PRESETS_VALUES}
 
 
 @pz.pytree_dataclass
@@ -209,7 +181,7 @@ class RecurrentBlock(pz.nn.Layer):
         return self.linear_out(h * gate)
 
 
-def _recurrent_block(name, key, config: GriffinConfig, dtype, scan_method) -> RecurrentBlock:
+def _recurrent_block(name, key, config: GriffinConfig, dtype) -> RecurrentBlock:
     embed, lru = {axes.EMBEDDING: config.hidden_size}, {axes.LRU: config.lru_width}
     return RecurrentBlock(
         linear_y=dense(f"{name}.linear_y", key, embed, lru, use_bias=True, dtype=dtype),
@@ -219,7 +191,7 @@ def _recurrent_block(name, key, config: GriffinConfig, dtype, scan_method) -> Re
         ),
         rg_lru=RGLRU.from_config(
             f"{name}.rg_lru", key, config.lru_width, config.num_attention_heads,
-            scan_method=scan_method, dtype=dtype,
+            scan_method=config.scan_method, dtype=dtype,
         ),
         linear_out=dense(
             f"{name}.linear_out", key, lru, embed, use_bias=True,
@@ -245,23 +217,14 @@ def _attention_block(name, key, config: GriffinConfig, dtype) -> Attention:
     )
 
 
-def build_model(
-    config: GriffinConfig,
-    key: jax.Array | None,
-    *,
-    scan_method: str | None = None,
-) -> DecoderLM:
+def build_model(config: GriffinConfig, key: jax.Array | None) -> DecoderLM:
     """Builds a Griffin initialised as the official code does.
 
     Args:
-      config: the hyper-parameters.
+      config: the hyper-parameters (and build options such as ``scan_method``).
       key: PRNG key; None builds the structure with empty parameter slots, to
         be filled from a checkpoint (``pz.bind_variables``).
-      scan_method: the RG-LRU scan implementation (see
-        `recurrent_lm.layers.recurrence`); None picks the backend default at
-        trace time. Change it later with `recurrence.with_scan_method`.
     """
-    recurrence.check_scan_method(scan_method)
     dtype = jnp.dtype(config.param_dtype)
     table = embedding_table("embedder", key, config.vocab_size, config.hidden_size, dtype=dtype)
     embedder = [pz.nn.EmbeddingLookup(table)]
@@ -275,7 +238,7 @@ def build_model(
     for i, block_type in enumerate(config.block_types):
         name = f"blocks.{i}"
         if block_type == RECURRENT:
-            temporal = _recurrent_block(f"{name}.recurrent_block", key, config, dtype, scan_method)
+            temporal = _recurrent_block(f"{name}.recurrent_block", key, config, dtype)
         else:
             temporal = _attention_block(f"{name}.attention_block", key, config, dtype)
         norm = lambda part: RMSNorm.from_config(

@@ -42,13 +42,74 @@ from recurrent_lm.layers import (
     recurrence,
     ssm,
 )
-from recurrent_lm.core.config import Config
+from recurrent_lm.core.config import (
+    BOOL,
+    NON_NEGATIVE_INT,
+    PARAM_DTYPE,
+    POSITIVE,
+    POSITIVE_INT,
+    Config,
+    Rule,
+    field,
+    one_of,
+    optional,
+    tuple_of,
+)
 from recurrent_lm.core.model import DecoderLM
 from recurrent_lm.core.registry import Architecture
 
-PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")
 SSM_MODES = ("diag",)
 SSM_MEASURES = ("diag-lin", "diag-inv")
+# The original's head_dim > 1 lays out its output channels differently in its
+# two code paths: there is no single behaviour to reproduce.
+ONLY_HEAD_DIM_1 = Rule(lambda v: v == 1, "1 (every released model; the original's head_dim > 1 is"
+                       " inconsistent between its code paths)")
+DROPOUT_RATE = Rule(lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "in [0, 1)")
+
+
+PRESETS_VALUES: dict[str, dict] = {
+    "125m": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        attn_layer_idx=(6,),
+    ),
+    "355m": dict(
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        attn_layer_idx=(8, 16),
+    ),
+    "1.3b": dict(
+        hidden_size=2048,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        attn_layer_idx=(8, 16),
+    ),
+    "2.7b": dict(
+        hidden_size=2560,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        attn_layer_idx=(8, 16, 24),
+    ),
+    # model-2attn-rotary.pt of the 2.7B release.
+    "2.7b-2attn-rotary": dict(
+        hidden_size=2560,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        attn_layer_idx=(10, 21),
+        rotary_emb_dim=64,
+    ),
+    # For tests, demos and the training CLI: small enough to train on a CPU.
+    "tiny": dict(
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        attn_layer_idx=(1,),
+        d_state=16,
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,189 +146,63 @@ class H3Config(Config):
       rotary_emb_dim: RoPE features per attention head (64 for the rotary
         2.7B), 0 for none.
       param_dtype: dtype of the parameters (the SSMs always compute in float32).
+      ssm_method: how the diagonal SSMs run over a sequence: "fft" (kernel
+        convolution, the original's route) or "scan" (the recurrence).
+      scan_method: `linear_scan` implementation of the "scan" route (None =
+        backend default).
     """
 
     model_type: ClassVar[str] = "h3"
+    presets: ClassVar[dict[str, dict]] = PRESETS_VALUES
 
-    vocab_size: int = 50264
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    n_inner: int | None = None
-    residual_dropout: float = 0.0
-    embedding_dropout: float = 0.1
-    residual_in_fp32: bool = True
-    layer_norm_epsilon: float = 1e-5
-    initializer_range: float = 0.02
-    rescale_prenorm_residual: bool = True
-    glu_act: bool = False
-    ssm_mode: str = "diag"
-    ssm_measure: str = "diag-lin"
-    attn_layer_idx: tuple[int, ...] = (6,)
-    d_state: int = 64
-    discretisation: str = "bilinear"
-    head_dim: int = 1
-    rotary_emb_dim: int = 0
-    param_dtype: str = "float32"
+    vocab_size: int = field(50264, POSITIVE_INT)
+    hidden_size: int = field(768, POSITIVE_INT)
+    num_hidden_layers: int = field(12, POSITIVE_INT)
+    num_attention_heads: int = field(12, POSITIVE_INT)
+    n_inner: int | None = field(None, optional(POSITIVE_INT))
+    residual_dropout: float = field(0.0, DROPOUT_RATE)
+    embedding_dropout: float = field(0.1, DROPOUT_RATE)
+    residual_in_fp32: bool = field(True, BOOL)
+    layer_norm_epsilon: float = field(1e-5, POSITIVE)
+    initializer_range: float = field(0.02, POSITIVE)
+    rescale_prenorm_residual: bool = field(True, BOOL)
+    glu_act: bool = field(False, BOOL)
+    ssm_mode: str = field("diag", one_of(*SSM_MODES))
+    ssm_measure: str = field("diag-lin", one_of(*SSM_MEASURES))
+    attn_layer_idx: tuple[int, ...] = field((6,), tuple_of(NON_NEGATIVE_INT))
+    d_state: int = field(64, POSITIVE_INT)
+    discretisation: str = field("bilinear", one_of(*ssm.DISCRETISATIONS))
+    head_dim: int = field(1, ONLY_HEAD_DIM_1)
+    rotary_emb_dim: int = field(0, NON_NEGATIVE_INT)
+    param_dtype: str = field("float32", PARAM_DTYPE)
+    ssm_method: str = field("fft", one_of(*ssm.SSM_METHODS))
+    scan_method: str | None = field(None, optional(one_of(*recurrence.SCAN_METHODS)))
 
-    def __post_init__(self):
-        set_ = lambda name, value: object.__setattr__(self, name, value)
-        set_("attn_layer_idx", tuple(self.attn_layer_idx))
-        if self.n_inner is None:
-            set_("n_inner", 4 * self.hidden_size)
-        try:
-            set_("param_dtype", jnp.dtype(self.param_dtype).name)
-        except TypeError as e:
-            raise ValueError(
-                f"invalid H3Config: param_dtype {self.param_dtype!r}: {e}."
-            ) from None
-        self._validate()
+    def derived(self):
+        return {"n_inner": self.n_inner or 4 * self.hidden_size}
 
-    def _validate(self):
-        errors = []
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "n_inner",
-            "d_state",
-            "head_dim",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                errors.append(f"{name} must be a positive integer, got {value!r}")
-        if errors:
-            raise ValueError("invalid H3Config: " + "; ".join(errors) + ".")
-        for name in ("residual_dropout", "embedding_dropout"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                errors.append(f"{name} must be in [0, 1), got {value!r}")
-        bad = [
-            i
-            for i in self.attn_layer_idx
-            if not isinstance(i, int)
-            or isinstance(i, bool)
-            or not 0 <= i < self.num_hidden_layers
-        ]
+    def check(self):
+        bad = [i for i in self.attn_layer_idx if i >= self.num_hidden_layers]
         if bad:
-            errors.append(
-                f"attn_layer_idx has {bad}, outside [0, num_hidden_layers={self.num_hidden_layers})"
-            )
+            yield f"attn_layer_idx has {bad}, outside [0, num_hidden_layers={self.num_hidden_layers})"
         if len(set(self.attn_layer_idx)) != len(self.attn_layer_idx):
-            errors.append(f"attn_layer_idx {self.attn_layer_idx} has duplicates")
+            yield f"attn_layer_idx {self.attn_layer_idx} has duplicates"
         if self.hidden_size % self.num_attention_heads:
-            errors.append(
-                f"num_attention_heads {self.num_attention_heads} does not divide"
-                f" hidden_size {self.hidden_size}"
-            )
-        if self.ssm_mode not in SSM_MODES:
-            errors.append(
-                f"ssm_mode {self.ssm_mode!r} is not supported (only {SSM_MODES})"
-            )
-        if self.ssm_measure not in SSM_MEASURES:
-            errors.append(
-                f"ssm_measure {self.ssm_measure!r} is not one of {SSM_MEASURES}"
-            )
-        if self.discretisation not in ssm.DISCRETISATIONS:
-            errors.append(
-                f"discretisation {self.discretisation!r} is not one of {ssm.DISCRETISATIONS}"
-            )
+            yield (f"num_attention_heads {self.num_attention_heads} does not divide"
+                   f" hidden_size {self.hidden_size}")
         if self.d_state % 2:
-            errors.append(
-                f"d_state must be even (N/2 complex modes), got {self.d_state}"
-            )
-        if self.head_dim != 1:
-            errors.append(
-                f"head_dim {self.head_dim} is not supported: only 1 (every released model);"
-                " the original's head_dim > 1 is inconsistent between its code paths"
-            )
-        head = self.hidden_size // max(self.num_attention_heads, 1)
-        if (
-            self.rotary_emb_dim < 0
-            or self.rotary_emb_dim % 2
-            or self.rotary_emb_dim > head
-        ):
-            errors.append(
-                f"rotary_emb_dim must be even and in [0, attention head dim {head}],"
-                f" got {self.rotary_emb_dim}"
-            )
-        if not self.layer_norm_epsilon > 0:
-            errors.append(
-                f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}"
-            )
-        if not self.initializer_range > 0:
-            errors.append(
-                f"initializer_range must be > 0, got {self.initializer_range}"
-            )
-        if self.param_dtype not in PARAM_DTYPES:
-            errors.append(
-                f"param_dtype {self.param_dtype!r} is not one of {PARAM_DTYPES}"
-            )
-        if errors:
-            raise ValueError("invalid H3Config: " + "; ".join(errors) + ".")
+            yield f"d_state must be even (N/2 complex modes), got {self.d_state}"
+        head = self.hidden_size // self.num_attention_heads
+        if self.rotary_emb_dim % 2 or self.rotary_emb_dim > head:
+            yield (f"rotary_emb_dim must be even and in [0, attention head dim {head}],"
+                   f" got {self.rotary_emb_dim}")
 
     @property
     def attention_head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    def to_dict(self) -> dict[str, Any]:
-        values = super().to_dict()
-        values["attn_layer_idx"] = list(self.attn_layer_idx)
-        return values
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> H3Config:
-        if name not in PRESETS:
-            raise ValueError(f"unknown H3 preset {name!r}; presets: {sorted(PRESETS)}.")
-        if "hidden_size" in overrides and "n_inner" not in overrides:
-            overrides["n_inner"] = None  # re-derive 4 * hidden_size
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-
-PRESETS: dict[str, H3Config] = {
-    "125m": H3Config(
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        attn_layer_idx=(6,),
-    ),
-    "355m": H3Config(
-        hidden_size=1024,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        attn_layer_idx=(8, 16),
-    ),
-    "1.3b": H3Config(
-        hidden_size=2048,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        attn_layer_idx=(8, 16),
-    ),
-    "2.7b": H3Config(
-        hidden_size=2560,
-        num_hidden_layers=32,
-        num_attention_heads=20,
-        attn_layer_idx=(8, 16, 24),
-    ),
-    # model-2attn-rotary.pt of the 2.7B release.
-    "2.7b-2attn-rotary": H3Config(
-        hidden_size=2560,
-        num_hidden_layers=32,
-        num_attention_heads=20,
-        attn_layer_idx=(10, 21),
-        rotary_emb_dim=64,
-    ),
-    # For tests, demos and the training CLI: small enough to train on a CPU.
-    "tiny": H3Config(
-        vocab_size=256,
-        hidden_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        attn_layer_idx=(1,),
-        d_state=16,
-    ),
-}
+PRESETS: dict[str, H3Config] = {name: H3Config.from_preset(name) for name in PRESETS_VALUES}
 
 
 @pz.pytree_dataclass
@@ -311,7 +246,7 @@ def _dropout(rate: float) -> pz.nn.DisabledDropout:
     return pz.nn.DisabledDropout(drop_rate=rate, share_across_axes=())
 
 
-def _h3_mixer(name, key, config: H3Config, ssm_method, scan_method) -> H3Mixer:
+def _h3_mixer(name, key, config: H3Config) -> H3Mixer:
     embed, chans = (
         {axes.EMBEDDING: config.hidden_size},
         {axes.HEADS: config.hidden_size},
@@ -331,8 +266,8 @@ def _h3_mixer(name, key, config: H3Config, ssm_method, scan_method) -> H3Mixer:
             config.d_state,
             measure=config.ssm_measure,
             discretisation=config.discretisation,
-            method=ssm_method,
-            scan_method=scan_method,
+            method=config.ssm_method,
+            scan_method=config.scan_method,
             dtype=dtype,
         ),
         # Not rescaled: the original's rescaling looks for output_linear.0.weight.
@@ -360,27 +295,15 @@ def _attention(name, key, config: H3Config, residual_std) -> Attention:
     )
 
 
-def build_model(
-    config: H3Config,
-    key: jax.Array | None,
-    *,
-    ssm_method: str = "fft",
-    scan_method: str | None = None,
-) -> DecoderLM:
+def build_model(config: H3Config, key: jax.Array | None) -> DecoderLM:
     """Builds an H3 LM initialised as the original code does.
 
     Args:
-      config: the hyper-parameters.
+      config: the hyper-parameters (and build options: ``ssm_method``,
+        ``scan_method``).
       key: PRNG key; None builds the structure with empty parameter slots, to
         be filled from a checkpoint.
-      ssm_method: how the diagonal SSMs run over a sequence: "fft" (kernel
-        convolution; the default) or "scan" (complex recurrence). Change it
-        later with `recurrent_lm.layers.ssm.with_ssm_method`.
-      scan_method: `linear_scan` implementation of the "scan" route (None =
-        backend default).
     """
-    ssm.check_ssm_method(ssm_method)
-    recurrence.check_scan_method(scan_method)
     dtype = jnp.dtype(config.param_dtype)
     std = config.initializer_range
     residual_std = (
@@ -409,7 +332,7 @@ def build_model(
         if i in config.attn_layer_idx:
             mixer = _attention(f"{name}.mixer", key, config, residual_std)
         else:
-            mixer = _h3_mixer(f"{name}.mixer", key, config, ssm_method, scan_method)
+            mixer = _h3_mixer(f"{name}.mixer", key, config)
         norm = lambda part, name=name: LayerNorm.from_config(
             f"{name}.{part}",
             key,

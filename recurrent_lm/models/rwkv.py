@@ -35,16 +35,43 @@ from recurrent_lm.layers import (
 )
 from recurrent_lm.layers.channel_mix import ChannelMix
 from recurrent_lm.layers.wkv import TimeMix
-from recurrent_lm.core.config import Config
+from recurrent_lm.core.config import (
+    BOOL,
+    NON_NEGATIVE_INT,
+    PARAM_DTYPE,
+    POSITIVE,
+    POSITIVE_INT,
+    INT,
+    Config,
+    field,
+    one_of,
+    optional,
+)
 from recurrent_lm.core.model import DecoderLM
 from recurrent_lm.core.registry import Architecture
 from recurrent_lm.params import bind_parameters, parameter_values
 
-PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")
 # torch's LayerNorm default: HF builds ln_out without the config's epsilon.
 LN_OUT_EPS = 1e-5
 # BlinkDL initialises the embeddings uniform in [-EMBEDDING_INIT, EMBEDDING_INIT].
 EMBEDDING_INIT = 1e-4
+
+
+def _pile(hidden_size: int, num_hidden_layers: int) -> dict:
+    return dict(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers)
+
+
+PRESETS_VALUES: dict[str, dict] = {
+    # The released RWKV-4 Pile models (HF hub RWKV/rwkv-4-*-pile).
+    "169m": _pile(768, 12),
+    "430m": _pile(1024, 24),
+    "1b5": _pile(2048, 24),
+    "3b": _pile(2560, 32),
+    "7b": _pile(4096, 32),
+    "14b": _pile(5120, 40),
+    # For tests, demos and training smoke runs.
+    "tiny": dict(vocab_size=512, context_length=256, hidden_size=128, num_hidden_layers=4),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,148 +96,55 @@ class RwkvConfig(Config):
       tie_word_embeddings: share the embedding table with the head.
       param_dtype: dtype of the parameters; computation follows it, the WKV
         recurrence always runs in float32.
+      scan_method: the WKV scan implementation (`recurrence.SCAN_METHODS`;
+        None picks the backend default).
     """
 
     model_type: ClassVar[str] = "rwkv"
+    presets: ClassVar[dict[str, dict]] = PRESETS_VALUES
 
-    vocab_size: int = 50277
-    context_length: int = 1024
-    hidden_size: int = 4096
-    num_hidden_layers: int = 32
-    attention_hidden_size: int | None = None
-    intermediate_size: int | None = None
-    layer_norm_epsilon: float = 1e-5
-    bos_token_id: int = 0
-    eos_token_id: int = 0
-    rescale_every: int = 6
-    tie_word_embeddings: bool = False
-    param_dtype: str = "float32"
+    vocab_size: int = field(50277, POSITIVE_INT)
+    context_length: int = field(1024, POSITIVE_INT)
+    hidden_size: int = field(4096, POSITIVE_INT)
+    num_hidden_layers: int = field(32, POSITIVE_INT)
+    attention_hidden_size: int | None = field(None, optional(POSITIVE_INT))
+    intermediate_size: int | None = field(None, optional(POSITIVE_INT))
+    layer_norm_epsilon: float = field(1e-5, POSITIVE)
+    bos_token_id: int = field(0, NON_NEGATIVE_INT)
+    eos_token_id: int = field(0, NON_NEGATIVE_INT)
+    rescale_every: int = field(6, INT)
+    tie_word_embeddings: bool = field(False, BOOL)
+    param_dtype: str = field("float32", PARAM_DTYPE)
+    scan_method: str | None = field(None, optional(one_of(*recurrence.SCAN_METHODS)))
 
-    def __post_init__(self):
-        set_ = lambda name, value: object.__setattr__(self, name, value)
-        if self.attention_hidden_size is None:
-            set_("attention_hidden_size", self.hidden_size)
-        if self.intermediate_size is None and _is_positive_int(self.hidden_size):
-            set_("intermediate_size", 4 * self.hidden_size)
-        try:
-            set_("param_dtype", jnp.dtype(self.param_dtype).name)
-        except TypeError:
-            pass  # reported below
-        self._validate()
+    def derived(self):
+        return {
+            "attention_hidden_size": self.attention_hidden_size or self.hidden_size,
+            "intermediate_size": self.intermediate_size or 4 * self.hidden_size,
+        }
 
-    def _validate(self):
-        errors = []
-        for name in (
-            "vocab_size",
-            "context_length",
-            "hidden_size",
-            "num_hidden_layers",
-            "attention_hidden_size",
-            "intermediate_size",
-        ):
-            value = getattr(self, name)
-            if not _is_positive_int(value):
-                errors.append(f"{name} must be a positive integer, got {value!r}")
+    def check(self):
         for name in ("bos_token_id", "eos_token_id"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                errors.append(f"{name} must be a non-negative integer, got {value!r}")
-            elif _is_positive_int(self.vocab_size) and value >= self.vocab_size:
-                errors.append(
-                    f"{name} {value} is outside the vocabulary [0, {self.vocab_size})"
-                )
-        if not isinstance(self.rescale_every, int) or isinstance(
-            self.rescale_every, bool
-        ):
-            errors.append(
-                f"rescale_every must be an integer (<= 0: off), got {self.rescale_every!r}"
-            )
-        if (
-            not isinstance(self.layer_norm_epsilon, (int, float))
-            or not self.layer_norm_epsilon > 0
-        ):
-            errors.append(
-                f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}"
-            )
-        if not isinstance(self.tie_word_embeddings, bool):
-            errors.append(
-                f"tie_word_embeddings must be a bool, got {self.tie_word_embeddings!r}"
-            )
-        if self.param_dtype not in PARAM_DTYPES:
-            errors.append(
-                f"param_dtype {self.param_dtype!r} is not one of {PARAM_DTYPES}"
-            )
-        if errors:
-            raise ValueError("invalid RwkvConfig: " + "; ".join(errors) + ".")
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> RwkvConfig:
-        if name not in PRESETS:
-            raise ValueError(
-                f"unknown RWKV preset {name!r}; presets: {sorted(PRESETS)}."
-            )
-        preset = PRESETS[name]
-        if "hidden_size" in overrides:  # re-derive the widths that default from it
-            for field in ("attention_hidden_size", "intermediate_size"):
-                if field not in overrides and getattr(preset, field) == _derived(
-                    preset, field
-                ):
-                    overrides[field] = None
-        return dataclasses.replace(preset, **overrides)
+            if getattr(self, name) >= self.vocab_size:
+                yield f"{name} {getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})"
 
 
-def _is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+PRESETS: dict[str, RwkvConfig] = {name: RwkvConfig.from_preset(name) for name in PRESETS_VALUES}
 
 
-def _derived(config: RwkvConfig, field: str) -> int:
-    return config.hidden_size * (4 if field == "intermediate_size" else 1)
-
-
-def _pile(hidden_size: int, num_hidden_layers: int) -> RwkvConfig:
-    return RwkvConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers)
-
-
-PRESETS: dict[str, RwkvConfig] = {
-    # The released RWKV-4 Pile models (HF hub RWKV/rwkv-4-*-pile).
-    "169m": _pile(768, 12),
-    "430m": _pile(1024, 24),
-    "1b5": _pile(2048, 24),
-    "3b": _pile(2560, 32),
-    "7b": _pile(4096, 32),
-    "14b": _pile(5120, 40),
-    # For tests, demos and training smoke runs.
-    "tiny": RwkvConfig(
-        vocab_size=512,
-        context_length=256,
-        hidden_size=128,
-        num_hidden_layers=4,
-        intermediate_size=512,
-    ),
-}
-
-
-def build_model(
-    config: RwkvConfig,
-    key: jax.Array | None,
-    *,
-    scan_method: str | None = None,
-) -> DecoderLM:
+def build_model(config: RwkvConfig, key: jax.Array | None) -> DecoderLM:
     """Builds an RWKV-4 initialised as BlinkDL's RWKV-LM does.
 
     Args:
-      config: the hyper-parameters.
+      config: the hyper-parameters (and build options such as ``scan_method``).
       key: PRNG key; None builds the structure with empty parameter slots, to
         be filled from a checkpoint.
-      scan_method: the WKV scan implementation (see
-        `recurrent_lm.layers.recurrence`); None picks the backend default.
     """
-    recurrence.check_scan_method(scan_method)
     if key is None:
-        return _build(config, None, scan_method)
+        return _build(config, None)
     # Initialise in one compiled call rather than op by op (orthogonal
     # matrices take a QR each), then bind into the skeleton.
-    build = functools.partial(_build, config, scan_method=scan_method)
+    build = functools.partial(_build, config)
     values = _initial_values(build, key)
     return bind_parameters(build(None), values, values, source="RWKV initialisation")
 
@@ -219,9 +153,7 @@ def _initial_values(build, key):
     return jax.jit(lambda key: parameter_values(build(key)))(key)
 
 
-def _build(
-    config: RwkvConfig, key: jax.Array | None, scan_method: str | None
-) -> DecoderLM:
+def _build(config: RwkvConfig, key: jax.Array | None) -> DecoderLM:
     dtype = jnp.dtype(config.param_dtype)
     width, layers = config.hidden_size, config.num_hidden_layers
     embed = {axes.EMBEDDING: width}
@@ -254,7 +186,7 @@ def _build(
                 config.attention_hidden_size,
                 layer=i,
                 num_layers=layers,
-                scan_method=scan_method,
+                scan_method=config.scan_method,
                 dtype=dtype,
             ),
             channel_pre_norm=norm(f"blocks.{i}.ln2"),

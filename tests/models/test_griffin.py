@@ -21,6 +21,7 @@ from checkpoints_conversion import recurrentgemma as convert
 from recurrent_lm import interp
 from recurrent_lm.layers import RGLRU, recurrence
 import recurrent_lm
+from recurrent_lm.core.context import DocumentContext
 from recurrent_lm.models import griffin
 from recurrent_lm.params import abstract_parameters, cast_parameters
 
@@ -145,7 +146,7 @@ def test_residual_stream_after_every_block():
     np.testing.assert_array_equal(stream[{"layers": 0}].unwrap("batch", "seq", "embedding"),
                                   x.unwrap("batch", "seq", "embedding"))
     for i, block in enumerate(model.blocks.sublayers):
-        x = block(x, segment_pos=segment_pos)
+        x = block(x, context=DocumentContext.build(segment_pos))
         np.testing.assert_allclose(stream[{"layers": i + 1}].unwrap("batch", "seq", "embedding"),
                                    x.unwrap("batch", "seq", "embedding"), rtol=1e-5, atol=1e-5)
     final = model.head(model.final_norm(stream[{"layers": -1}]))

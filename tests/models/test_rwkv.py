@@ -15,6 +15,7 @@ from rwkv_cases import CASES, case_ids, hf_logits, hf_model, our_model
 
 from checkpoints_conversion import rwkv as convert
 from recurrent_lm.layers.channel_mix import ChannelMix
+from recurrent_lm.core.context import DocumentContext
 from recurrent_lm.core.state import Stateful
 from recurrent_lm.layers.wkv import TimeMix
 import recurrent_lm
@@ -112,10 +113,11 @@ def test_shared_fixture_logits_and_hidden_states(fixture_model):
 
     @pz.variable_jit
     def residuals(model, tokens, segment_pos):
-        x = model.embedder(tokens, segment_pos=segment_pos)
+        context = DocumentContext.build(segment_pos)
+        x = model.embedder(tokens, context=context)
         streams = []
         for block in model.blocks.sublayers:
-            x = block(x, segment_pos=segment_pos)
+            x = block(x, context=context)
             streams.append(x.unwrap("batch", "seq", "embedding"))
         final = model.final_norm(x)
         logits = model.head(final).unwrap("batch", "seq", "vocabulary")
