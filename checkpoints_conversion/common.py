@@ -1,20 +1,33 @@
-"""Shared machinery for official-format converters.
+"""What every official-format converter shares.
 
-A converter describes each official leaf once, as a `LeafLayout`: its path,
-the named axes its positional dimensions carry (merged axes as tuples,
-singleton dimensions as the int 1), and which of our parameter labels it holds
-(several when the leaf stacks them along its first dimension). From that one
-description we derive the expected official shapes, the conversion in both
-directions (reshape + tag, or unwrap + reshape; bit-exact), and one error that
-lists every missing, unexpected or mis-shaped leaf.
+A converter is a config and a list of `LeafLayout`s. Each layout describes one
+official leaf once: its path, the named axes its positional dimensions carry
+(merged axes as tuples, singleton dimensions as the int 1), and which of our
+parameter labels it holds (several when the leaf stacks them along its first
+dimension). From that description come the expected official shapes, the
+conversion in both directions (reshape + tag, or unwrap + reshape; bit-exact)
+and one error listing every missing, unexpected or mis-shaped leaf:
+
+    model = load_model(leaves, leaf_layouts(config), config, family.build_model, source=...)
+    leaves = export_leaves(model, leaf_layouts(config_of(model, ...)))   # the exact inverse
+
+Also here: the readers (`read_weights`: safetensors, sharded safetensors, torch
+pickles; `restore_orbax_tree`), the writer (`write_weights`), the checks config
+inference makes (`require_leaves`, `count_numbered`) and the ``convert``
+command line (`convert_parser`, `add_config_flags`, `run_convert`).
+Converters depend on `recurrent_lm`, never the reverse.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
-from collections.abc import Mapping, Sequence
+import os
+import re
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import jax
@@ -22,7 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from recurrent_lm.params import CheckpointMismatchError
+from recurrent_lm.params import (
+    CheckpointMismatchError,
+    abstract_parameters,
+    bind_parameters,
+    parameter_values,
+)
 
 Dim = Union[str, tuple[str, ...], int]
 
@@ -125,8 +143,10 @@ def check_leaves(
     *,
     source: str,
     hint: str = "",
+    misshaped: Mapping[str, tuple[Any, Any]] | None = None,
 ) -> None:
-    """Raises one `CheckpointMismatchError` for every leaf problem in `found`."""
+    """Raises one `CheckpointMismatchError` for every leaf problem in `found`,
+    with the converter's own findings `misshaped` (``{path: (expected, found)}``)."""
     expected = {
         layout.path: layout.shape(layout_named_shape(layout, expected_named))
         for layout in layouts
@@ -137,9 +157,12 @@ def check_leaves(
         missing={p: s for p, s in expected.items() if p not in found_shapes},
         unexpected={p: s for p, s in found_shapes.items() if p not in expected},
         misshaped={
-            p: (expected[p], s)
-            for p, s in found_shapes.items()
-            if p in expected and expected[p] != s
+            **{
+                p: (expected[p], s)
+                for p, s in found_shapes.items()
+                if p in expected and expected[p] != s
+            },
+            **(misshaped or {}),
         },
         hint=hint,
     )
@@ -164,6 +187,204 @@ def convert_leaves(
     return values
 
 
+# ---------------------------------------------------------------------------
+# The pipeline: official leaves <-> our model.
+# ---------------------------------------------------------------------------
+
+
+def load_model(
+    leaves: Mapping[str, Any],
+    layouts: Sequence[LeafLayout],
+    config,
+    build_model: Callable[..., Any],
+    *,
+    source: str,
+    misshaped: Mapping[str, tuple[Any, Any]] | None = None,
+):
+    """Official leaves -> ``build_model(config, key)`` holding them.
+
+    The one path every converter loads through: the parameters' labels and
+    named shapes come from building the model without running an initialiser
+    (`abstract_parameters`); `layouts` map the leaves to those labels; every
+    problem is reported in one error; leaves are cast to ``config.param_dtype``
+    and bound to a skeleton (``build_model(config, None)``).
+
+    Args:
+      leaves: ``{official path: array-like}`` (torch tensors too).
+      layouts: every leaf the format has for `config`.
+      config: the model's config.
+      build_model: ``(config, key) -> model``; with ``key=None``, a skeleton.
+      source: how to name the checkpoint in errors.
+      misshaped: problems the converter found itself, reported with the rest.
+
+    Raises:
+      CheckpointMismatchError: listing every missing, unexpected or mis-shaped
+        leaf, with expected and found shapes.
+    """
+    leaves = {path: to_numpy(leaf) for path, leaf in leaves.items()}
+    build = lambda key: build_model(config, key)
+    expected = abstract_parameters(build)
+    check_leaves(
+        leaves, layouts, expected, source=source, hint=f"(config: {config})", misshaped=misshaped
+    )
+    values = convert_leaves(leaves, layouts, expected, jnp.dtype(config.param_dtype))
+    return bind_parameters(build(None), values, expected, source=source)
+
+
+def export_leaves(model, layouts: Sequence[LeafLayout]) -> dict[str, jax.Array]:
+    """Our model -> ``{official path: array}``, the exact inverse of `load_model`."""
+    values = parameter_values(model)
+    return {layout.path: layout.from_named(values) for layout in layouts}
+
+
+def config_of(model, config_type: type, family: str):
+    """``model.config``, after checking that `model` is of the `family` (e.g.
+    "a Gemma model") a converter exports."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, config_type):
+        raise TypeError(f"expected {family}, got one with {type(config).__name__}.")
+    return config
+
+
+# ---------------------------------------------------------------------------
+# What config inference checks.
+# ---------------------------------------------------------------------------
+
+
+def require_leaves(
+    leaves: Mapping[str, Any], paths: Iterable[str], *, source: str, prefix: str = ""
+) -> None:
+    """Raises one `CheckpointMismatchError` naming every path of `paths` that
+    `leaves` lacks (shown with `prefix`): the config is inferred from them."""
+    absent = [path for path in paths if path not in leaves]
+    if absent:
+        raise CheckpointMismatchError(
+            source,
+            missing={prefix + path: "?" for path in absent},
+            hint="(cannot infer the config without these leaves)",
+        )
+
+
+def count_numbered(names: Iterable[str], pattern: re.Pattern, what: str) -> int:
+    """How many `what` ("blocks", "layers") the names hold, numbered by the
+    first group of `pattern`; raises ValueError unless they are 0..n-1."""
+    indices = sorted({int(m.group(1)) for name in names if (m := pattern.match(name))})
+    if indices != list(range(len(indices))):
+        raise ValueError(f"checkpoint {what} are not numbered 0..n-1: found {what} {indices}.")
+    return len(indices)
+
+
+# ---------------------------------------------------------------------------
+# Readers and the writer.
+# ---------------------------------------------------------------------------
+
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+SAFETENSORS_SUFFIXES = (".safetensors", ".safetensors.index.json")
+_TORCH_HINT = (
+    "install the CPU build with `pip install torch==2.13.0 --index-url"
+    " https://download.pytorch.org/whl/cpu`, or convert the file to .safetensors elsewhere."
+)
+
+
+def to_numpy(value):
+    """A torch tensor -> a numpy array (bfloat16 kept, as ml_dtypes'); anything
+    else as it is."""
+    if type(value).__module__.startswith("torch"):
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":  # numpy itself has no bfloat16
+            return np.asarray(value.float().numpy(), jnp.bfloat16)
+        return value.numpy()
+    return value
+
+
+def _import_torch(path: str):
+    try:
+        import torch  # only for pickled files: torch is an optional dependency
+    except ImportError:
+        raise ImportError(f"{path}: pickled PyTorch files need torch; {_TORCH_HINT}") from None
+    return torch
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """The tensors of a ``.safetensors`` file, or of every shard a sharded
+    checkpoint's ``model.safetensors.index.json`` names, as numpy arrays."""
+    from safetensors.numpy import load_file  # bfloat16 as ml_dtypes'
+
+    if not path.endswith(".json"):
+        return dict(load_file(path))
+    with open(path) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    state: dict[str, np.ndarray] = {}
+    for shard in shards:
+        state.update(load_file(os.path.join(os.path.dirname(path), shard)))
+    return state
+
+
+def read_torch(path: str, *, weights_only: bool = True) -> dict[str, Any]:
+    """The dict a ``torch.save`` file holds, its tensors as numpy arrays.
+
+    torch is imported here, only when such a file is read. `weights_only` is
+    torch's safe unpickling; False (files you trust only) also reads files
+    holding other Python objects (Lightning checkpoints' hyper-parameters).
+    """
+    torch = _import_torch(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # torch raises UnpicklingError for non-weights objects
+        if weights_only and "weights_only" in str(e):
+            raise ValueError(
+                f"{path} holds Python objects besides tensors (e.g. a Lightning checkpoint's"
+                " hyper-parameters): if you trust the file, pass weights_only=False"
+                " (unpickling can run arbitrary code)."
+            ) from e
+        raise
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{path} holds a {type(state).__name__}, not a state dict.")
+    return {name: to_numpy(value) for name, value in state.items()}
+
+
+def read_weights(path: str | os.PathLike, *, weights_only: bool = True) -> dict[str, Any]:
+    """A weights file by its name: safetensors (`read_safetensors`, a sharded
+    index too) or a torch pickle (`read_torch`, one of `TORCH_SUFFIXES`)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist.")
+    if path.endswith(SAFETENSORS_SUFFIXES):
+        return read_safetensors(path)
+    if path.endswith(TORCH_SUFFIXES):
+        return read_torch(path, weights_only=weights_only)
+    raise ValueError(
+        f"{path}: unknown weights format; expected one of {SAFETENSORS_SUFFIXES + TORCH_SUFFIXES}."
+    )
+
+
+def write_weights(
+    state: Mapping[str, Any],
+    path: str | os.PathLike,
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Writes ``{name: array}`` as ``.safetensors`` (with `metadata`) or as a
+    torch pickle (a `TORCH_SUFFIXES` name; needs torch), dtypes kept."""
+    path = os.fspath(path)
+    arrays = {name: np.ascontiguousarray(value) for name, value in state.items()}
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import save_file
+
+        save_file(arrays, path, metadata=dict(metadata) if metadata else None)
+    elif path.endswith(TORCH_SUFFIXES):
+        torch = _import_torch(path)
+
+        def tensor(array):
+            if array.dtype == jnp.bfloat16:  # torch cannot take ml_dtypes' bfloat16
+                return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
+            return torch.from_numpy(array.copy())
+
+        torch.save({name: tensor(array) for name, array in arrays.items()}, path)
+    else:
+        raise ValueError(f"{path}: use a .safetensors name or one of {TORCH_SUFFIXES}.")
+
+
 def restore_orbax_tree(path: str, sharding: jax.sharding.Sharding | None = None):
     """The parameter tree of an orbax PyTree checkpoint directory, its leaves
     placed with `sharding` (default: the first local device)."""
@@ -182,17 +403,86 @@ def restore_orbax_tree(path: str, sharding: jax.sharding.Sharding | None = None)
     return checkpointer.restore(path, restore_args=restore_args)
 
 
+# ---------------------------------------------------------------------------
+# The command line.
+# ---------------------------------------------------------------------------
+
+
 def convert_parser(
-    module: str, description: str, *, source: str, source_help: str
+    module: str, description: str, *, source: str
 ) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The ``python -m checkpoints_conversion.<module> convert SRC DST`` command
     line every converter has: returns (parser, the ``convert`` sub-parser, to
-    which the converter adds its format's flags)."""
+    which the converter adds its format's flags; see `run_convert`).
+
+    Args:
+      module: the converter's module name.
+      description: what ``--help`` shows first: the converter module's
+        docstring (what it reads, how, the command line).
+      source: what SRC is ("official orbax checkpoint directory").
+    """
     parser = argparse.ArgumentParser(
-        prog=f"python -m checkpoints_conversion.{module}", description=description
+        prog=f"python -m checkpoints_conversion.{module}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     convert = sub.add_parser("convert", help=f"{source} -> recurrent_lm.save directory")
-    convert.add_argument("src", help=source_help)
+    convert.add_argument("src", help=source)
     convert.add_argument("dst", help="output directory (must not exist)")
     return parser, convert
+
+
+def boolean(text: str) -> bool:
+    """The argparse type of a ``true`` / ``false`` flag."""
+    if text not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text == "true"
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser,
+    config_type: type,
+    fields: Iterable[str],
+    **choices: Sequence[str],
+) -> None:
+    """One ``--field-name`` flag per config field of `fields`, typed as the
+    field (``true`` / ``false`` for a bool), limited to ``choices[field]`` if
+    given; unset, a flag is None, so the config keeps what the checkpoint says."""
+    hints = typing.get_type_hints(config_type)
+    for field in fields:
+        # `float | None` -> float: None cannot be given on the command line.
+        kind = next(k for k in typing.get_args(hints[field]) or [hints[field]] if k is not type(None))
+        if kind is bool:
+            kind, metavar = boolean, "{true,false}"
+        else:
+            metavar = None if field in choices else kind.__name__.upper()
+        parser.add_argument(
+            "--" + field.replace("_", "-"),
+            type=kind,
+            choices=choices.get(field),
+            metavar=metavar,
+            help=f"{config_type.__name__}.{field} (default: from the checkpoint)",
+        )
+
+
+def run_convert(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, load: Callable[..., Any]
+) -> int:
+    """Runs ``convert SRC DST``: the model ``load(SRC, **flags)`` gets, saved
+    with `recurrent_lm.save` to DST.
+
+    `flags` are the convert flags given on the command line, by their argparse
+    ``dest``: flags default to None, and a flag left at None is not passed.
+    """
+    args = vars(parser.parse_args(argv))
+    src, dst = args.pop("src"), args.pop("dst")
+    flags = {name: value for name, value in args.items() if name != "command" and value is not None}
+    model = load(src, **flags)
+
+    import recurrent_lm.checkpoint  # converters depend on the package, not the reverse
+
+    recurrent_lm.checkpoint.save(model, dst)
+    print(f"converted {src} -> {dst}")
+    print(f"config: {dataclasses.asdict(model.config)}")
+    return 0

@@ -28,32 +28,21 @@ CLI::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from checkpoints_conversion.common import (
-    LeafLayout,
-    check_leaves,
-    convert_leaves,
-    convert_parser,
-    flatten,
-    restore_orbax_tree,
-    unflatten,
-)
+from checkpoints_conversion import common
+from checkpoints_conversion.common import LeafLayout, flatten, unflatten
 from recurrent_lm import axes
 from recurrent_lm.models import gemma
-from recurrent_lm.params import (
-    CheckpointMismatchError,
-    abstract_parameters,
-    bind_parameters,
-    parameter_values,
-)
+from recurrent_lm.params import CheckpointMismatchError
 
 E, V, M = axes.EMBEDDING, axes.VOCABULARY, axes.MLP
 H, KV, P = axes.HEADS, axes.KV_HEADS, axes.PROJECTION
@@ -160,24 +149,12 @@ def _shape(leaf) -> tuple[int, ...]:
     return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(np.shape(leaf))
 
 
-def _layer_count(flat: Mapping[str, Any]) -> int:
-    indices = sorted({int(m.group(1)) for path in flat if (m := _LAYER.match(path))})
-    if indices != list(range(len(indices))):
-        raise ValueError(f"checkpoint layers are not numbered 0..n-1: found layers {indices}.")
-    return len(indices)
-
-
 def infer_config(params: Mapping[str, Any], **overrides) -> gemma.GemmaConfig:
     """A `GemmaConfig` from the shapes of an official tree, plus `overrides`."""
     flat = flat_leaves(params)
     shape = lambda path: _shape(flat[path])
     need = ["embedder/input_embedding", "layer_0/attn/attn_vec_einsum/w", "layer_0/mlp/linear/w"]
-    absent = [p for p in need if p not in flat]
-    if absent:
-        raise CheckpointMismatchError(
-            SOURCE, missing={f"{ROOT}/{p}": "?" for p in absent},
-            hint="(cannot infer the config without these leaves)",
-        )
+    common.require_leaves(flat, need, source=SOURCE, prefix=f"{ROOT}/")
     ranks = {"embedder/input_embedding": ("(V, D)", 2), "layer_0/attn/attn_vec_einsum/w": ("(H, hd, D)", 3),
              "layer_0/mlp/linear/w": ("(F, D)", 2), "layer_0/attn/kv_einsum/w": ("(2, KV, D, hd)", 4)}
     wrong_rank = {f"{ROOT}/{p}": (form, shape(p)) for p, (form, rank) in ranks.items()
@@ -190,7 +167,7 @@ def infer_config(params: Mapping[str, Any], **overrides) -> gemma.GemmaConfig:
     inferred["vocabulary_size"], inferred["hidden_dim"] = shape("embedder/input_embedding")
     inferred["num_query_heads"], inferred["head_dim"], _ = shape("layer_0/attn/attn_vec_einsum/w")
     inferred["intermediate_dim"] = 2 * shape("layer_0/mlp/linear/w")[0]
-    inferred["num_layers"] = _layer_count(flat)
+    inferred["num_layers"] = common.count_numbered(flat, _LAYER, "layers")
     if "layer_0/attn/kv_einsum/w" in flat:
         inferred["num_key_value_heads"] = shape("layer_0/attn/kv_einsum/w")[1]
     else:  # fused qkv_einsum: multi-head
@@ -245,22 +222,20 @@ def from_official_params(
     """
     config = infer_config(params, **config_overrides)
     flat = flat_leaves(params)
-    build = lambda key: gemma.build_model(
-        config, key, upcast_activations_to_float32=upcast_activations_to_float32
-    )
-    expected = abstract_parameters(build)
     layouts = leaf_layouts(
         config,
         qkv_einsum="layer_0/attn/qkv_einsum/w" in flat,
         gating_transposed=_gating_transposed(flat, config, gating_transposed),
     )
-    check_leaves(
-        {f"{ROOT}/{p}": v for p, v in flat.items()},
-        [dataclasses.replace(layout, path=f"{ROOT}/{layout.path}") for layout in layouts],
-        expected, source=SOURCE, hint=f"(config: {config})",
+    build = functools.partial(
+        gemma.build_model, upcast_activations_to_float32=upcast_activations_to_float32
     )
-    values = convert_leaves(flat, layouts, expected, jnp.dtype(config.param_dtype))
-    return bind_parameters(build(None), values, expected, source=SOURCE)
+    rooted = {f"{ROOT}/{path}": leaf for path, leaf in flat.items()}
+    return common.load_model(rooted, _under_root(layouts), config, build, source=SOURCE)
+
+
+def _under_root(layouts: Sequence[LeafLayout]) -> list[LeafLayout]:
+    return [dataclasses.replace(layout, path=f"{ROOT}/{layout.path}") for layout in layouts]
 
 
 def to_official_params(
@@ -275,21 +250,16 @@ def to_official_params(
       gating_transposed: write ``gating_einsum`` as [2, F, D] (as the Gemma 2
         9B/27B releases do).
     """
-    config = model.config
-    if not isinstance(config, gemma.GemmaConfig):
-        raise TypeError(f"expected a Gemma model, got one with {type(config).__name__}.")
-    values = parameter_values(model)
-    flat = {
-        layout.path: layout.from_named(values)
-        for layout in leaf_layouts(config, gating_transposed=gating_transposed)
-    }
-    if flat_keys:
-        modules: dict[str, dict[str, Any]] = {}
-        for path, leaf in flat.items():
-            module, name = path.rsplit("/", 1)
-            modules.setdefault(f"{ROOT}/{module}", {})[name] = leaf
-        return modules
-    return {ROOT: unflatten(flat)}
+    config = common.config_of(model, gemma.GemmaConfig, "a Gemma model")
+    layouts = leaf_layouts(config, gating_transposed=gating_transposed)
+    flat = common.export_leaves(model, _under_root(layouts))
+    if not flat_keys:
+        return unflatten(flat)
+    modules: dict[str, dict[str, Any]] = {}
+    for path, leaf in flat.items():
+        module, name = path.rsplit("/", 1)
+        modules.setdefault(module, {})[name] = leaf
+    return modules
 
 
 def load_official_checkpoint(
@@ -309,50 +279,26 @@ def load_official_checkpoint(
       sharding: where to place the restored leaves (default: first local device).
     """
     return from_official_params(
-        restore_orbax_tree(str(path), sharding),
+        common.restore_orbax_tree(str(path), sharding),
         upcast_activations_to_float32=upcast_activations_to_float32,
         gating_transposed=gating_transposed,
         **config_overrides,
     )
 
 
-def _overrides_from_args(args) -> dict[str, Any]:
-    overrides = {}
-    for field in ("sliding_window_size", "attention_logit_soft_cap", "final_logit_soft_cap",
-                  "layer_norm_epsilon", "param_dtype"):
-        value = getattr(args, field)
-        if value is not None:
-            overrides[field] = value
-    for field in ("query_head_dim_normalize", "use_sliding_window_attention"):
-        value = getattr(args, field)
-        if value is not None:
-            overrides[field] = value == "true"
-    return overrides
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser, convert = convert_parser(
-        "gemma",
-        "Convert an official Gemma / Gemma 2 Flax checkpoint to recurrent_lm's format.",
-        source="official orbax directory",
-        source_help="official checkpoint directory",
+    parser, convert = common.convert_parser(
+        "gemma", __doc__, source="official orbax checkpoint directory"
     )
-    convert.add_argument("--sliding-window-size", type=int)
-    convert.add_argument("--attention-logit-soft-cap", type=float)
-    convert.add_argument("--final-logit-soft-cap", type=float)
-    convert.add_argument("--layer-norm-epsilon", type=float)
-    convert.add_argument("--param-dtype", choices=gemma.PARAM_DTYPES)
-    convert.add_argument("--query-head-dim-normalize", choices=("true", "false"))
-    convert.add_argument("--use-sliding-window-attention", choices=("true", "false"))
-    args = parser.parse_args(argv)
-
-    import recurrent_lm.checkpoint
-
-    model = load_official_checkpoint(args.src, **_overrides_from_args(args))
-    recurrent_lm.checkpoint.save(model, args.dst)
-    print(f"converted {args.src} -> {args.dst}")
-    print(f"config: {model.config.to_dict()}")
-    return 0
+    common.add_config_flags(
+        convert,
+        gemma.GemmaConfig,
+        ["sliding_window_size", "attention_logit_soft_cap", "final_logit_soft_cap"]
+        + ["layer_norm_epsilon", "query_head_dim_normalize", "use_sliding_window_attention"]
+        + ["param_dtype"],
+        param_dtype=gemma.PARAM_DTYPES,
+    )
+    return common.run_convert(parser, argv, load_official_checkpoint)
 
 
 if __name__ == "__main__":

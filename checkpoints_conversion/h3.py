@@ -23,6 +23,7 @@ CLI::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -32,28 +33,17 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from checkpoints_conversion.common import (
-    Dim,
-    LeafLayout,
-    check_leaves,
-    convert_leaves,
-    convert_parser,
-)
+from checkpoints_conversion import common
+from checkpoints_conversion.common import Dim, LeafLayout
 from recurrent_lm import axes
 from recurrent_lm.models import h3
-from recurrent_lm.params import (
-    CheckpointMismatchError,
-    abstract_parameters,
-    bind_parameters,
-    parameter_values,
-)
 
 E, V, H, S, M = axes.EMBEDDING, axes.VOCABULARY, axes.HEADS, axes.STATE, axes.MLP
 KV, P = axes.KV_HEADS, axes.PROJECTION
 SOURCE = "H3 checkpoint"
 LM_HEAD = "lm_head.weight"
 EMBEDDING = "backbone.embeddings.word_embeddings.weight"
-TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+TORCH_SUFFIXES = common.TORCH_SUFFIXES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,45 +317,6 @@ def normalize_state_dict(state: Mapping[str, Any], num_layers: int) -> dict[str,
     return state
 
 
-def _read(path: str, weights_only: bool) -> dict[str, Any]:
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        return load_file(path)
-    if not path.endswith(TORCH_SUFFIXES):
-        raise ValueError(
-            f"{path}: unknown weights format; expected .safetensors or one of {TORCH_SUFFIXES}."
-        )
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(
-            f"reading {path} needs PyTorch; install the CPU build with"
-            " `pip install torch --index-url https://download.pytorch.org/whl/cpu`,"
-            " or convert the file to .safetensors elsewhere."
-        ) from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as e:  # torch raises UnpicklingError for non-weights objects
-        if weights_only and "weights_only" in str(e):
-            raise ValueError(
-                f"{path} holds Python objects besides tensors (a Lightning checkpoint's"
-                " hyper-parameters): if you trust the file, pass weights_only=False"
-                " (unpickling can run arbitrary code)."
-            ) from e
-        raise
-    return state
-
-
-def _to_numpy(value):
-    if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":
-            value = value.float()
-        return value.numpy()
-    return np.asarray(value)
-
-
 def from_state_dict(
     state: Mapping[str, Any],
     config,
@@ -383,7 +334,7 @@ def from_state_dict(
     config = resolve_config(config)
     state = normalize_state_dict(state, config.num_hidden_layers)
     state = {
-        k: _to_numpy(v)
+        k: common.to_numpy(v)
         for k, v in state.items()
         if not isinstance(v, (int, float, str))
     }
@@ -391,24 +342,16 @@ def from_state_dict(
     if config.rotary_emb_dim:
         for i in config.attn_layer_idx:
             state.pop(f"backbone.layers.{i}.mixer.rotary_emb.inv_freq", None)
-    build = lambda key: h3.build_model(
-        config, key, ssm_method=ssm_method, scan_method=scan_method
-    )
-    expected = abstract_parameters(build)
-    layouts = leaf_layouts(config)
-    check_leaves(state, layouts, expected, source=source, hint=f"(config: {config})")
-    if (
-        head is not None
-        and EMBEDDING in state
-        and not np.array_equal(head, state[EMBEDDING])
-    ):
-        raise CheckpointMismatchError(
-            source,
-            misshaped={LM_HEAD: ("the tied embedding", "a different matrix")},
-            hint="(H3 ties lm_head.weight to the embedding; untied heads are not supported)",
+    untied = {}
+    if head is not None and EMBEDDING in state and not np.array_equal(head, state[EMBEDDING]):
+        untied[LM_HEAD] = (
+            f"the tied embedding {EMBEDDING} (untied heads are not supported)",
+            "a different matrix",
         )
-    values = convert_leaves(state, layouts, expected, jnp.dtype(config.param_dtype))
-    return bind_parameters(build(None), values, expected, source=source)
+    build = functools.partial(h3.build_model, ssm_method=ssm_method, scan_method=scan_method)
+    return common.load_model(
+        state, leaf_layouts(config), config, build, source=source, misshaped=untied
+    )
 
 
 def load_checkpoint(
@@ -430,10 +373,8 @@ def load_checkpoint(
         other Python objects need False (only for files you trust).
     """
     path = os.fspath(weights_path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist.")
     return from_state_dict(
-        _read(path, weights_only),
+        common.read_weights(path, weights_only=weights_only),
         config,
         ssm_method=ssm_method,
         scan_method=scan_method,
@@ -445,65 +386,42 @@ def to_original_state_dict(
     model, *, include_lm_head: bool = True
 ) -> dict[str, np.ndarray]:
     """Our H3 -> the released names (numpy arrays; the exact inverse of loading)."""
-    config = model.config
-    if not isinstance(config, h3.H3Config):
-        raise TypeError(f"expected an H3 model, got one with {type(config).__name__}.")
-    values = parameter_values(model)
-    state = {
-        layout.path: np.asarray(layout.from_named(values))
-        for layout in leaf_layouts(config)
-    }
+    config = common.config_of(model, h3.H3Config, "an H3 model")
+    leaves = common.export_leaves(model, leaf_layouts(config))
+    state = {name: np.asarray(leaf) for name, leaf in leaves.items()}
     if include_lm_head:
-        state[LM_HEAD] = state[
-            EMBEDDING
-        ].copy()  # a copy: safetensors refuses shared storage
+        state[LM_HEAD] = state[EMBEDDING].copy()  # a copy: safetensors refuses shared storage
     return state
 
 
 def save_checkpoint(model, path) -> None:
     """Writes `model` with the released names: ``.safetensors`` (or a torch ``.pt``)."""
-    path = os.fspath(path)
-    state = to_original_state_dict(model)
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import save_file
+    common.write_weights(to_original_state_dict(model), path)
 
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path)
-    elif path.endswith(TORCH_SUFFIXES):
-        import torch
 
-        torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, path)
-    else:
-        raise ValueError(f"{path}: use a .safetensors or .pt file name.")
+def _load_for_cli(src: str, *, preset=None, config_file=None, weights_only=True):
+    if config_file is not None:
+        with open(config_file) as f:
+            preset = json.load(f)
+    return load_checkpoint(src, preset, weights_only=weights_only)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, convert = convert_parser(
-        "h3",
-        "Convert a released H3 checkpoint to recurrent_lm's format.",
-        source="model.pt / .safetensors",
-        source_help="released weights file",
+    parser, convert = common.convert_parser(
+        "h3", __doc__, source="released weights file (model.pt / .safetensors)"
     )
     group = convert.add_mutually_exclusive_group(required=True)
     group.add_argument("--preset", choices=sorted(h3.PRESETS))
-    group.add_argument("--config", help="JSON file: original config or H3Config fields")
+    group.add_argument("--config", dest="config_file",
+                       help="JSON file: original config or H3Config fields")
     convert.add_argument(
         "--unsafe-pickle",
-        action="store_true",
+        dest="weights_only",
+        action="store_const",
+        const=False,
         help="allow non-tensor objects in a trusted .pt (Lightning checkpoints)",
     )
-    args = parser.parse_args(argv)
-
-    import recurrent_lm.checkpoint
-
-    config = args.preset
-    if args.config:
-        with open(args.config) as f:
-            config = json.load(f)
-    model = load_checkpoint(args.src, config, weights_only=not args.unsafe_pickle)
-    recurrent_lm.checkpoint.save(model, args.dst)
-    print(f"converted {args.src} -> {args.dst}")
-    print(f"config: {model.config.to_dict()}")
-    return 0
+    return common.run_convert(parser, argv, _load_for_cli)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ CLI::
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import re
 import sys
 from collections.abc import Mapping
@@ -28,27 +28,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from checkpoints_conversion.common import (
-    LeafLayout,
-    check_leaves,
-    convert_leaves,
-    convert_parser,
-    flatten,
-    restore_orbax_tree,
-    unflatten,
-)
+from checkpoints_conversion import common
+from checkpoints_conversion.common import LeafLayout, flatten, unflatten
 from recurrent_lm import axes
 from recurrent_lm.models import griffin
-from recurrent_lm.params import (
-    CheckpointMismatchError,
-    abstract_parameters,
-    bind_parameters,
-    parameter_values,
-)
 
 E, V, L, M = axes.EMBEDDING, axes.VOCABULARY, axes.LRU, axes.MLP
 H, KV, P = axes.HEADS, axes.KV_HEADS, axes.PROJECTION
-_BLOCK = re.compile(r"^blocks\.(\d+)$")
+SOURCE = "RecurrentGemma checkpoint"
+_BLOCK = re.compile(r"^blocks\.(\d+)/")
 
 
 def leaf_layouts(config: griffin.GriffinConfig) -> list[LeafLayout]:
@@ -103,25 +91,14 @@ def infer_config(params: Mapping[str, Any], **overrides) -> griffin.GriffinConfi
     """A `GriffinConfig` from the shapes of an official tree, plus `overrides`."""
     flat = flatten(_strip_root(params))
     shape = lambda path: tuple(np.shape(flat[path]))
-    need = ["embedder/input_embedding", "blocks.0/mlp_block/ffw_up/w"]
-    absent = [p for p in need if p not in flat]
-    if absent:
-        raise CheckpointMismatchError(
-            "RecurrentGemma checkpoint",
-            missing={p: "?" for p in absent},
-            hint="(cannot infer the config without these leaves)",
-        )
+    common.require_leaves(
+        flat, ["embedder/input_embedding", "blocks.0/mlp_block/ffw_up/w"], source=SOURCE
+    )
     inferred: dict[str, Any] = {}
     inferred["vocab_size"], inferred["hidden_size"] = shape("embedder/input_embedding")
     inferred["intermediate_size"] = shape("blocks.0/mlp_block/ffw_up/w")[-1]
-
-    indices = sorted(
-        int(m.group(1)) for key in _strip_root(params) if (m := _BLOCK.match(str(key)))
-    )
-    if indices != list(range(len(indices))):
-        raise ValueError(f"checkpoint blocks are not numbered 0..n-1: found blocks {indices}.")
     block_types = []
-    for i in indices:
+    for i in range(common.count_numbered(flat, _BLOCK, "blocks")):
         if f"blocks.{i}/recurrent_block/rg_lru/a_gate/w" in flat:
             block_types.append(griffin.RECURRENT)
             if "lru_width" not in inferred:  # the first recurrent block decides
@@ -166,25 +143,19 @@ def from_official_params(
         leaf, with expected and found shapes.
     """
     config = infer_config(params, **config_overrides)
-    flat = flatten(_strip_root(params))
-    build = lambda key: griffin.build_model(config, key, scan_method=scan_method)
-    expected = abstract_parameters(build)
-    layouts = leaf_layouts(config)
-    check_leaves(
-        flat, layouts, expected, source="RecurrentGemma checkpoint",
-        hint=f"(config: {config})",
+    return common.load_model(
+        flatten(_strip_root(params)),
+        leaf_layouts(config),
+        config,
+        functools.partial(griffin.build_model, scan_method=scan_method),
+        source=SOURCE,
     )
-    values = convert_leaves(flat, layouts, expected, jnp.dtype(config.param_dtype))
-    return bind_parameters(build(None), values, expected, source="RecurrentGemma checkpoint")
 
 
 def to_official_params(model) -> dict[str, Any]:
     """Our Griffin -> the official bare tree (the exact inverse of loading)."""
-    config = model.config
-    if not isinstance(config, griffin.GriffinConfig):
-        raise TypeError(f"expected a Griffin model, got one with {type(config).__name__}.")
-    values = parameter_values(model)
-    return unflatten({layout.path: layout.from_named(values) for layout in leaf_layouts(config)})
+    config = common.config_of(model, griffin.GriffinConfig, "a Griffin model")
+    return unflatten(common.export_leaves(model, leaf_layouts(config)))
 
 
 def load_official_checkpoint(
@@ -203,49 +174,30 @@ def load_official_checkpoint(
       **config_overrides: see `from_official_params`.
     """
     return from_official_params(
-        restore_orbax_tree(str(path), sharding), scan_method=scan_method, **config_overrides
+        common.restore_orbax_tree(str(path), sharding), scan_method=scan_method, **config_overrides
     )
-
-
-def _overrides_from_args(args) -> dict[str, Any]:
-    overrides = {}
-    for field in ("attention_window_size", "logits_soft_cap", "rope_theta",
-                  "partial_rotary_factor", "rms_norm_eps", "param_dtype",
-                  "num_key_value_heads"):
-        value = getattr(args, field)
-        if value is not None:
-            overrides[field] = value
-    if args.no_embeddings_scale:
-        overrides["embeddings_scale_by_sqrt_dim"] = False
-    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, convert = convert_parser(
-        "recurrentgemma",
-        "Convert an official RecurrentGemma Flax checkpoint to recurrent_lm's format.",
-        source="official orbax directory",
-        source_help="official checkpoint directory",
+    parser, convert = common.convert_parser(
+        "recurrentgemma", __doc__, source="official orbax checkpoint directory"
     )
-    convert.add_argument("--attention-window-size", type=int)
-    convert.add_argument("--logits-soft-cap", type=float)
-    convert.add_argument("--rope-theta", type=float)
-    convert.add_argument("--partial-rotary-factor", type=float)
-    convert.add_argument("--rms-norm-eps", type=float)
-    convert.add_argument("--num-key-value-heads", type=int)
-    convert.add_argument("--param-dtype", choices=griffin.PARAM_DTYPES)
-    convert.add_argument("--no-embeddings-scale", action="store_true",
-                         help="the checkpoint does not scale embeddings by sqrt(width)")
-    args = parser.parse_args(argv)
-
-    import recurrent_lm.checkpoint
-
-    model = load_official_checkpoint(args.src, **_overrides_from_args(args))
-    recurrent_lm.checkpoint.save(model, args.dst)
-    config = dataclasses.asdict(model.config)
-    print(f"converted {args.src} -> {args.dst}")
-    print(f"config: {config}")
-    return 0
+    common.add_config_flags(
+        convert,
+        griffin.GriffinConfig,
+        ["attention_window_size", "logits_soft_cap", "rope_theta", "partial_rotary_factor"]
+        + ["rms_norm_eps", "num_key_value_heads"]
+        + ["param_dtype"],
+        param_dtype=griffin.PARAM_DTYPES,
+    )
+    convert.add_argument(
+        "--no-embeddings-scale",
+        dest="embeddings_scale_by_sqrt_dim",
+        action="store_const",
+        const=False,
+        help="the checkpoint does not scale embeddings by sqrt(width)",
+    )
+    return common.run_convert(parser, argv, load_official_checkpoint)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ CLI::
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -29,20 +30,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from checkpoints_conversion.common import (
-    LeafLayout,
-    check_leaves,
-    convert_leaves,
-    convert_parser,
-)
+from checkpoints_conversion import common
+from checkpoints_conversion.common import LeafLayout
 from recurrent_lm import axes
 from recurrent_lm.models import rwkv
-from recurrent_lm.params import (
-    CheckpointMismatchError,
-    abstract_parameters,
-    bind_parameters,
-    parameter_values,
-)
 
 E, V, A, F = axes.EMBEDDING, axes.VOCABULARY, axes.WKV, axes.MLP
 HF_SOURCE = "HF RWKV checkpoint"
@@ -61,11 +52,7 @@ _HF_FIELDS = (
     "rescale_every",
     "tie_word_embeddings",
 )
-_TORCH_HINT = (
-    "reading pickled PyTorch checkpoints (.bin / .pth) needs torch; install the CPU build with"
-    " `pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu`, or use a"
-    " .safetensors checkpoint."
-)
+_BLOCK = re.compile(r"^rwkv\.blocks\.(\d+)\.")
 
 
 def leaf_layouts(config: rwkv.RwkvConfig) -> list[LeafLayout]:
@@ -108,16 +95,6 @@ def leaf_layouts(config: rwkv.RwkvConfig) -> list[LeafLayout]:
     return layouts
 
 
-def _numpy(value) -> np.ndarray | Any:
-    """A torch tensor (any dtype) or array -> an array jnp can take."""
-    if type(value).__module__.startswith("torch"):
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":  # numpy has no bfloat16
-            return np.asarray(value.float().numpy(), jnp.bfloat16)
-        return value.numpy()
-    return value
-
-
 def from_hf_state_dict(
     state_dict: Mapping[str, Any],
     config: rwkv.RwkvConfig,
@@ -138,29 +115,18 @@ def from_hf_state_dict(
       CheckpointMismatchError: listing every missing, unexpected or mis-shaped
         name, with expected and found shapes.
     """
-    flat = {name: _numpy(value) for name, value in state_dict.items()}
+    leaves = dict(state_dict)
     if config.tie_word_embeddings:
-        flat.pop("head.weight", None)  # the same tensor as the embeddings
-    build = lambda key: rwkv.build_model(config, key, scan_method=scan_method)
-    expected = abstract_parameters(build)
-    layouts = leaf_layouts(config)
-    check_leaves(flat, layouts, expected, source=source, hint=f"(config: {config})")
-    values = convert_leaves(flat, layouts, expected, jnp.dtype(config.param_dtype))
-    return bind_parameters(build(None), values, expected, source=source)
+        leaves.pop("head.weight", None)  # the same tensor as the embeddings
+    build = functools.partial(rwkv.build_model, scan_method=scan_method)
+    return common.load_model(leaves, leaf_layouts(config), config, build, source=source)
 
 
 def to_hf_state_dict(model) -> dict[str, np.ndarray]:
     """Our RWKV -> an HF state dict of numpy arrays (the inverse of loading)."""
-    config = model.config
-    if not isinstance(config, rwkv.RwkvConfig):
-        raise TypeError(
-            f"expected an RWKV model, got one with {type(config).__name__}."
-        )
-    values = parameter_values(model)
-    return {
-        layout.path: np.asarray(layout.from_named(values))
-        for layout in leaf_layouts(config)
-    }
+    config = common.config_of(model, rwkv.RwkvConfig, "an RWKV model")
+    leaves = common.export_leaves(model, leaf_layouts(config))
+    return {name: np.asarray(leaf) for name, leaf in leaves.items()}
 
 
 def config_from_hf(values: Mapping[str, Any], **overrides) -> rwkv.RwkvConfig:
@@ -183,39 +149,12 @@ def hf_config_dict(config: rwkv.RwkvConfig) -> dict[str, Any]:
     }
 
 
-def _torch_load(path: str) -> dict[str, Any]:
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(f"{path}: {_TORCH_HINT}") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping):
-        raise TypeError(f"{path} holds a {type(state).__name__}, not a state dict.")
-    return {name: _numpy(value) for name, value in state.items()}
-
-
-def _read_safetensors(path: str) -> dict[str, Any]:
-    from safetensors.flax import load_file  # keeps bfloat16 (numpy has none)
-
-    return dict(load_file(path))
-
-
 def read_hf_weights(directory: str) -> dict[str, Any]:
     """The state dict of an HF checkpoint directory (safetensors preferred)."""
-    single = os.path.join(directory, "model.safetensors")
-    index = os.path.join(directory, "model.safetensors.index.json")
-    pickled = os.path.join(directory, "pytorch_model.bin")
-    if os.path.isfile(single):
-        return _read_safetensors(single)
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        state: dict[str, Any] = {}
-        for shard in shards:
-            state.update(_read_safetensors(os.path.join(directory, shard)))
-        return state
-    if os.path.isfile(pickled):
-        return _torch_load(pickled)
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return common.read_weights(path)
     raise FileNotFoundError(
         f"{directory} has no model.safetensors, model.safetensors.index.json or"
         " pytorch_model.bin."
@@ -255,14 +194,12 @@ def load_hf_checkpoint(
 
 def save_hf_checkpoint(model, directory: str | os.PathLike) -> None:
     """Writes `model` as an HF directory: ``config.json`` + ``model.safetensors``."""
-    from safetensors.flax import save_file
-
     directory = os.fspath(directory)
     if os.path.exists(directory):
         raise FileExistsError(f"{directory} already exists; choose a new directory.")
-    state = {k: jnp.asarray(v) for k, v in to_hf_state_dict(model).items()}
+    state = to_hf_state_dict(model)
     os.makedirs(directory)
-    save_file(
+    common.write_weights(
         state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"}
     )
     with open(os.path.join(directory, "config.json"), "w") as f:
@@ -282,7 +219,6 @@ _BLINKDL_RENAMES = (
 )
 _TIME_MIX = re.compile(r"\.time_mix_([kvr])$")
 _TIME_MIX_NAMES = {"k": "key", "v": "value", "r": "receptance"}
-_BLOCK = re.compile(r"^rwkv\.blocks\.(\d+)\.")
 
 
 def blinkdl_to_hf_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -320,36 +256,26 @@ def infer_config(state_dict: Mapping[str, Any], **overrides) -> rwkv.RwkvConfig:
     Fields the shapes cannot give (context_length, epsilon, special ids,
     rescale_every) take the Pile models' values.
     """
-    need = [
-        "rwkv.embeddings.weight",
-        "rwkv.blocks.0.attention.time_decay",
-        "rwkv.blocks.0.feed_forward.key.weight",
-    ]
-    absent = [p for p in need if p not in state_dict]
-    if absent:
-        raise CheckpointMismatchError(
-            BLINKDL_SOURCE,
-            missing={p: "?" for p in absent},
-            hint="(cannot infer the config without these entries)",
-        )
+    common.require_leaves(
+        state_dict,
+        [
+            "rwkv.embeddings.weight",
+            "rwkv.blocks.0.attention.time_decay",
+            "rwkv.blocks.0.feed_forward.key.weight",
+        ],
+        source=BLINKDL_SOURCE,
+    )
     shape = lambda name: tuple(np.shape(state_dict[name]))
     vocab, hidden = shape("rwkv.embeddings.weight")
-    indices = sorted(
-        {int(m.group(1)) for name in state_dict if (m := _BLOCK.match(name))}
-    )
-    if indices != list(range(len(indices))):
-        raise ValueError(
-            f"checkpoint blocks are not numbered 0..n-1: found blocks {indices}."
-        )
     inferred = {
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "num_hidden_layers": len(indices),
+        "num_hidden_layers": common.count_numbered(state_dict, _BLOCK, "blocks"),
         "attention_hidden_size": shape("rwkv.blocks.0.attention.time_decay")[0],
         "intermediate_size": shape("rwkv.blocks.0.feed_forward.key.weight")[0],
         "tie_word_embeddings": "head.weight" not in state_dict,
         "param_dtype": jnp.dtype(
-            _numpy(state_dict["rwkv.embeddings.weight"]).dtype
+            common.to_numpy(state_dict["rwkv.embeddings.weight"]).dtype
         ).name,
     }
     return rwkv.RwkvConfig(**{**inferred, **overrides})
@@ -382,11 +308,7 @@ def load_blinkdl_checkpoint(
     """Loads BlinkDL's ``.pth`` (a ``torch.save`` state dict; needs torch) or a
     ``.safetensors`` file with the same names."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist.")
-    state = (
-        _read_safetensors(path) if path.endswith(".safetensors") else _torch_load(path)
-    )
+    state = common.read_weights(path)
     return from_blinkdl_state_dict(
         state,
         config,
@@ -398,28 +320,7 @@ def load_blinkdl_checkpoint(
 
 def save_blinkdl_checkpoint(model, path: str | os.PathLike) -> None:
     """Writes `model` as BlinkDL's ``.pth`` (needs torch)."""
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(_TORCH_HINT) from e
-    state = hf_to_blinkdl_names(to_hf_state_dict(model))
-    torch.save(
-        {
-            k: torch.from_numpy(np.array(v, np.float32)).to(_torch_dtype(v))
-            for k, v in state.items()
-        },
-        os.fspath(path),
-    )
-
-
-def _torch_dtype(value):
-    import torch
-
-    return {
-        "bfloat16": torch.bfloat16,
-        "float16": torch.float16,
-        "float64": torch.float64,
-    }.get(jnp.dtype(value.dtype).name, torch.float32)
+    common.write_weights(hf_to_blinkdl_names(to_hf_state_dict(model)), path)
 
 
 # ---------------------------------------------------------------------------
@@ -502,23 +403,13 @@ def load_checkpoint(path: str | os.PathLike, **kwargs):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, convert = convert_parser(
-        "rwkv",
-        "Convert an RWKV-4 checkpoint (HF directory or BlinkDL .pth) to recurrent_lm's format.",
-        source="HF directory or .pth",
-        source_help="HF checkpoint directory, or a BlinkDL .pth / .safetensors file",
+    parser, convert = common.convert_parser(
+        "rwkv", __doc__, source="HF checkpoint directory, or a BlinkDL .pth / .safetensors file"
     )
-    convert.add_argument("--param-dtype", choices=rwkv.PARAM_DTYPES)
-    args = parser.parse_args(argv)
-
-    import recurrent_lm.checkpoint
-
-    overrides = {"param_dtype": args.param_dtype} if args.param_dtype else {}
-    model = load_checkpoint(args.src, **overrides)
-    recurrent_lm.checkpoint.save(model, args.dst)
-    print(f"converted {args.src} -> {args.dst}")
-    print(f"config: {model.config.to_dict()}")
-    return 0
+    common.add_config_flags(
+        convert, rwkv.RwkvConfig, ["param_dtype"], param_dtype=rwkv.PARAM_DTYPES
+    )
+    return common.run_convert(parser, argv, load_checkpoint)
 
 
 if __name__ == "__main__":

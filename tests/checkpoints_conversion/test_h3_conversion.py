@@ -261,6 +261,17 @@ def test_untied_head_is_refused(weights, config_dict):
         convert.from_state_dict(state, config_dict)
 
 
+def test_untied_head_is_listed_with_the_other_problems(weights, config_dict):
+    state = dict(weights)
+    state["lm_head.weight"] = state["lm_head.weight"] + 1.0
+    del state["backbone.ln_f.bias"]
+    with pytest.raises(CheckpointMismatchError) as info:
+        convert.from_state_dict(state, config_dict)
+    message = str(info.value)
+    assert "missing     backbone.ln_f.bias" in message
+    assert "mis-shaped  lm_head.weight: expected the tied embedding" in message
+
+
 def test_bad_original_configs(config_dict):
     with pytest.raises(ValueError, match="unknown keys \\['d_modle'\\]"):
         convert.resolve_config({**config_dict, "d_modle": 3})

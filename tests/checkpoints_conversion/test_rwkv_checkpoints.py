@@ -68,6 +68,30 @@ def test_hf_directory_round_trip_and_transformers_reads_ours(tmp_path):
         convert.save_hf_checkpoint(model, directory)
 
 
+def test_sharded_bfloat16_directory(tmp_path):
+    """model.safetensors.index.json and its shards; bfloat16 stays bfloat16."""
+    from checkpoints_conversion.common import read_weights, write_weights
+
+    case = CASES["odd"]
+    model = convert.from_hf_state_dict(hf_state_dict(case), case.config(param_dtype="bfloat16"))
+    convert.save_hf_checkpoint(model, tmp_path / "one")
+    state = read_weights(tmp_path / "one" / "model.safetensors")
+    assert {v.dtype for v in state.values()} == {jnp.dtype(jnp.bfloat16)}
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}
+    directory = tmp_path / "sharded"
+    directory.mkdir()
+    for shard, shard_names in shards.items():
+        write_weights({n: state[n] for n in shard_names}, directory / shard)
+    weight_map = {n: shard for shard, shard_names in shards.items() for n in shard_names}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (directory / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
+    loaded = convert.load_hf_checkpoint(directory)
+    assert loaded.config == model.config
+    assert_same_state_dict(convert.to_hf_state_dict(loaded), convert.to_hf_state_dict(model))
+
+
 def test_pytorch_model_bin_directory(tmp_path):
     import torch
 
