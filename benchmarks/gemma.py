@@ -37,9 +37,9 @@ from penzai import pz
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import recurrent_lm
 from benchmarks.griffin_decode import timed
 from checkpoints_conversion import gemma as convert
-import recurrent_lm
 from recurrent_lm.models import gemma, griffin
 from recurrent_lm.params import abstract_parameters, parameter_values
 from recurrent_lm.sampling import functional, to_sampling_mode

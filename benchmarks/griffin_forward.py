@@ -28,10 +28,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import recurrentgemma.jax as rg
 from recurrentgemma import common
 
+import recurrent_lm
 from benchmarks import common as common_args
 from checkpoints_conversion import recurrentgemma as convert
 from recurrent_lm.layers import recurrence
-import recurrent_lm
 
 
 def official_forward(config, scan_type):

@@ -22,6 +22,7 @@ ratio reported is scan / fft on the same machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -49,7 +50,7 @@ def mixer_function(width: int, d_state: int, method: str):
         attn_layer_idx=(),
         d_state=d_state,
     )
-    model = h3.build_model(config, jax.random.key(0), ssm_method=method)
+    model = h3.build_model(dataclasses.replace(config, ssm_method=method), jax.random.key(0))
     mixer = h3.mixer(model, 0)
     skeleton, params = pz.unbind_params(mixer, freeze=True)
 

@@ -32,9 +32,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import recurrent_lm
 from benchmarks.griffin_decode import Ours, copy_bandwidth, read_bandwidth, timed
 from checkpoints_conversion import rwkv as convert
-import recurrent_lm
 from recurrent_lm.models import rwkv
 
 

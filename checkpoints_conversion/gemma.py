@@ -28,7 +28,6 @@ CLI::
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -41,6 +40,7 @@ import numpy as np
 from checkpoints_conversion import common
 from checkpoints_conversion.common import LeafLayout, flatten, unflatten
 from recurrent_lm import axes
+from recurrent_lm.core.config import PARAM_DTYPES
 from recurrent_lm.models import gemma
 from recurrent_lm.params import CheckpointMismatchError
 
@@ -201,7 +201,6 @@ def _gating_transposed(flat, config: gemma.GemmaConfig, requested: bool | None) 
 def from_official_params(
     params: Mapping[str, Any],
     *,
-    upcast_activations_to_float32: bool = False,
     gating_transposed: bool | None = None,
     **config_overrides,
 ):
@@ -209,12 +208,12 @@ def from_official_params(
 
     Args:
       params: the official tree (see the module docstring), leaves array-like.
-      upcast_activations_to_float32: keep the checkpoint's parameter dtype but
-        run activations in float32 (as penzai's option of the same name).
       gating_transposed: ``gating_einsum`` is [2, F, D]; None infers it from
         the shapes (the standard [2, D, F] when D == F).
       **config_overrides: `GemmaConfig` fields, e.g. ``sliding_window_size``,
-        ``attention_logit_soft_cap`` or ``param_dtype`` (leaves are cast to it).
+        ``param_dtype`` (leaves are cast to it) or
+        ``upcast_activations_to_float32`` (keep the checkpoint's parameter
+        dtype, run activations in float32, as penzai's option of that name).
 
     Raises:
       CheckpointMismatchError: listing every missing, unexpected or mis-shaped
@@ -227,11 +226,8 @@ def from_official_params(
         qkv_einsum="layer_0/attn/qkv_einsum/w" in flat,
         gating_transposed=_gating_transposed(flat, config, gating_transposed),
     )
-    build = functools.partial(
-        gemma.build_model, upcast_activations_to_float32=upcast_activations_to_float32
-    )
     rooted = {f"{ROOT}/{path}": leaf for path, leaf in flat.items()}
-    return common.load_model(rooted, _under_root(layouts), config, build, source=SOURCE)
+    return common.load_model(rooted, _under_root(layouts), config, gemma.build_model, source=SOURCE)
 
 
 def _under_root(layouts: Sequence[LeafLayout]) -> list[LeafLayout]:
@@ -265,7 +261,6 @@ def to_official_params(
 def load_official_checkpoint(
     path: str,
     *,
-    upcast_activations_to_float32: bool = False,
     gating_transposed: bool | None = None,
     sharding: jax.sharding.Sharding | None = None,
     **config_overrides,
@@ -274,13 +269,11 @@ def load_official_checkpoint(
 
     Args:
       path: the checkpoint directory (e.g. ``.../gemma2-2b/gemma2-2b``).
-      upcast_activations_to_float32, gating_transposed, **config_overrides:
-        see `from_official_params`.
+      gating_transposed, **config_overrides: see `from_official_params`.
       sharding: where to place the restored leaves (default: first local device).
     """
     return from_official_params(
         common.restore_orbax_tree(str(path), sharding),
-        upcast_activations_to_float32=upcast_activations_to_float32,
         gating_transposed=gating_transposed,
         **config_overrides,
     )
@@ -296,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         ["sliding_window_size", "attention_logit_soft_cap", "final_logit_soft_cap"]
         + ["layer_norm_epsilon", "query_head_dim_normalize", "use_sliding_window_attention"]
         + ["param_dtype"],
-        param_dtype=gemma.PARAM_DTYPES,
+        param_dtype=PARAM_DTYPES,
     )
     return common.run_convert(parser, argv, load_official_checkpoint)
 

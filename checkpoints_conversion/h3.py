@@ -23,7 +23,6 @@ CLI::
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -321,17 +320,19 @@ def from_state_dict(
     state: Mapping[str, Any],
     config,
     *,
-    ssm_method: str = "fft",
-    scan_method: str | None = None,
     source: str = SOURCE,
+    **config_overrides,
 ):
     """A (released-format) state dict -> our H3 (`DecoderLM`).
+
+    `config` is resolved as in `load_checkpoint`; ``config_overrides`` replace
+    its fields (e.g. the build options ``ssm_method``, ``scan_method``).
 
     Raises:
       CheckpointMismatchError: listing every missing, unexpected or mis-shaped
         tensor, with expected and found shapes.
     """
-    config = resolve_config(config)
+    config = dataclasses.replace(resolve_config(config), **config_overrides)
     state = normalize_state_dict(state, config.num_hidden_layers)
     state = {
         k: common.to_numpy(v)
@@ -348,9 +349,8 @@ def from_state_dict(
             f"the tied embedding {EMBEDDING} (untied heads are not supported)",
             "a different matrix",
         )
-    build = functools.partial(h3.build_model, ssm_method=ssm_method, scan_method=scan_method)
     return common.load_model(
-        state, leaf_layouts(config), config, build, source=source, misshaped=untied
+        state, leaf_layouts(config), config, h3.build_model, source=source, misshaped=untied
     )
 
 
@@ -358,9 +358,8 @@ def load_checkpoint(
     weights_path,
     config,
     *,
-    ssm_method: str = "fft",
-    scan_method: str | None = None,
     weights_only: bool = True,
+    **config_overrides,
 ):
     """Loads a released H3 checkpoint (``.pt``/``.pth``/``.ckpt``, or ``.safetensors``).
 
@@ -368,17 +367,16 @@ def load_checkpoint(
       weights_path: the file.
       config: an `H3Config`, a preset name ("125m", ...), the original config
         dict, or an `H3Config.to_dict()` dict.
-      ssm_method, scan_method: see `recurrent_lm.models.h3.build_model`.
       weights_only: torch's safe unpickling; Lightning checkpoints that hold
         other Python objects need False (only for files you trust).
+      **config_overrides: `H3Config` fields (e.g. ``ssm_method``, ``scan_method``).
     """
     path = os.fspath(weights_path)
     return from_state_dict(
         common.read_weights(path, weights_only=weights_only),
         config,
-        ssm_method=ssm_method,
-        scan_method=scan_method,
         source=f"{SOURCE} {path}",
+        **config_overrides,
     )
 
 

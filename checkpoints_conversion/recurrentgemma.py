@@ -18,7 +18,6 @@ CLI::
 
 from __future__ import annotations
 
-import functools
 import re
 import sys
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ import numpy as np
 from checkpoints_conversion import common
 from checkpoints_conversion.common import LeafLayout, flatten, unflatten
 from recurrent_lm import axes
+from recurrent_lm.core.config import PARAM_DTYPES
 from recurrent_lm.models import griffin
 
 E, V, L, M = axes.EMBEDDING, axes.VOCABULARY, axes.LRU, axes.MLP
@@ -127,16 +127,13 @@ def infer_config(params: Mapping[str, Any], **overrides) -> griffin.GriffinConfi
     return griffin.GriffinConfig(**{**inferred, **overrides})
 
 
-def from_official_params(
-    params: Mapping[str, Any], *, scan_method: str | None = None, **config_overrides
-):
+def from_official_params(params: Mapping[str, Any], **config_overrides):
     """An official parameter tree -> our Griffin (`DecoderLM`).
 
     Args:
       params: the official tree (bare, or under "params"), leaves array-like.
-      scan_method: RG-LRU scan implementation (None = backend default).
       **config_overrides: `GriffinConfig` fields, e.g. ``attention_window_size``,
-        ``logits_soft_cap`` or ``param_dtype`` (leaves are cast to it).
+        ``param_dtype`` (leaves are cast to it) or ``scan_method``.
 
     Raises:
       CheckpointMismatchError: listing every missing, unexpected or mis-shaped
@@ -147,7 +144,7 @@ def from_official_params(
         flatten(_strip_root(params)),
         leaf_layouts(config),
         config,
-        functools.partial(griffin.build_model, scan_method=scan_method),
+        griffin.build_model,
         source=SOURCE,
     )
 
@@ -161,7 +158,6 @@ def to_official_params(model) -> dict[str, Any]:
 def load_official_checkpoint(
     path: str,
     *,
-    scan_method: str | None = None,
     sharding: jax.sharding.Sharding | None = None,
     **config_overrides,
 ):
@@ -169,12 +165,11 @@ def load_official_checkpoint(
 
     Args:
       path: the checkpoint directory (e.g. ``.../recurrentgemma/flax/2b/2b``).
-      scan_method: RG-LRU scan implementation (None = backend default).
       sharding: where to place the restored leaves (default: first local device).
       **config_overrides: see `from_official_params`.
     """
     return from_official_params(
-        common.restore_orbax_tree(str(path), sharding), scan_method=scan_method, **config_overrides
+        common.restore_orbax_tree(str(path), sharding), **config_overrides
     )
 
 
@@ -188,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         ["attention_window_size", "logits_soft_cap", "rope_theta", "partial_rotary_factor"]
         + ["rms_norm_eps", "num_key_value_heads"]
         + ["param_dtype"],
-        param_dtype=griffin.PARAM_DTYPES,
+        param_dtype=PARAM_DTYPES,
     )
     convert.add_argument(
         "--no-embeddings-scale",

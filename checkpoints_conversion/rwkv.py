@@ -19,7 +19,6 @@ CLI::
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -33,6 +32,7 @@ import numpy as np
 from checkpoints_conversion import common
 from checkpoints_conversion.common import LeafLayout
 from recurrent_lm import axes
+from recurrent_lm.core.config import PARAM_DTYPES
 from recurrent_lm.models import rwkv
 
 E, V, A, F = axes.EMBEDDING, axes.VOCABULARY, axes.WKV, axes.MLP
@@ -99,7 +99,6 @@ def from_hf_state_dict(
     state_dict: Mapping[str, Any],
     config: rwkv.RwkvConfig,
     *,
-    scan_method: str | None = None,
     source: str = HF_SOURCE,
 ):
     """An HF ``RwkvForCausalLM`` state dict -> our RWKV (`DecoderLM`).
@@ -108,8 +107,8 @@ def from_hf_state_dict(
       state_dict: ``{name: tensor or array}`` (torch tensors are converted).
         Take it before any eval-mode HF forward: HF then rescales weights in
         place (``rescale_every``).
-      config: the model's config; leaves are cast to ``config.param_dtype``.
-      scan_method: WKV scan implementation (None = backend default).
+      config: the model's config (with its build options, e.g.
+        ``scan_method``); leaves are cast to ``config.param_dtype``.
 
     Raises:
       CheckpointMismatchError: listing every missing, unexpected or mis-shaped
@@ -118,8 +117,7 @@ def from_hf_state_dict(
     leaves = dict(state_dict)
     if config.tie_word_embeddings:
         leaves.pop("head.weight", None)  # the same tensor as the embeddings
-    build = functools.partial(rwkv.build_model, scan_method=scan_method)
-    return common.load_model(leaves, leaf_layouts(config), config, build, source=source)
+    return common.load_model(leaves, leaf_layouts(config), config, rwkv.build_model, source=source)
 
 
 def to_hf_state_dict(model) -> dict[str, np.ndarray]:
@@ -161,13 +159,12 @@ def read_hf_weights(directory: str) -> dict[str, Any]:
     )
 
 
-def load_hf_checkpoint(
-    directory: str | os.PathLike, *, scan_method: str | None = None, **config_overrides
-):
+def load_hf_checkpoint(directory: str | os.PathLike, **config_overrides):
     """Loads an HF RWKV-4 directory (``config.json`` + weights).
 
     ``param_dtype`` defaults to the dtype of the stored embeddings; any
-    `RwkvConfig` field can be overridden (leaves are cast to ``param_dtype``).
+    `RwkvConfig` field can be overridden (leaves are cast to ``param_dtype``;
+    ``scan_method`` picks the WKV scan).
     """
     directory = os.fspath(directory)
     config_file = os.path.join(directory, "config.json")
@@ -187,9 +184,7 @@ def load_hf_checkpoint(
             state["rwkv.embeddings.weight"].dtype
         ).name
     config = config_from_hf(hf_config, **config_overrides)
-    return from_hf_state_dict(
-        state, config, scan_method=scan_method, source=f"{HF_SOURCE} {directory}"
-    )
+    return from_hf_state_dict(state, config, source=f"{HF_SOURCE} {directory}")
 
 
 def save_hf_checkpoint(model, directory: str | os.PathLike) -> None:
@@ -285,7 +280,6 @@ def from_blinkdl_state_dict(
     state_dict: Mapping[str, Any],
     config: rwkv.RwkvConfig | None = None,
     *,
-    scan_method: str | None = None,
     source: str = BLINKDL_SOURCE,
     **config_overrides,
 ):
@@ -295,14 +289,12 @@ def from_blinkdl_state_dict(
         config = infer_config(hf, **config_overrides)
     elif config_overrides:
         raise ValueError("pass either config or config overrides, not both.")
-    return from_hf_state_dict(hf, config, scan_method=scan_method, source=source)
+    return from_hf_state_dict(hf, config, source=source)
 
 
 def load_blinkdl_checkpoint(
     path: str | os.PathLike,
     config: rwkv.RwkvConfig | None = None,
-    *,
-    scan_method: str | None = None,
     **config_overrides,
 ):
     """Loads BlinkDL's ``.pth`` (a ``torch.save`` state dict; needs torch) or a
@@ -312,7 +304,6 @@ def load_blinkdl_checkpoint(
     return from_blinkdl_state_dict(
         state,
         config,
-        scan_method=scan_method,
         source=f"{BLINKDL_SOURCE} {path}",
         **config_overrides,
     )
@@ -407,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         "rwkv", __doc__, source="HF checkpoint directory, or a BlinkDL .pth / .safetensors file"
     )
     common.add_config_flags(
-        convert, rwkv.RwkvConfig, ["param_dtype"], param_dtype=rwkv.PARAM_DTYPES
+        convert, rwkv.RwkvConfig, ["param_dtype"], param_dtype=PARAM_DTYPES
     )
     return common.run_convert(parser, argv, load_checkpoint)
 

@@ -72,7 +72,7 @@ def load(
     path: str | os.PathLike,
     *,
     sharding: jax.sharding.Sharding | Callable[[tuple, tuple], jax.sharding.Sharding] | None = None,
-    **build_kwargs,
+    **config_overrides,
 ):
     """Reads a directory written by `save`.
 
@@ -81,16 +81,16 @@ def load(
       sharding: where to place the arrays (default: first local device); a
         function ``(axis_names, shape) -> Sharding`` places each parameter by
         its named axes (see `recurrent_lm.train.sharding.load_sharded`).
-      **build_kwargs: passed to the architecture's ``build_model`` (e.g.
-        ``scan_method``).
+      **config_overrides: fields of the saved config to replace (e.g. the
+        build option ``scan_method``).
     """
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.fspath(path))
     metadata = read_metadata(path)
     architecture = registry.get(metadata["model_type"])
-    config = architecture.config_class.from_dict(metadata["config"])
-    build = lambda key: architecture.build_model(config, key, **build_kwargs)
+    config = architecture.config_class.from_dict({**metadata["config"], **config_overrides})
+    build = lambda key: architecture.build_model(config, key)
     expected = abstract_parameters(build)
     stored = metadata["parameters"]
     if sharding is None:

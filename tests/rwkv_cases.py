@@ -154,6 +154,5 @@ def case_ids(case: HFCase) -> np.ndarray:
 
 @functools.cache
 def our_model(case: HFCase, scan_method: str | None = None):
-    return convert.from_hf_state_dict(
-        hf_state_dict(case), case.config(), scan_method=scan_method
-    )
+    config = dataclasses.replace(case.config(), scan_method=scan_method)
+    return convert.from_hf_state_dict(hf_state_dict(case), config)

@@ -50,9 +50,10 @@ POSITIVE = Rule(lambda v: _is_number(v) and v > 0, "> 0")
 NON_NEGATIVE = Rule(lambda v: _is_number(v) and v >= 0, ">= 0")
 FRACTION = Rule(lambda v: _is_number(v) and 0 <= v <= 1, "in [0, 1]")
 BOOL = Rule(lambda v: isinstance(v, bool), "a bool")
+PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")
 PARAM_DTYPE = Rule(
-    lambda v: v in ("float32", "bfloat16", "float16", "float64"),
-    "one of ('float32', 'bfloat16', 'float16', 'float64')",
+    lambda v: v in PARAM_DTYPES,
+    f"one of {PARAM_DTYPES}",
     convert=lambda v: jnp.dtype(v).name,
 )
 

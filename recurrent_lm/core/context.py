@@ -22,7 +22,6 @@ from penzai import pz
 
 from recurrent_lm import axes
 
-
 # `since_start` where no document started in the call: larger than any lag.
 NO_START_IN_CALL = 2**30
 

@@ -23,14 +23,6 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
-from recurrent_lm.layers import (
-    Attention,
-    GatedMLP,
-    ResidualBlock,
-    RMSNorm,
-    embedding_table,
-    rope,
-)
 from recurrent_lm.core.config import (
     BOOL,
     PARAM_DTYPE,
@@ -43,6 +35,14 @@ from recurrent_lm.core.config import (
 )
 from recurrent_lm.core.model import DecoderLM
 from recurrent_lm.core.registry import Architecture
+from recurrent_lm.layers import (
+    Attention,
+    GatedMLP,
+    ResidualBlock,
+    RMSNorm,
+    embedding_table,
+    rope,
+)
 
 SOFT_CAP = optional(POSITIVE)
 NO_DROPOUT = Rule(lambda v: v == 0, "0: recurrent_lm models have no dropout layers (the field exists"

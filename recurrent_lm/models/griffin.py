@@ -11,28 +11,14 @@ a tanh logit soft cap. Parameter labels mirror the official tree
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 import itertools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import (
-    RGLRU,
-    Attention,
-    CausalConv1D,
-    GatedMLP,
-    ResidualBlock,
-    RMSNorm,
-    bfloat16_sqrt,
-    dense,
-    embedding_table,
-    gelu_tanh,
-    recurrence,
-    rope,
-)
 from recurrent_lm.core.config import (
     BOOL,
     FRACTION,
@@ -48,6 +34,20 @@ from recurrent_lm.core.config import (
 )
 from recurrent_lm.core.model import DecoderLM
 from recurrent_lm.core.registry import Architecture
+from recurrent_lm.layers import (
+    RGLRU,
+    Attention,
+    CausalConv1D,
+    GatedMLP,
+    ResidualBlock,
+    RMSNorm,
+    bfloat16_sqrt,
+    dense,
+    embedding_table,
+    gelu_tanh,
+    recurrence,
+    rope,
+)
 
 RECURRENT = "recurrent"
 ATTENTION = "attention"

@@ -23,25 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.layers import (
-    MLP,
-    Attention,
-    DiagonalSSM,
-    LayerNorm,
-    ResidualBlock,
-    RotaryEmbedding,
-    ShiftSSM,
-    dense,
-    recurrence,
-    ssm,
-)
 from recurrent_lm.core.config import (
     BOOL,
     NON_NEGATIVE_INT,
@@ -57,6 +45,18 @@ from recurrent_lm.core.config import (
 )
 from recurrent_lm.core.model import DecoderLM
 from recurrent_lm.core.registry import Architecture
+from recurrent_lm.layers import (
+    MLP,
+    Attention,
+    DiagonalSSM,
+    LayerNorm,
+    ResidualBlock,
+    RotaryEmbedding,
+    ShiftSSM,
+    dense,
+    recurrence,
+    ssm,
+)
 
 SSM_MODES = ("diag",)
 SSM_MEASURES = ("diag-lin", "diag-inv")

@@ -17,15 +17,29 @@ epsilon (~1e-4 on logits), and training never applies it.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 import functools
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
+from recurrent_lm.core.config import (
+    BOOL,
+    INT,
+    NON_NEGATIVE_INT,
+    PARAM_DTYPE,
+    POSITIVE,
+    POSITIVE_INT,
+    Config,
+    field,
+    one_of,
+    optional,
+)
+from recurrent_lm.core.model import DecoderLM
+from recurrent_lm.core.registry import Architecture
 from recurrent_lm.layers import (
     LayerNorm,
     ResidualBlock,
@@ -35,20 +49,6 @@ from recurrent_lm.layers import (
 )
 from recurrent_lm.layers.channel_mix import ChannelMix
 from recurrent_lm.layers.wkv import TimeMix
-from recurrent_lm.core.config import (
-    BOOL,
-    NON_NEGATIVE_INT,
-    PARAM_DTYPE,
-    POSITIVE,
-    POSITIVE_INT,
-    INT,
-    Config,
-    field,
-    one_of,
-    optional,
-)
-from recurrent_lm.core.model import DecoderLM
-from recurrent_lm.core.registry import Architecture
 from recurrent_lm.params import bind_parameters, parameter_values
 
 # torch's LayerNorm default: HF builds ln_out without the config's epsilon.

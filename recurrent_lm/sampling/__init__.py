@@ -9,8 +9,8 @@
   `stream` yields the tokens as they come.
 """
 
-from recurrent_lm.sampling.decode import GenerationOutput, generate, stream
 from recurrent_lm.core.functional import functional
+from recurrent_lm.sampling.decode import GenerationOutput, generate, stream
 from recurrent_lm.sampling.mode import SamplingLM, to_sampling_mode, to_stateless
 
 __all__ = [

@@ -9,8 +9,8 @@ import pytest
 from penzai import pz
 
 from recurrent_lm import interp
-from recurrent_lm.core import sites
 from recurrent_lm.core import model as base
+from recurrent_lm.core import sites
 from recurrent_lm.models import griffin
 from recurrent_lm.sampling import to_sampling_mode
 

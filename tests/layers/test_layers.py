@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from penzai import pz
-
 from streams import context, continue_in_pieces, run_fresh
 
 from recurrent_lm.core.context import DocumentContext

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from griffin_cases import segment_layout
-from streams import context
 from penzai import pz
+from streams import context
 
 from recurrent_lm.layers import recurrence
 from recurrent_lm.layers.wkv import wkv

@@ -18,9 +18,9 @@ from gemma_cases import (
 from griffin_cases import max_relative_error, named_tokens
 from penzai import pz
 
+import recurrent_lm
 from checkpoints_conversion import gemma as convert
 from recurrent_lm.layers import Attention
-import recurrent_lm
 from recurrent_lm.models import gemma
 from recurrent_lm.params import abstract_parameters
 

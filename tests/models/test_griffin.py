@@ -17,11 +17,11 @@ from griffin_cases import (
 )
 from penzai import pz
 
+import recurrent_lm
 from checkpoints_conversion import recurrentgemma as convert
 from recurrent_lm import interp
-from recurrent_lm.layers import RGLRU, recurrence
-import recurrent_lm
 from recurrent_lm.core.context import DocumentContext
+from recurrent_lm.layers import RGLRU, recurrence
 from recurrent_lm.models import griffin
 from recurrent_lm.params import abstract_parameters, cast_parameters
 

@@ -13,13 +13,13 @@ from griffin_cases import max_relative_error, named_tokens, segment_layout
 from penzai import pz
 from rwkv_cases import CASES, case_ids, hf_logits, hf_model, our_model
 
+import recurrent_lm
 from checkpoints_conversion import rwkv as convert
-from recurrent_lm.layers.channel_mix import ChannelMix
+from recurrent_lm.core import registry
 from recurrent_lm.core.context import DocumentContext
 from recurrent_lm.core.state import Stateful
+from recurrent_lm.layers.channel_mix import ChannelMix
 from recurrent_lm.layers.wkv import TimeMix
-import recurrent_lm
-from recurrent_lm.core import registry
 from recurrent_lm.models import rwkv
 from recurrent_lm.params import abstract_parameters, parameter_values
 from recurrent_lm.sampling import generate, to_sampling_mode

@@ -9,10 +9,10 @@ from griffin_cases import max_relative_error, named_tokens
 from penzai import pz
 from test_sampling_mode import feed_in_chunks
 
+import recurrent_lm
 from checkpoints_conversion import gemma as convert
 from recurrent_lm.core.state import Stateful
 from recurrent_lm.layers import Attention
-import recurrent_lm
 from recurrent_lm.models import gemma
 from recurrent_lm.sampling import generate, to_sampling_mode
 
