@@ -8,187 +8,108 @@ Without --tokenizer, a SentencePiece tokenizer is trained on the data and kept
 in the checkpoint directory. Multi-host: pass --coordinator-address,
 --num-processes and --process-id (or set JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID) and run the same command on every host.
+
+The flags are generated from `TrainConfig`'s fields, one each: ``--field-name``
+(or the spelling in the field's metadata), typed by the annotation; booleans
+get ``--name`` / ``--no-name``; tuple fields repeat (``--data A --data B``);
+dict fields take repeated KEY=VALUE (JSON values).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
 
-from recurrent_lm.train import checkpointing, data, loop, sharding
+from recurrent_lm.train import build, checkpointing, data, loop, sharding
+from recurrent_lm.train.config import GROUPS, TrainConfig
+
+DISTRIBUTED_ARGS = ("coordinator_address", "num_processes", "process_id")
+"""The flags that are not TrainConfig fields (jax.distributed.initialize)."""
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["hidden_size=128", "block_types=[\"recurrent\"]"]`` -> dict (JSON values)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"bad override {item!r}: expected KEY=VALUE.")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _base_type(hint) -> type:
+    """int for ``int`` and ``int | None``; the origin (tuple, dict) for generics."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    return typing.get_origin(hint) or hint
+
+
+def _field_argument(field: dataclasses.Field, kind: type) -> tuple[list[str], dict]:
+    """(option strings, add_argument keywords) of one TrainConfig field."""
+    meta = field.metadata
+    flags = [meta["flag"] or "--" + field.name.replace("_", "-"), *meta["aliases"]]
+    kwargs = {"dest": field.name, "help": meta["help"]}
+    if meta["metavar"]:
+        kwargs["metavar"] = meta["metavar"]
+    if kind is bool:
+        kwargs.update(action=argparse.BooleanOptionalAction, default=field.default)
+    elif kind in (tuple, dict):  # repeated; converted in config_from_args
+        kwargs.update(action="append", default=[])
+    else:
+        kwargs.update(type=kind, default=field.default, choices=meta["choices"])
+    return flags, kwargs
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default unless it is empty or the help already names one."""
+
+    def _get_help_string(self, action):
+        empty = action.default is None or action.default == []
+        if empty or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m recurrent_lm.train",
         description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
-    d = loop.TrainConfig()
-    g = p.add_argument_group("model")
+    groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        flags, kwargs = _field_argument(field, _base_type(hints[field.name]))
+        groups[field.metadata["group"]].add_argument(*flags, **kwargs)
+    g = groups["distribution"]
     g.add_argument(
-        "--model", default=d.model, help="architecture (a registered model type)"
+        "--coordinator-address", help="jax.distributed coordinator host:port"
     )
-    g.add_argument(
-        "--preset", default=d.preset, help="config preset of the architecture"
-    )
-    g.add_argument(
-        "--config",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field (JSON value), e.g. hidden_size=128",
-    )
-    g.add_argument("--param-dtype", default=d.param_dtype, help="master weight dtype")
-    g.add_argument(
-        "--compute-dtype", default=d.compute_dtype, choices=loop.COMPUTE_DTYPES
-    )
-    g.add_argument(
-        "--init-checkpoint", help="fine-tune this recurrent_lm.save directory"
-    )
-    g.add_argument(
-        "--lora-rank", type=int, default=0, help="LoRA adapters of this rank (0: off)"
-    )
-    g.add_argument(
-        "--lora-alpha", type=float, help="LoRA scale numerator (scale = alpha / rank)"
-    )
-    g.add_argument(
-        "--lora-target",
-        action="append",
-        default=[],
-        metavar="REGEX",
-        help="adapt Linear layers whose weight label matches (default: all)",
-    )
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--data",
-        action="append",
-        default=[],
-        metavar="PATH",
-        help="text/.jsonl file, directory or glob (repeatable)",
-    )
-    g.add_argument(
-        "--tokenizer", help="SentencePiece model (default: train one on the data)"
-    )
-    g.add_argument("--tokenizer-vocab-size", type=int, default=d.tokenizer_vocab_size)
-    g.add_argument("--seq-len", type=int, default=d.seq_len)
-    g.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help="global batch (rows)"
-    )
-    g.add_argument(
-        "--eval-fraction",
-        type=float,
-        default=d.eval_fraction,
-        help="share of documents held out for evaluation",
-    )
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=d.steps)
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--learning-rate", "--lr", type=float, default=d.learning_rate)
-    g.add_argument("--lr-schedule", default=d.lr_schedule, choices=loop.SCHEDULES)
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--decay-steps", type=int, help="schedule length (default: --steps)")
-    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--adam-b1", type=float, default=d.adam_b1)
-    g.add_argument("--adam-b2", type=float, default=d.adam_b2)
-    g.add_argument(
-        "--grad-clip", type=float, default=d.grad_clip, help="global norm; 0: off"
-    )
-    g.add_argument(
-        "--grad-accum",
-        type=int,
-        default=d.grad_accum,
-        help="microbatches per step (same global batch)",
-    )
-    g = p.add_argument_group("evaluation, checkpoints, output")
-    g.add_argument(
-        "--eval-interval",
-        type=int,
-        default=d.eval_interval,
-        help="evaluate every N steps and at the last step (0: never)",
-    )
-    g.add_argument("--eval-batches", type=int, default=d.eval_batches)
-    g.add_argument("--checkpoint-dir")
-    g.add_argument("--checkpoint-interval", type=int, default=d.checkpoint_interval)
-    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
-    g.add_argument(
-        "--resume", action="store_true", help="continue the run in --checkpoint-dir"
-    )
-    g.add_argument("--metrics-file", help="JSONL, one object per step")
-    g.add_argument(
-        "--save-model",
-        metavar="DIR",
-        help="write the final model (recurrent_lm.save) and tokenizer.model here",
-    )
-    g.add_argument(
-        "--save-adapters", metavar="DIR", help="write the LoRA adapters alone here"
-    )
-    g.add_argument(
-        "--stop-after", type=int, help="stop (with a checkpoint) after this step"
-    )
-    g.add_argument("--no-progress", action="store_true")
-    g = p.add_argument_group("distribution")
-    g.add_argument(
-        "--mesh", help="e.g. data=2,fsdp=2,model=2 (default: all devices on data)"
-    )
-    g.add_argument(
-        "--shard",
-        action="append",
-        default=[],
-        metavar="AXIS=MESH_AXIS",
-        help="override a sharding rule, e.g. embedding=model or mlp=null",
-    )
-    g.add_argument("--coordinator-address")
-    g.add_argument("--num-processes", type=int)
-    g.add_argument("--process-id", type=int)
+    g.add_argument("--num-processes", type=int, help="processes in the run")
+    g.add_argument("--process-id", type=int, help="this process's index")
     return p
 
 
-def config_from_args(args) -> loop.TrainConfig:
-    return loop.TrainConfig(
-        model=args.model,
-        preset=args.preset,
-        config_overrides=loop.parse_overrides(args.config),
-        data=tuple(args.data),
-        tokenizer=args.tokenizer,
-        tokenizer_vocab_size=args.tokenizer_vocab_size,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        seed=args.seed,
-        checkpoint_dir=args.checkpoint_dir,
-        resume=args.resume,
-        metrics_file=args.metrics_file,
-        learning_rate=args.learning_rate,
-        lr_schedule=args.lr_schedule,
-        warmup_steps=args.warmup_steps,
-        decay_steps=args.decay_steps,
-        min_lr_ratio=args.min_lr_ratio,
-        weight_decay=args.weight_decay,
-        adam_b1=args.adam_b1,
-        adam_b2=args.adam_b2,
-        grad_clip=args.grad_clip or None,
-        grad_accum=args.grad_accum,
-        param_dtype=args.param_dtype,
-        compute_dtype=args.compute_dtype,
-        eval_interval=args.eval_interval,
-        eval_batches=args.eval_batches,
-        eval_fraction=args.eval_fraction,
-        checkpoint_interval=args.checkpoint_interval,
-        keep_checkpoints=args.keep_checkpoints,
-        mesh=args.mesh,
-        sharding_overrides=loop.parse_overrides(args.shard),
-        init_checkpoint=args.init_checkpoint,
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        lora_targets=tuple(args.lora_target),
-        save_model=args.save_model,
-        save_adapters=args.save_adapters,
-        stop_after=args.stop_after,
-        progress=not args.no_progress,
-    )
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    hints = typing.get_type_hints(TrainConfig)
+    values = {}
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(args, field.name)
+        if _base_type(hints[field.name]) is dict:
+            value = parse_overrides(value)
+        values[field.name] = value
+    return TrainConfig(**values)
 
 
 USER_ERRORS = (
@@ -211,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     sharding.maybe_initialize_distributed(
         args.coordinator_address, args.num_processes, args.process_id
     )
-    loop.ensure_models_imported()
+    build.ensure_models_imported()
     try:
         result = loop.train(config_from_args(args))
     except USER_ERRORS as e:

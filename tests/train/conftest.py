@@ -6,7 +6,7 @@ import pytest
 from train_setup import STEPS, Setup, write_corpus
 
 from recurrent_lm import tokenizer as tokenizer_lib
-from recurrent_lm.train import loop
+from recurrent_lm.train import TrainConfig, train
 
 
 @pytest.fixture(scope="session")
@@ -16,7 +16,7 @@ def setup(tmp_path_factory) -> Setup:
     tokenizer_lib.train(
         [corpus], directory / "tok", vocab_size=64, hard_vocab_limit=False
     )
-    config = loop.TrainConfig(
+    config = TrainConfig(
         model="griffin",
         preset="tiny",
         config_overrides={
@@ -41,13 +41,15 @@ def setup(tmp_path_factory) -> Setup:
     )
     reference_dir = directory / "reference"
     model_dir = directory / "reference_model"
-    result = loop.train(
+    records = []
+    result = train(
         dataclasses.replace(
             config,
             checkpoint_dir=str(reference_dir),
             metrics_file=str(reference_dir / "metrics.jsonl"),
             save_model=str(model_dir),
-        )
+        ),
+        on_step_end=lambda step, record: records.append((step, dict(record))),
     )
     return Setup(
         directory,
@@ -55,6 +57,7 @@ def setup(tmp_path_factory) -> Setup:
         str(directory / "tok.model"),
         config,
         result,
+        records,
         str(reference_dir),
         str(model_dir),
     )

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from recurrent_lm.train import loop
+from recurrent_lm.train import train
 
 SMALL = {
     "rwkv": {"hidden_size": 32, "num_hidden_layers": 2, "attention_hidden_size": 32, "intermediate_size": 64},
@@ -19,7 +19,7 @@ def test_a_few_steps_lower_the_loss(setup, model, tmp_path):
         f"arch-{model}", model=model, config_overrides=SMALL[model], steps=4, decay_steps=4,
         eval_interval=0, learning_rate=1e-2, metrics_file=str(tmp_path / "metrics.jsonl"),
     )
-    result = loop.train(config)
+    result = train(config)
     losses = [result.losses[step] for step in sorted(result.losses)]
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]

@@ -146,7 +146,7 @@ def test_bfloat16_compute_binds_bf16_copies_of_float32_masters():
 
     from recurrent_lm.models import griffin
     from recurrent_lm.params import abstract_parameters
-    from recurrent_lm.train import loop
+    from recurrent_lm.train import steps
 
     config = griffin.GriffinConfig.from_preset("tiny", vocab_size=32)
     build = lambda key: griffin.build_model(config, key)
@@ -157,7 +157,7 @@ def test_bfloat16_compute_binds_bf16_copies_of_float32_masters():
         for label, v in abstract.items()
     }
     skeleton = build(None)
-    bound = loop.bind_values(skeleton, axes_by_label, arrays, "bfloat16")
+    bound = steps.bind_values(skeleton, axes_by_label, arrays, "bfloat16")
     values = pz.select(bound).at_instances_of(pz.ParameterValue).get_sequence()
     assert values and all(v.value.dtype == jnp.bfloat16 for v in values)
     assert bound.config.param_dtype == "bfloat16"

@@ -12,7 +12,7 @@ import recurrent_lm
 from recurrent_lm import lora
 from recurrent_lm.models import griffin
 from recurrent_lm.params import CheckpointMismatchError, parameter_values
-from recurrent_lm.train import loop
+from recurrent_lm.train import train
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_lora_fine_tuning_run_trains_only_the_adapters(setup, tmp_path):
         save_adapters=str(tmp_path / "adapters"),
         save_model=str(tmp_path / "merged"),
     )
-    result = loop.train(config)
+    result = train(config)
     base = recurrent_lm.load(setup.model_dir)
     before, after = (
         parameter_values(base),

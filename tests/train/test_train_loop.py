@@ -1,4 +1,4 @@
-"""Training loop: metrics, exact resume (stop, kill, corrupted checkpoint), errors."""
+"""Training loop: metrics, step hook, exact resume (stop, kill, corruption), errors."""
 
 import dataclasses
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from train_setup import STEPS
 
-from recurrent_lm.train import checkpointing, data, loop
+from recurrent_lm.train import checkpointing, data, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,6 +26,8 @@ def test_reference_run_learns_and_writes_metrics(setup):
         assert {"step", "loss", "tokens_per_s", "grad_norm", "learning_rate"} <= set(r)
         assert r["tokens_per_s"] > 0 and np.isfinite(r["loss"])
     assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+    # on_step_end saw every step, after its record (eval loss included) was complete.
+    assert setup.reference_hook_calls == [(r["step"], r) for r in records]
     assert set(setup.reference.eval_losses) == {3, 6}
     # Checkpoints: keep the last 2, plus our marker and the tokenizer-free layout.
     names = set(os.listdir(setup.reference_dir))
@@ -34,13 +36,30 @@ def test_reference_run_learns_and_writes_metrics(setup):
 
 def test_stop_then_resume_gives_the_same_losses(setup):
     config = setup.config_for("stopped", stop_after=3)
-    first = loop.train(config)
+    first = train(config)
     assert first.final_step == 3
-    second = loop.train(dataclasses.replace(config, stop_after=None, resume=True))
+    second = train(dataclasses.replace(config, stop_after=None, resume=True))
     assert second.start_step == 3
     for step in range(1, STEPS + 1):
         got = first.losses.get(step, second.losses.get(step))
         assert got == setup.reference.losses[step], step  # bitwise
+
+
+# The CLI's settings, run with a step hook that SIGKILLs the process right after
+# step 4's checkpoint is requested (an async save may still be in flight), as a
+# pre-emption would.
+KILL_SCRIPT = """
+import os, signal, sys
+from recurrent_lm.train import build, cli, train
+
+def kill_after_step_4(step, record):
+    if step == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+build.ensure_models_imported()
+config = cli.config_from_args(cli.build_parser().parse_args(sys.argv[1:]))
+train(config, on_step_end=kill_after_step_4)
+"""
 
 
 @pytest.mark.slow
@@ -49,8 +68,8 @@ def test_resume_after_kill_gives_the_same_losses(setup):
     metrics = directory / "metrics.jsonl"
     command = [
         sys.executable,
-        "-m",
-        "recurrent_lm.train",
+        "-c",
+        KILL_SCRIPT,
         "--model",
         "griffin",
         "--preset",
@@ -89,20 +108,16 @@ def test_resume_after_kill_gives_the_same_losses(setup):
         str(metrics),
         "--no-progress",
     ]
-    env = dict(os.environ, RECURRENT_LM_TEST_KILL_AFTER_STEP="4")
     proc = subprocess.run(
         command,
         check=False,
         cwd=ROOT,
-        env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL, no clean shutdown
-    resumed = loop.train(
-        setup.config_for("killed", resume=True, metrics_file=str(metrics))
-    )
+    resumed = train(setup.config_for("killed", resume=True, metrics_file=str(metrics)))
     assert resumed.start_step in (3, 4)  # the step-4 save may have been cut off
     for step in range(resumed.start_step + 1, STEPS + 1):
         assert resumed.losses[step] == setup.reference.losses[step], step
@@ -122,12 +137,12 @@ def _largest_file(directory):
 
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous(setup):
     config = setup.config_for("corrupt", stop_after=4)
-    loop.train(config)
+    train(config)
     victim = _largest_file(os.path.join(config.checkpoint_dir, "4", "state"))
     with open(victim, "r+b") as f:
         f.truncate(os.path.getsize(victim) // 2)
     with pytest.warns(checkpointing.CorruptCheckpointWarning, match="step 4"):
-        resumed = loop.train(dataclasses.replace(config, stop_after=None, resume=True))
+        resumed = train(dataclasses.replace(config, stop_after=None, resume=True))
     assert resumed.start_step == 2
     assert os.path.isdir(os.path.join(config.checkpoint_dir, "corrupt-4"))
     for step in range(3, STEPS + 1):
@@ -143,7 +158,7 @@ def test_resume_with_other_settings_is_refused_naming_them(setup):
         config_overrides={"intermediate_size": 96},
     )
     with pytest.raises(checkpointing.RunMismatchError) as info:
-        loop.train(config)
+        train(config)
     message = str(info.value)
     assert "learning_rate: checkpoint 0.003, now 0.001" in message
     assert "model_config.intermediate_size: checkpoint 128, now 96" in message
@@ -153,17 +168,17 @@ def test_resume_with_other_settings_is_refused_naming_them(setup):
 def test_bad_inputs_fail_clearly_and_write_nothing(setup, tmp_path):
     base = dataclasses.replace(setup.config, checkpoint_dir=str(tmp_path / "run"))
     with pytest.raises(data.DataError, match="does not exist"):
-        loop.train(dataclasses.replace(base, data=(str(tmp_path / "missing.txt"),)))
+        train(dataclasses.replace(base, data=(str(tmp_path / "missing.txt"),)))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n  \n")
     with pytest.raises(data.DataError, match="holds no text"):
-        loop.train(dataclasses.replace(base, data=(str(empty),)))
+        train(dataclasses.replace(base, data=(str(empty),)))
     with pytest.raises(data.DataError, match="longer than the whole training stream"):
-        loop.train(dataclasses.replace(base, seq_len=1_000_000))
+        train(dataclasses.replace(base, seq_len=1_000_000))
     with pytest.raises(ValueError, match="unknown Griffin preset 'huge'"):
-        loop.train(dataclasses.replace(base, preset="huge"))
+        train(dataclasses.replace(base, preset="huge"))
     with pytest.raises(ValueError, match="unknown model type 'transformerxl'"):
-        loop.train(dataclasses.replace(base, model="transformerxl"))
+        train(dataclasses.replace(base, model="transformerxl"))
     with pytest.raises(ValueError, match="grad_accum 3 does not divide batch_size 8"):
         dataclasses.replace(base, grad_accum=3)
     assert not (tmp_path / "run").exists()
@@ -174,13 +189,13 @@ def test_bad_inputs_fail_clearly_and_write_nothing(setup, tmp_path):
     with pytest.raises(
         checkpointing.CheckpointDirError, match="not a recurrent_lm training"
     ):
-        loop.train(dataclasses.replace(base, checkpoint_dir=str(foreign)))
+        train(dataclasses.replace(base, checkpoint_dir=str(foreign)))
     assert os.listdir(foreign) == ["notes.txt"]
     # Starting over an existing run needs --resume; resuming needs a checkpoint.
     with pytest.raises(checkpointing.CheckpointDirError, match="pass --resume"):
-        loop.train(dataclasses.replace(base, checkpoint_dir=setup.reference_dir))
+        train(dataclasses.replace(base, checkpoint_dir=setup.reference_dir))
     with pytest.raises(checkpointing.CheckpointDirError, match="no checkpoint"):
-        loop.train(
+        train(
             dataclasses.replace(base, checkpoint_dir=str(tmp_path / "new"), resume=True)
         )
 
@@ -206,14 +221,12 @@ import json, sys
 import jax
 import recurrent_lm.models
 from recurrent_lm.params import parameter_values
-from recurrent_lm.train import loop, sharding
+from recurrent_lm.train import TrainConfig, sharding, train
 
 assert len(jax.devices()) == 8
 args = json.loads(sys.argv[1])
 settings = args["settings"]
-settings["data"] = tuple(settings["data"])
-settings["lora_targets"] = tuple(settings["lora_targets"])
-result = loop.train(loop.TrainConfig(**settings))
+result = train(TrainConfig(**settings))
 values = parameter_values(result.model)
 table = values["embedder.embeddings"].data_array
 loaded = sharding.load_sharded(args["model_dir"], sharding.make_mesh("data=1,fsdp=2,model=4"))

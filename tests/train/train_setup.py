@@ -1,14 +1,14 @@
 """Training test helpers: a small corpus, settings, and the reference run record.
 
 Every in-process run uses the same optimiser settings, so the compiled step is
-shared (`loop._step_functions` is cached) and each test pays no compilation.
+shared (`steps._step_functions` is cached) and each test pays no compilation.
 """
 
 import dataclasses
 
 import numpy as np
 
-from recurrent_lm.train import loop
+from recurrent_lm.train import TrainConfig, TrainResult
 
 STEPS = 6
 
@@ -51,12 +51,14 @@ class Setup:
     directory: object
     corpus: str
     tokenizer: str
-    config: loop.TrainConfig
-    reference: loop.TrainResult
+    config: TrainConfig
+    reference: TrainResult
+    reference_hook_calls: list[tuple[int, dict]]
+    """(step, record) of each `on_step_end` call of the reference run."""
     reference_dir: str
     model_dir: str
 
-    def config_for(self, name: str, **changes) -> loop.TrainConfig:
+    def config_for(self, name: str, **changes) -> TrainConfig:
         """The reference settings with a fresh checkpoint dir `name`."""
         changes.setdefault("checkpoint_dir", str(self.directory / name))
         return dataclasses.replace(self.config, **changes)

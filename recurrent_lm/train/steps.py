@@ -1,0 +1,170 @@
+"""The step functions: loss, train step (with gradient accumulation), eval step.
+
+The steps receive raw arrays (``{label: array}``) and rebuild the penzai model
+inside the trace (`bind_values`): no per-call flattening of the model's
+struct. `split_trainable` is the other direction (model -> skeleton + arrays).
+
+The loss and gradient are sums over target tokens divided once by the batch's
+token count, so accumulating over microbatches gives the same step as one
+large batch. float32 master weights; with ``compute_dtype="bfloat16"`` the
+step binds bfloat16 copies of them (`cast_parameters`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from penzai import pz
+
+from recurrent_lm import axes
+from recurrent_lm.params import cast_parameters
+from recurrent_lm.train import sharding
+from recurrent_lm.train.config import OPTIMIZER_FIELDS, TrainConfig
+from recurrent_lm.train.optimizer import make_optimizer
+
+# ---------------------------------------------------------------------------
+# The model as a pure function of its trainable arrays.
+# ---------------------------------------------------------------------------
+
+
+def split_trainable(model, mesh, rules):
+    """(skeleton, {label: array}, {label: axis names}) of the trainable parameters,
+    each array placed on the mesh by the rules."""
+    skeleton, params = pz.unbind_params(model)
+    param_axes = {p.label: tuple(p.value.named_shape) for p in params}
+    values = {}
+    for p in params:
+        array = p.value.unwrap(*param_axes[p.label])
+        target = sharding.named_sharding(
+            param_axes[p.label], array.shape, mesh, rules, what=p.label
+        )
+        values[p.label] = jax.device_put(array, target)
+    return skeleton, values, param_axes
+
+
+def bind_values(skeleton, param_axes, params, compute_dtype: str | None):
+    """The model: `skeleton` with raw arrays ``{label: array}`` bound by label."""
+    model = skeleton.bind_variables(
+        [
+            pz.ParameterValue(
+                label=label, value=pz.nx.wrap(params[label]).tag(*param_axes[label])
+            )
+            for label in param_axes
+        ]
+    )
+    if compute_dtype and compute_dtype != "float32":
+        model = cast_parameters(model, compute_dtype)
+    return model
+
+
+def bind_parameters(skeleton, param_axes, params):
+    """The trained model: `skeleton` with ``{label: array}`` as `pz.Parameter`s."""
+    return skeleton.bind_variables(
+        [
+            pz.Parameter(
+                label=label, value=pz.nx.wrap(params[label]).tag(*param_axes[label])
+            )
+            for label in param_axes
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------
+# Loss and steps.
+# ---------------------------------------------------------------------------
+
+
+def token_losses(model, tokens, segment_pos):
+    """(sum of next-token NLL over target positions, number of targets).
+
+    tokens, segment_pos: int32 [batch, seq]; see `data.loss_mask`.
+    """
+    named_tokens = pz.nx.wrap(tokens).tag(*axes.TOKEN_AXES)
+    named_pos = pz.nx.wrap(segment_pos).tag(*axes.TOKEN_AXES)
+    logits = model.forward(named_tokens, named_pos).unwrap(
+        *axes.TOKEN_AXES, axes.VOCABULARY
+    )
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    mask = (segment_pos[:, 1:] > 0).astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def make_loss_sum(param_axes, compute_dtype: str):
+    """loss_sum(params, skeleton, tokens, pos) -> (NLL sum, target count)."""
+
+    def loss_sum(params, skeleton, tokens, pos):
+        model = bind_values(skeleton, param_axes, params, compute_dtype)
+        return token_losses(model, tokens, pos)
+
+    return loss_sum
+
+
+def make_train_step(loss_sum, optimizer: optax.GradientTransformation):
+    """train_step(params, opt_state, skeleton, tokens, pos) -> (params, opt_state,
+    metrics); tokens, pos: [grad_accum, microbatch, seq]."""
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+    def accumulate(params, skeleton, tokens, pos):
+        def micro(carry, batch):
+            grads, total, count = carry
+            (loss, n), g = grad_fn(params, skeleton, *batch)
+            return (jax.tree.map(jnp.add, grads, g), total + loss, count + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        if tokens.shape[0] == 1:
+            return micro(init, (tokens[0], pos[0]))[0]
+        return jax.lax.scan(micro, init, (tokens, pos))[0]
+
+    def train_step(params, opt_state, skeleton, tokens, pos):
+        grads, total, count = accumulate(params, skeleton, tokens, pos)
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {
+            "loss": total / count,
+            "grad_norm": optax.tree.norm(grads),
+            "target_tokens": count,
+        }
+        return params, opt_state, metrics
+
+    return train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+    train_step: Any
+    """(params, opt_state, skeleton, tokens, pos) -> (params, opt_state, metrics);
+    params and opt_state are donated."""
+    eval_step: Any
+    """(params, skeleton, tokens, pos) -> (NLL sum, target count)."""
+    optimizer: optax.GradientTransformation
+
+
+@functools.lru_cache(maxsize=8)
+def _step_functions(cfg_key: tuple, param_axes_items: tuple) -> StepFunctions:
+    """Compiled step functions, cached so repeated runs in a process reuse them."""
+    cfg = TrainConfig(**dict(cfg_key))
+    optimizer = make_optimizer(cfg)
+    loss_sum = make_loss_sum(dict(param_axes_items), cfg.compute_dtype)
+    return StepFunctions(
+        train_step=jax.jit(make_train_step(loss_sum, optimizer), donate_argnums=(0, 1)),
+        eval_step=jax.jit(loss_sum),
+        optimizer=optimizer,
+    )
+
+
+def step_functions(
+    cfg: TrainConfig, param_axes: dict[str, tuple[str, ...]]
+) -> StepFunctions:
+    """The jitted steps of a run with these settings and parameters."""
+    keys = (*OPTIMIZER_FIELDS, "decay_steps", "steps", "compute_dtype")
+    cfg_key = tuple((k, getattr(cfg, k)) for k in keys)
+    return _step_functions(cfg_key, tuple(sorted(param_axes.items())))
