@@ -5,9 +5,9 @@
 
 Both steps do the same work on the same weights and batch: forward, masked
 next-token cross-entropy (float32 log-softmax), `jax.value_and_grad`, then
-optax (global-norm clipping + AdamW, `recurrent_lm.train.loop.make_optimizer`),
+optax (global-norm clipping + AdamW, `recurrent_lm.train.optimizer.make_optimizer`),
 jitted with the parameters and optimizer state donated. Ours is the exact step
-``python -m recurrent_lm.train`` runs (`loop.step_functions`); the official one
+``python -m recurrent_lm.train`` runs (`steps.step_functions`); the official one
 is built from ``recurrentgemma.jax.Griffin.apply``. Checks the first-step
 losses agree, then times the steps round-robin and prints a Markdown table:
 first call (trace + compile + run), median step, training tokens/s, ratio.
@@ -32,7 +32,9 @@ from recurrentgemma import common
 
 from benchmarks import common as common_args
 from checkpoints_conversion import recurrentgemma as convert
-from recurrent_lm.train import loop, sharding
+from recurrent_lm.train import optimizer as optimizer_lib
+from recurrent_lm.train import sharding, steps
+from recurrent_lm.train.config import TrainConfig
 
 
 def official_step(config, optimizer):
@@ -74,19 +76,19 @@ def main(argv=None):
     init_params = jax.device_get(
         rg.Griffin(config).init(jax.random.key(0), ids[:, :8], pos[:, :8])["params"]
     )
-    train_cfg = loop.TrainConfig(
+    train_cfg = TrainConfig(
         lr_schedule="constant", warmup_steps=0, learning_rate=1e-3
     )
-    optimizer = loop.make_optimizer(train_cfg)
+    optimizer = optimizer_lib.make_optimizer(train_cfg)
 
     # Ours: the training loop's own step, on the converted official weights.
     model = convert.from_official_params(init_params, attention_window_size=args.window)
     mesh = sharding.make_mesh("data=1", devices=jax.devices()[:1])
-    skeleton, ours, param_axes = loop.split_trainable(
+    skeleton, ours, param_axes = steps.split_trainable(
         model, mesh, sharding.rules_for("griffin")
     )
-    fns = loop.step_functions(train_cfg, param_axes)
-    state = {"ours": [ours, loop.init_optimizer_state(fns.optimizer, ours, mesh)]}
+    fns = steps.step_functions(train_cfg, param_axes)
+    state = {"ours": [ours, optimizer_lib.init_optimizer_state(fns.optimizer, ours, mesh)]}
     batch = (ids[None], pos[None])
 
     def run_ours():

@@ -1,6 +1,6 @@
 """What a run builds before its first step (tokenizer, model) and saves after its last.
 
-The model of ``config.model`` (a name in `recurrent_lm.models`' registry) is
+The model of ``config.model`` (a name in `recurrent_lm.core.registry`) is
 built from a preset, or ``init_checkpoint`` is loaded to fine-tune it,
 optionally with LoRA adapters (only they train).
 """
@@ -13,8 +13,9 @@ import os
 
 import jax
 
-from recurrent_lm import checkpoint, models
+from recurrent_lm import checkpoint
 from recurrent_lm import tokenizer as tokenizer_lib
+from recurrent_lm.core import registry
 from recurrent_lm.train import checkpointing, data, sharding
 from recurrent_lm.train.config import TrainConfig
 
@@ -60,7 +61,7 @@ def prepare_tokenizer(cfg: TrainConfig) -> tuple[tokenizer_lib.Tokenizer, str]:
 
 def model_config(cfg: TrainConfig, vocab_size: int):
     """The architecture's config: preset, then overrides, then the tokenizer's vocabulary."""
-    model_type = models.get_model_type(cfg.model)
+    model_type = registry.get(cfg.model)
     overrides = dict(cfg.config_overrides)
     overrides.setdefault("vocab_size", vocab_size)
     overrides.setdefault("param_dtype", cfg.param_dtype)
@@ -75,7 +76,7 @@ def model_config(cfg: TrainConfig, vocab_size: int):
 
 def check_model_settings(cfg: TrainConfig) -> None:
     """Unknown model types, unknown presets and bad overrides fail here (cheaply)."""
-    model_type = models.get_model_type(cfg.model)
+    model_type = registry.get(cfg.model)
     if not cfg.init_checkpoint:
         model_type.config_class.from_preset(cfg.preset, **cfg.config_overrides)
 
@@ -138,14 +139,3 @@ def finish_model(cfg: TrainConfig, model, tokenizer_path: str):
         save_model(model, tokenizer_path, cfg.save_model)
     return model
 
-
-def ensure_models_imported() -> None:
-    """Imports every architecture module present so its registration runs."""
-    import importlib
-    import pkgutil
-
-    import recurrent_lm.models as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name != "base":
-            importlib.import_module(f"recurrent_lm.models.{info.name}")

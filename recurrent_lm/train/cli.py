@@ -27,7 +27,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from recurrent_lm.train import build, checkpointing, data, loop, sharding
+from recurrent_lm.train import checkpointing, data, loop, sharding
 from recurrent_lm.train.config import GROUPS, TrainConfig
 
 DISTRIBUTED_ARGS = ("coordinator_address", "num_processes", "process_id")
@@ -132,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     sharding.maybe_initialize_distributed(
         args.coordinator_address, args.num_processes, args.process_id
     )
-    build.ensure_models_imported()
     try:
         result = loop.train(config_from_args(args))
     except USER_ERRORS as e:

@@ -33,11 +33,7 @@ import numpy as np
 from recurrent_lm.train import build, checkpointing, data, sharding
 from recurrent_lm.train.config import TrainConfig
 from recurrent_lm.train.metrics import MetricsWriter, progress_bar
-from recurrent_lm.train.optimizer import (  # make_optimizer: benchmarks/train_step.py
-    init_optimizer_state,
-    learning_rate_schedule,
-    make_optimizer,  # noqa: F401
-)
+from recurrent_lm.train.optimizer import init_optimizer_state, learning_rate_schedule
 from recurrent_lm.train.steps import (
     StepFunctions,
     bind_parameters,

@@ -1,13 +1,14 @@
 """The step functions: loss, train step (with gradient accumulation), eval step.
 
-The steps receive raw arrays (``{label: array}``) and rebuild the penzai model
-inside the trace (`bind_values`): no per-call flattening of the model's
+The steps receive raw arrays (``{label: array}``, what optax, sharding and
+orbax see) and run the model through `recurrent_lm.core.functional.call`,
+which rebuilds it inside the trace: no per-call flattening of the model's
 struct. `split_trainable` is the other direction (model -> skeleton + arrays).
 
 The loss and gradient are sums over target tokens divided once by the batch's
 token count, so accumulating over microbatches gives the same step as one
 large batch. float32 master weights; with ``compute_dtype="bfloat16"`` the
-step binds bfloat16 copies of them (`cast_parameters`).
+step runs on bfloat16 copies of them (`named_params`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ import jax.numpy as jnp
 import optax
 from penzai import pz
 
-from recurrent_lm import axes
-from recurrent_lm.params import cast_parameters
-from recurrent_lm.train import sharding
+from recurrent_lm.core import functional
+from recurrent_lm.train import data, sharding
 from recurrent_lm.train.config import OPTIMIZER_FIELDS, TrainConfig
 from recurrent_lm.train.optimizer import make_optimizer
 
@@ -35,31 +35,33 @@ from recurrent_lm.train.optimizer import make_optimizer
 def split_trainable(model, mesh, rules):
     """(skeleton, {label: array}, {label: axis names}) of the trainable parameters,
     each array placed on the mesh by the rules."""
-    skeleton, params = pz.unbind_params(model)
-    param_axes = {p.label: tuple(p.value.named_shape) for p in params}
-    values = {}
-    for p in params:
-        array = p.value.unwrap(*param_axes[p.label])
-        target = sharding.named_sharding(
-            param_axes[p.label], array.shape, mesh, rules, what=p.label
+    skeleton, params, state = functional.split(model)
+    if state:
+        raise ValueError(
+            f"the model holds state variables ({sorted(state)[:3]}...): train the ordinary"
+            " model, not a sampling-mode or activation-capturing one."
         )
-        values[p.label] = jax.device_put(array, target)
+    param_axes = {label: tuple(value.named_shape) for label, value in params.items()}
+    values = {}
+    for label, value in params.items():
+        array = value.unwrap(*param_axes[label])
+        target = sharding.named_sharding(param_axes[label], array.shape, mesh, rules, what=label)
+        values[label] = jax.device_put(array, target)
     return skeleton, values, param_axes
 
 
-def bind_values(skeleton, param_axes, params, compute_dtype: str | None):
-    """The model: `skeleton` with raw arrays ``{label: array}`` bound by label."""
-    model = skeleton.bind_variables(
-        [
-            pz.ParameterValue(
-                label=label, value=pz.nx.wrap(params[label]).tag(*param_axes[label])
-            )
-            for label in param_axes
-        ]
-    )
-    if compute_dtype and compute_dtype != "float32":
-        model = cast_parameters(model, compute_dtype)
-    return model
+def named_params(param_axes, params, compute_dtype: str | None) -> dict[str, pz.nx.NamedArray]:
+    """``{label: NamedArray}`` of raw ``{label: array}``, floating ones cast to
+    `compute_dtype` (bfloat16 compute from float32 master weights)."""
+    cast = compute_dtype and compute_dtype != "float32"
+
+    def named(label):
+        array = params[label]
+        if cast and jnp.issubdtype(array.dtype, jnp.floating):
+            array = array.astype(compute_dtype)
+        return pz.nx.wrap(array).tag(*param_axes[label])
+
+    return {label: named(label) for label in param_axes}
 
 
 def bind_parameters(skeleton, param_axes, params):
@@ -79,19 +81,15 @@ def bind_parameters(skeleton, param_axes, params):
 # ---------------------------------------------------------------------------
 
 
-def token_losses(model, tokens, segment_pos):
+def token_losses(logits, tokens, segment_pos):
     """(sum of next-token NLL over target positions, number of targets).
 
-    tokens, segment_pos: int32 [batch, seq]; see `data.loss_mask`.
+    logits: [batch, seq, vocabulary]; tokens, segment_pos: int32 [batch, seq];
+    see `data.loss_mask`.
     """
-    named_tokens = pz.nx.wrap(tokens).tag(*axes.TOKEN_AXES)
-    named_pos = pz.nx.wrap(segment_pos).tag(*axes.TOKEN_AXES)
-    logits = model.forward(named_tokens, named_pos).unwrap(
-        *axes.TOKEN_AXES, axes.VOCABULARY
-    )
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    mask = (segment_pos[:, 1:] > 0).astype(jnp.float32)
+    mask = data.loss_mask(segment_pos).astype(jnp.float32)
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
@@ -99,8 +97,9 @@ def make_loss_sum(param_axes, compute_dtype: str):
     """loss_sum(params, skeleton, tokens, pos) -> (NLL sum, target count)."""
 
     def loss_sum(params, skeleton, tokens, pos):
-        model = bind_values(skeleton, param_axes, params, compute_dtype)
-        return token_losses(model, tokens, pos)
+        named = named_params(param_axes, params, compute_dtype)
+        logits, _ = functional.call(skeleton, named, {}, tokens, pos)
+        return token_losses(logits, tokens, pos)
 
     return loss_sum
 

@@ -142,7 +142,6 @@ def test_tokenizer_train_command(tmp_path, capsys):
 
 def test_bfloat16_compute_binds_bf16_copies_of_float32_masters():
     import jax.numpy as jnp
-    from penzai import pz
 
     from recurrent_lm.models import griffin
     from recurrent_lm.params import abstract_parameters
@@ -156,9 +155,7 @@ def test_bfloat16_compute_binds_bf16_copies_of_float32_masters():
         label: jnp.zeros(tuple(v.named_shape.values()), v.dtype)
         for label, v in abstract.items()
     }
-    skeleton = build(None)
-    bound = steps.bind_values(skeleton, axes_by_label, arrays, "bfloat16")
-    values = pz.select(bound).at_instances_of(pz.ParameterValue).get_sequence()
-    assert values and all(v.value.dtype == jnp.bfloat16 for v in values)
-    assert bound.config.param_dtype == "bfloat16"
+    named = steps.named_params(axes_by_label, arrays, "bfloat16")
+    assert named and all(v.dtype == jnp.bfloat16 for v in named.values())
+    assert all(named[label].named_shape == abstract[label].named_shape for label in abstract)
     assert all(a.dtype == jnp.float32 for a in arrays.values())  # masters untouched
