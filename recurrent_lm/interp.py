@@ -1,6 +1,6 @@
 """Capture, patch and ablate activations, including recurrent states.
 
-Every layer that exposes an activation holds a site (`recurrent_lm.layers.sites`),
+Every layer that exposes an activation holds a site (`recurrent_lm.core.sites`),
 named by its path in the model::
 
     >>> interp.site_names(model)

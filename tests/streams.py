@@ -1,5 +1,6 @@
 """Test helpers: run a temporal layer's state protocol on named inputs."""
 
+import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
@@ -11,7 +12,7 @@ def context(pos, *, stream_offset: int | None = None, documents_before=None) -> 
     """The context of `pos` ({"batch", "seq"} NamedArray or [batch, seq] array);
     with an offset the call continues streams (``new_streams`` False)."""
     if not isinstance(pos, pz.nx.NamedArrayBase):
-        pos = pz.nx.wrap(np.asarray(pos, np.int32)).tag(*axes.TOKEN_AXES)
+        pos = pz.nx.wrap(jnp.asarray(pos, jnp.int32)).tag(*axes.TOKEN_AXES)
     batch = pos.named_shape[axes.BATCH]
     as_batch = lambda v: pz.nx.wrap(np.broadcast_to(np.asarray(v, np.int32), (batch,))).tag(axes.BATCH)
     offset = None if stream_offset is None else as_batch(stream_offset)

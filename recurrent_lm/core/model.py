@@ -134,6 +134,19 @@ class DecoderLM(pz.nn.Layer):
         return self.head(self.final_norm(x, **side), **side)
 
 
+def sync_config(model, **options):
+    """`model` with config fields `options` replaced, when it is a `DecoderLM`
+    whose config has them: a layer-level switch (``with_scan_method``, ...)
+    keeps the saved config telling the truth, so save / load round-trips it."""
+    if not isinstance(model, DecoderLM):
+        return model
+    names = {f.name for f in dataclasses.fields(model.config)}
+    options = {name: value for name, value in options.items() if name in names}
+    if not options:
+        return model
+    return dataclasses.replace(model, config=dataclasses.replace(model.config, **options))
+
+
 # Eager calls (concrete inputs, e.g. in a notebook) run through one compiled
 # function per model structure and input shape instead of op by op: the first
 # call compiles once instead of compiling hundreds of tiny kernels, and later

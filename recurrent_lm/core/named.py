@@ -24,6 +24,12 @@ def check_named(
 ) -> None:
     """Raises ValueError unless `x` is a NamedArray with the expected axes.
 
+    Why not `pz.chk.check_structure`: it checks sizes against shape variables
+    too, but reports a mismatch as a multi-line structure diff; user inputs
+    (tokens, segment positions, scan inputs) need one line that names the
+    value, the missing or unexpected axes, and the fix (``pz.nx.wrap(...)``).
+    Layers check sizes where they combine arrays (`union_named_shape`).
+
     Args:
       x: the value to check.
       expected: axis names that must be present.

@@ -17,11 +17,7 @@ from recurrent_lm.layers.embeddings import bfloat16_sqrt, embedding_table
 from recurrent_lm.layers.linear import BlockDiagonalLinear, dense
 from recurrent_lm.layers.mlp import MLP, GatedMLP, gelu_tanh
 from recurrent_lm.layers.norms import LayerNorm, RMSNorm
-from recurrent_lm.layers.recurrence import (
-    SCAN_METHODS,
-    default_scan_method,
-    linear_scan,
-)
+from recurrent_lm.layers.recurrence import SCAN_METHODS, default_scan_method, linear_scan
 from recurrent_lm.layers.residual import ResidualBlock
 from recurrent_lm.layers.rg_lru import RGLRU
 from recurrent_lm.layers.rope import RotaryEmbedding, apply_rope

@@ -193,25 +193,11 @@ class Attention(StatefulLayer):
     head_outputs: sites.Hook = sites.site_field()
 
     @classmethod
-    def from_config(
-        cls,
-        name: str,
-        init_base_rng: jax.Array | None,
-        *,
-        width: int,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        window_size: int | None,
-        rotary_fraction: float,
-        rope_max_wavelength: float,
-        query_scale: float | None = None,
-        logits_soft_cap: float | None = None,
-        qkv_bias: bool = False,
-        output_bias: bool = True,
-        output_init_scale: float = 1.0,
-        dtype=jnp.float32,
-    ) -> Attention:
+    def from_config(cls, name: str, init_base_rng: jax.Array | None, *, width: int, num_heads: int,
+                    num_kv_heads: int, head_dim: int, window_size: int | None, rotary_fraction: float,
+                    rope_max_wavelength: float, query_scale: float | None = None,
+                    logits_soft_cap: float | None = None, qkv_bias: bool = False, output_bias: bool = True,
+                    output_init_scale: float = 1.0, dtype=jnp.float32) -> Attention:
         if num_heads % num_kv_heads:
             raise ValueError(
                 f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}."

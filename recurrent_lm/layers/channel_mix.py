@@ -39,17 +39,8 @@ class ChannelMix(StatefulLayer):
     receptance_value: sites.Hook = sites.site_field()
 
     @classmethod
-    def from_config(
-        cls,
-        name: str,
-        init_base_rng: jax.Array | None,
-        width: int,
-        hidden_width: int,
-        *,
-        layer: int,
-        num_layers: int,
-        dtype=jnp.float32,
-    ) -> ChannelMix:
+    def from_config(cls, name: str, init_base_rng: jax.Array | None, width: int, hidden_width: int, *,
+                    layer: int, num_layers: int, dtype=jnp.float32) -> ChannelMix:
         """RWKV-4's initialisation for block `layer` of `num_layers`."""
         embed, hidden = {axes.EMBEDDING: width}, {axes.MLP: hidden_width}
         remaining = 1.0 - layer / num_layers

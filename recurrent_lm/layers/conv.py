@@ -35,17 +35,8 @@ class CausalConv1D(StatefulLayer):
     output: sites.Hook = sites.site_field()
 
     @classmethod
-    def from_config(
-        cls,
-        name: str,
-        init_base_rng: jax.Array | None,
-        width: int,
-        num_taps: int,
-        *,
-        axis: str = axes.LRU,
-        init_scale: float = 0.01,
-        dtype=jnp.float32,
-    ) -> CausalConv1D:
+    def from_config(cls, name: str, init_base_rng: jax.Array | None, width: int, num_taps: int, *,
+                    axis: str = axes.LRU, init_scale: float = 0.01, dtype=jnp.float32) -> CausalConv1D:
         return cls(
             weights=pz.nn.make_parameter(
                 f"{name}.weights",

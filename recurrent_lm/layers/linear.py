@@ -84,17 +84,8 @@ class BlockDiagonalLinear(pz.nn.Layer):
     axis: str = dataclasses.field(default=axes.LRU, metadata={"pytree_node": False})
 
     @classmethod
-    def from_config(
-        cls,
-        name: str,
-        init_base_rng: jax.Array | None,
-        width: int,
-        num_blocks: int,
-        *,
-        axis: str = axes.LRU,
-        init_scale: float = 1.0,
-        dtype=jnp.float32,
-    ) -> BlockDiagonalLinear:
+    def from_config(cls, name: str, init_base_rng: jax.Array | None, width: int, num_blocks: int, *,
+                    axis: str = axes.LRU, init_scale: float = 1.0, dtype=jnp.float32) -> BlockDiagonalLinear:
         if width % num_blocks:
             raise ValueError(f"width {width} is not divisible by {num_blocks} blocks.")
         block = width // num_blocks

@@ -32,17 +32,8 @@ class GatedMLP(pz.nn.Layer):
     hidden: sites.Hook = sites.site_field()
 
     @classmethod
-    def from_config(
-        cls,
-        name: str,
-        init_base_rng: jax.Array | None,
-        *,
-        width: int,
-        hidden_width: int,
-        use_bias: bool,
-        down_init_scale: float = 1.0,
-        dtype=jnp.float32,
-    ) -> GatedMLP:
+    def from_config(cls, name: str, init_base_rng: jax.Array | None, *, width: int, hidden_width: int,
+                    use_bias: bool, down_init_scale: float = 1.0, dtype=jnp.float32) -> GatedMLP:
         embed, hidden = {axes.EMBEDDING: width}, {axes.MLP: hidden_width}
         return cls(
             gate=linear.dense(f"{name}.gate", init_base_rng, embed, hidden, use_bias=use_bias, dtype=dtype),
@@ -71,18 +62,9 @@ class MLP(pz.nn.Layer):
     hidden: sites.Hook = sites.site_field()
 
     @classmethod
-    def from_config(
-        cls,
-        name: str,
-        init_base_rng: jax.Array | None,
-        *,
-        width: int,
-        hidden_width: int,
-        use_bias: bool,
-        up_init_scale: float = 1.0,
-        down_init_scale: float = 1.0,
-        dtype=jnp.float32,
-    ) -> MLP:
+    def from_config(cls, name: str, init_base_rng: jax.Array | None, *, width: int, hidden_width: int,
+                    use_bias: bool, up_init_scale: float = 1.0, down_init_scale: float = 1.0,
+                    dtype=jnp.float32) -> MLP:
         embed, hidden = {axes.EMBEDDING: width}, {axes.MLP: hidden_width}
         return cls(
             up=linear.dense(f"{name}.up", init_base_rng, embed, hidden,

@@ -29,16 +29,8 @@ class RMSNorm(pz.nn.Layer):
     eps: float = dataclasses.field(default=1e-6, metadata={"pytree_node": False})
 
     @classmethod
-    def from_config(
-        cls,
-        name: str,
-        init_base_rng: jax.Array | None,
-        width: int,
-        *,
-        axis: str = axes.EMBEDDING,
-        eps: float = 1e-6,
-        dtype=jnp.float32,
-    ) -> RMSNorm:
+    def from_config(cls, name: str, init_base_rng: jax.Array | None, width: int, *,
+                    axis: str = axes.EMBEDDING, eps: float = 1e-6, dtype=jnp.float32) -> RMSNorm:
         return cls(
             scale=pz.nn.make_parameter(
                 f"{name}.scale", init_base_rng, init.zeros, {axis: width}, dtype
@@ -79,16 +71,8 @@ class LayerNorm(pz.nn.Layer):
     eps: float = dataclasses.field(default=1e-5, metadata={"pytree_node": False})
 
     @classmethod
-    def from_config(
-        cls,
-        name: str,
-        init_base_rng: jax.Array | None,
-        width: int,
-        *,
-        axis: str = axes.EMBEDDING,
-        eps: float = 1e-5,
-        dtype=jnp.float32,
-    ) -> LayerNorm:
+    def from_config(cls, name: str, init_base_rng: jax.Array | None, width: int, *,
+                    axis: str = axes.EMBEDDING, eps: float = 1e-5, dtype=jnp.float32) -> LayerNorm:
         ones = lambda key, shape, dtype: pz.nx.ones(dict(shape), dtype)
         return cls(
             scale=pz.nn.make_parameter(f"{name}.scale", init_base_rng, ones, {axis: width}, dtype),

@@ -83,16 +83,8 @@ class RGLRU(StatefulLayer):
     hidden_state: sites.Hook = sites.state_site_field()
 
     @classmethod
-    def from_config(
-        cls,
-        name: str,
-        init_base_rng: jax.Array | None,
-        width: int,
-        num_heads: int,
-        *,
-        scan_method: str | None = None,
-        dtype=jnp.float32,
-    ) -> RGLRU:
+    def from_config(cls, name: str, init_base_rng: jax.Array | None, width: int, num_heads: int, *,
+                    scan_method: str | None = None, dtype=jnp.float32) -> RGLRU:
         recurrence.check_scan_method(scan_method)
         return cls(
             a_param=pz.nn.make_parameter(

@@ -57,9 +57,7 @@ class RotaryEmbedding(pz.nn.Layer):
     max_wavelength: float = dataclasses.field(metadata={"pytree_node": False})
     divide_by_timescale: bool = dataclasses.field(default=False, metadata={"pytree_node": False})
 
-    def __call__(
-        self, x: pz.nx.NamedArray, *, context=None, **_unused_side_inputs
-    ) -> pz.nx.NamedArray:
+    def __call__(self, x: pz.nx.NamedArray, *, context=None, **_unused_side_inputs) -> pz.nx.NamedArray:
         segment_pos = require_context(context, "RotaryEmbedding").segment_pos
         head_dim = x.named_shape[axes.PROJECTION]
         dims = rotary_dims(head_dim, self.rotary_fraction)

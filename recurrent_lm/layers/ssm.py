@@ -29,6 +29,7 @@ from penzai import pz
 from recurrent_lm import axes
 from recurrent_lm.core import sites
 from recurrent_lm.core.context import DocumentContext, require_context
+from recurrent_lm.core.model import sync_config
 from recurrent_lm.core.state import StatefulLayer
 from recurrent_lm.layers import init, recurrence
 from recurrent_lm.layers.causal_filter import causal_filter
@@ -140,16 +141,8 @@ class ShiftSSM(StatefulLayer):
     axis: str = dataclasses.field(default=axes.HEADS, metadata={"pytree_node": False})
 
     @classmethod
-    def from_config(
-        cls,
-        name: str,
-        init_base_rng,
-        width: int,
-        d_state: int,
-        *,
-        axis: str = axes.HEADS,
-        dtype=jnp.float32,
-    ) -> ShiftSSM:
+    def from_config(cls, name: str, init_base_rng, width: int, d_state: int, *, axis: str = axes.HEADS,
+                    dtype=jnp.float32) -> ShiftSSM:
         shape = {axis: width, axes.STATE: d_state}
         return cls(
             B=pz.nn.make_parameter(
@@ -297,20 +290,9 @@ class DiagonalSSM(StatefulLayer):
     state: sites.Hook = sites.state_site_field()
 
     @classmethod
-    def from_config(
-        cls,
-        name: str,
-        init_base_rng,
-        width: int,
-        d_state: int,
-        *,
-        measure: str = "diag-lin",
-        discretisation: str = "bilinear",
-        method: str = "fft",
-        scan_method: str | None = None,
-        axis: str = axes.HEADS,
-        dtype=jnp.float32,
-    ) -> DiagonalSSM:
+    def from_config(cls, name: str, init_base_rng, width: int, d_state: int, *, measure: str = "diag-lin",
+                    discretisation: str = "bilinear", method: str = "fft", scan_method: str | None = None,
+                    axis: str = axes.HEADS, dtype=jnp.float32) -> DiagonalSSM:
         """S4D init: ``A_n = -0.5 + i pi n`` (Lin) , ``B = 1``, ``C`` complex normal
         (variance 1), ``log dt ~ U[log 1e-3, log 1e-1]``, ``D ~ N(0, 1)``."""
         check_ssm_method(method)
@@ -514,8 +496,9 @@ def decayed_sum(values, log_d_a, d_b):
 def with_ssm_method(model, method: str):
     """`model` with every `DiagonalSSM` using `method` ("fft" or "scan")."""
     check_ssm_method(method)
-    return (
+    model = (
         pz.select(model)
         .at_instances_of(DiagonalSSM)
         .apply(lambda layer: dataclasses.replace(layer, method=method))
     )
+    return sync_config(model, ssm_method=method)

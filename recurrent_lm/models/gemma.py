@@ -23,29 +23,14 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
-from recurrent_lm.core.config import (
-    BOOL,
-    PARAM_DTYPE,
-    POSITIVE,
-    POSITIVE_INT,
-    Config,
-    Rule,
-    field,
-    optional,
-)
+from recurrent_lm.core import config as rules
+from recurrent_lm.core.config import Config, field
 from recurrent_lm.core.model import DecoderLM
 from recurrent_lm.core.registry import Architecture
-from recurrent_lm.layers import (
-    Attention,
-    GatedMLP,
-    ResidualBlock,
-    RMSNorm,
-    embedding_table,
-    rope,
-)
+from recurrent_lm.layers import Attention, GatedMLP, ResidualBlock, RMSNorm, embedding_table, rope
 
-SOFT_CAP = optional(POSITIVE)
-NO_DROPOUT = Rule(lambda v: v == 0, "0: recurrent_lm models have no dropout layers (the field exists"
+SOFT_CAP = rules.optional(rules.POSITIVE)
+NO_DROPOUT = rules.Rule(lambda v: v == 0, "0: recurrent_lm models have no dropout layers (the field exists"
                   " for Keras compatibility)")
 ROPE_MAX_WAVELENGTH = 10_000.0
 
@@ -127,24 +112,24 @@ class GemmaConfig(Config):
     # ``vocab_size``: the name every other architecture uses, and the training CLI sets.
     aliases: ClassVar[dict[str, str]] = {"vocab_size": "vocabulary_size"}
 
-    vocabulary_size: int = field(256_128, POSITIVE_INT)
-    num_layers: int = field(18, POSITIVE_INT)
-    num_query_heads: int = field(8, POSITIVE_INT)
-    num_key_value_heads: int = field(1, POSITIVE_INT)
-    hidden_dim: int = field(2048, POSITIVE_INT)
-    intermediate_dim: int = field(32_768, POSITIVE_INT)
-    head_dim: int = field(256, POSITIVE_INT)
-    query_head_dim_normalize: bool = field(True, BOOL)
-    use_post_ffw_norm: bool = field(False, BOOL)
-    use_post_attention_norm: bool = field(False, BOOL)
+    vocabulary_size: int = field(256_128, rules.POSITIVE_INT)
+    num_layers: int = field(18, rules.POSITIVE_INT)
+    num_query_heads: int = field(8, rules.POSITIVE_INT)
+    num_key_value_heads: int = field(1, rules.POSITIVE_INT)
+    hidden_dim: int = field(2048, rules.POSITIVE_INT)
+    intermediate_dim: int = field(32_768, rules.POSITIVE_INT)
+    head_dim: int = field(256, rules.POSITIVE_INT)
+    query_head_dim_normalize: bool = field(True, rules.BOOL)
+    use_post_ffw_norm: bool = field(False, rules.BOOL)
+    use_post_attention_norm: bool = field(False, rules.BOOL)
     attention_logit_soft_cap: float | None = field(None, SOFT_CAP)
     final_logit_soft_cap: float | None = field(None, SOFT_CAP)
-    use_sliding_window_attention: bool = field(False, BOOL)
-    sliding_window_size: int = field(4096, POSITIVE_INT)
-    layer_norm_epsilon: float = field(1e-6, POSITIVE)
+    use_sliding_window_attention: bool = field(False, rules.BOOL)
+    sliding_window_size: int = field(4096, rules.POSITIVE_INT)
+    layer_norm_epsilon: float = field(1e-6, rules.POSITIVE)
     dropout: float = field(0.0, NO_DROPOUT)
-    param_dtype: str = field("float32", PARAM_DTYPE)
-    upcast_activations_to_float32: bool = field(False, BOOL)
+    param_dtype: str = field("float32", rules.PARAM_DTYPE)
+    upcast_activations_to_float32: bool = field(False, rules.BOOL)
 
     def check(self):
         if self.num_query_heads % self.num_key_value_heads:

@@ -19,19 +19,8 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.core.config import (
-    BOOL,
-    FRACTION,
-    NON_NEGATIVE,
-    PARAM_DTYPE,
-    POSITIVE,
-    POSITIVE_INT,
-    Config,
-    field,
-    one_of,
-    optional,
-    tuple_of,
-)
+from recurrent_lm.core import config as rules
+from recurrent_lm.core.config import Config, field
 from recurrent_lm.core.model import DecoderLM
 from recurrent_lm.core.registry import Architecture
 from recurrent_lm.layers import (
@@ -109,23 +98,23 @@ class GriffinConfig(Config):
     model_type: ClassVar[str] = "griffin"
     presets: ClassVar[dict[str, dict]] = PRESETS_VALUES
 
-    vocab_size: int = field(256_000, POSITIVE_INT)
-    hidden_size: int = field(2560, POSITIVE_INT)
-    lru_width: int | None = field(None, optional(POSITIVE_INT))
-    num_attention_heads: int = field(10, POSITIVE_INT)
-    intermediate_size: int = field(7680, POSITIVE_INT)
-    num_hidden_layers: int = field(26, POSITIVE_INT)
-    block_types: tuple[str, ...] | None = field(None, optional(tuple_of(one_of(*BLOCK_TYPES))))
-    attention_window_size: int = field(2048, POSITIVE_INT)
-    conv1d_width: int = field(4, POSITIVE_INT)
-    logits_soft_cap: float = field(30.0, NON_NEGATIVE)
-    rms_norm_eps: float = field(1e-6, POSITIVE)
-    partial_rotary_factor: float = field(0.5, FRACTION)
-    rope_theta: float = field(10000.0, POSITIVE)
-    num_key_value_heads: int = field(1, POSITIVE_INT)
-    embeddings_scale_by_sqrt_dim: bool = field(True, BOOL)
-    param_dtype: str = field("float32", PARAM_DTYPE)
-    scan_method: str | None = field(None, optional(one_of(*recurrence.SCAN_METHODS)))
+    vocab_size: int = field(256_000, rules.POSITIVE_INT)
+    hidden_size: int = field(2560, rules.POSITIVE_INT)
+    lru_width: int | None = field(None, rules.optional(rules.POSITIVE_INT))
+    num_attention_heads: int = field(10, rules.POSITIVE_INT)
+    intermediate_size: int = field(7680, rules.POSITIVE_INT)
+    num_hidden_layers: int = field(26, rules.POSITIVE_INT)
+    block_types: tuple[str, ...] | None = field(None, rules.optional(rules.tuple_of(rules.one_of(*BLOCK_TYPES))))
+    attention_window_size: int = field(2048, rules.POSITIVE_INT)
+    conv1d_width: int = field(4, rules.POSITIVE_INT)
+    logits_soft_cap: float = field(30.0, rules.NON_NEGATIVE)
+    rms_norm_eps: float = field(1e-6, rules.POSITIVE)
+    partial_rotary_factor: float = field(0.5, rules.FRACTION)
+    rope_theta: float = field(10000.0, rules.POSITIVE)
+    num_key_value_heads: int = field(1, rules.POSITIVE_INT)
+    embeddings_scale_by_sqrt_dim: bool = field(True, rules.BOOL)
+    param_dtype: str = field("float32", rules.PARAM_DTYPE)
+    scan_method: str | None = field(None, rules.optional(rules.one_of(*recurrence.SCAN_METHODS)))
 
     def derived(self):
         return {

@@ -30,19 +30,8 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.core.config import (
-    BOOL,
-    NON_NEGATIVE_INT,
-    PARAM_DTYPE,
-    POSITIVE,
-    POSITIVE_INT,
-    Config,
-    Rule,
-    field,
-    one_of,
-    optional,
-    tuple_of,
-)
+from recurrent_lm.core import config as rules
+from recurrent_lm.core.config import Config, field
 from recurrent_lm.core.model import DecoderLM
 from recurrent_lm.core.registry import Architecture
 from recurrent_lm.layers import (
@@ -62,9 +51,9 @@ SSM_MODES = ("diag",)
 SSM_MEASURES = ("diag-lin", "diag-inv")
 # The original's head_dim > 1 lays out its output channels differently in its
 # two code paths: there is no single behaviour to reproduce.
-ONLY_HEAD_DIM_1 = Rule(lambda v: v == 1, "1 (every released model; the original's head_dim > 1 is"
+ONLY_HEAD_DIM_1 = rules.Rule(lambda v: v == 1, "1 (every released model; the original's head_dim > 1 is"
                        " inconsistent between its code paths)")
-DROPOUT_RATE = Rule(lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "in [0, 1)")
+DROPOUT_RATE = rules.Rule(lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "in [0, 1)")
 
 
 PRESETS_VALUES: dict[str, dict] = {
@@ -155,28 +144,28 @@ class H3Config(Config):
     model_type: ClassVar[str] = "h3"
     presets: ClassVar[dict[str, dict]] = PRESETS_VALUES
 
-    vocab_size: int = field(50264, POSITIVE_INT)
-    hidden_size: int = field(768, POSITIVE_INT)
-    num_hidden_layers: int = field(12, POSITIVE_INT)
-    num_attention_heads: int = field(12, POSITIVE_INT)
-    n_inner: int | None = field(None, optional(POSITIVE_INT))
+    vocab_size: int = field(50264, rules.POSITIVE_INT)
+    hidden_size: int = field(768, rules.POSITIVE_INT)
+    num_hidden_layers: int = field(12, rules.POSITIVE_INT)
+    num_attention_heads: int = field(12, rules.POSITIVE_INT)
+    n_inner: int | None = field(None, rules.optional(rules.POSITIVE_INT))
     residual_dropout: float = field(0.0, DROPOUT_RATE)
     embedding_dropout: float = field(0.1, DROPOUT_RATE)
-    residual_in_fp32: bool = field(True, BOOL)
-    layer_norm_epsilon: float = field(1e-5, POSITIVE)
-    initializer_range: float = field(0.02, POSITIVE)
-    rescale_prenorm_residual: bool = field(True, BOOL)
-    glu_act: bool = field(False, BOOL)
-    ssm_mode: str = field("diag", one_of(*SSM_MODES))
-    ssm_measure: str = field("diag-lin", one_of(*SSM_MEASURES))
-    attn_layer_idx: tuple[int, ...] = field((6,), tuple_of(NON_NEGATIVE_INT))
-    d_state: int = field(64, POSITIVE_INT)
-    discretisation: str = field("bilinear", one_of(*ssm.DISCRETISATIONS))
+    residual_in_fp32: bool = field(True, rules.BOOL)
+    layer_norm_epsilon: float = field(1e-5, rules.POSITIVE)
+    initializer_range: float = field(0.02, rules.POSITIVE)
+    rescale_prenorm_residual: bool = field(True, rules.BOOL)
+    glu_act: bool = field(False, rules.BOOL)
+    ssm_mode: str = field("diag", rules.one_of(*SSM_MODES))
+    ssm_measure: str = field("diag-lin", rules.one_of(*SSM_MEASURES))
+    attn_layer_idx: tuple[int, ...] = field((6,), rules.tuple_of(rules.NON_NEGATIVE_INT))
+    d_state: int = field(64, rules.POSITIVE_INT)
+    discretisation: str = field("bilinear", rules.one_of(*ssm.DISCRETISATIONS))
     head_dim: int = field(1, ONLY_HEAD_DIM_1)
-    rotary_emb_dim: int = field(0, NON_NEGATIVE_INT)
-    param_dtype: str = field("float32", PARAM_DTYPE)
-    ssm_method: str = field("fft", one_of(*ssm.SSM_METHODS))
-    scan_method: str | None = field(None, optional(one_of(*recurrence.SCAN_METHODS)))
+    rotary_emb_dim: int = field(0, rules.NON_NEGATIVE_INT)
+    param_dtype: str = field("float32", rules.PARAM_DTYPE)
+    ssm_method: str = field("fft", rules.one_of(*ssm.SSM_METHODS))
+    scan_method: str | None = field(None, rules.optional(rules.one_of(*recurrence.SCAN_METHODS)))
 
     def derived(self):
         return {"n_inner": self.n_inner or 4 * self.hidden_size}

@@ -26,27 +26,11 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.core.config import (
-    BOOL,
-    INT,
-    NON_NEGATIVE_INT,
-    PARAM_DTYPE,
-    POSITIVE,
-    POSITIVE_INT,
-    Config,
-    field,
-    one_of,
-    optional,
-)
+from recurrent_lm.core import config as rules
+from recurrent_lm.core.config import Config, field
 from recurrent_lm.core.model import DecoderLM
 from recurrent_lm.core.registry import Architecture
-from recurrent_lm.layers import (
-    LayerNorm,
-    ResidualBlock,
-    dense,
-    init,
-    recurrence,
-)
+from recurrent_lm.layers import LayerNorm, ResidualBlock, dense, init, recurrence
 from recurrent_lm.layers.channel_mix import ChannelMix
 from recurrent_lm.layers.wkv import TimeMix
 from recurrent_lm.params import bind_parameters, parameter_values
@@ -103,19 +87,19 @@ class RwkvConfig(Config):
     model_type: ClassVar[str] = "rwkv"
     presets: ClassVar[dict[str, dict]] = PRESETS_VALUES
 
-    vocab_size: int = field(50277, POSITIVE_INT)
-    context_length: int = field(1024, POSITIVE_INT)
-    hidden_size: int = field(4096, POSITIVE_INT)
-    num_hidden_layers: int = field(32, POSITIVE_INT)
-    attention_hidden_size: int | None = field(None, optional(POSITIVE_INT))
-    intermediate_size: int | None = field(None, optional(POSITIVE_INT))
-    layer_norm_epsilon: float = field(1e-5, POSITIVE)
-    bos_token_id: int = field(0, NON_NEGATIVE_INT)
-    eos_token_id: int = field(0, NON_NEGATIVE_INT)
-    rescale_every: int = field(6, INT)
-    tie_word_embeddings: bool = field(False, BOOL)
-    param_dtype: str = field("float32", PARAM_DTYPE)
-    scan_method: str | None = field(None, optional(one_of(*recurrence.SCAN_METHODS)))
+    vocab_size: int = field(50277, rules.POSITIVE_INT)
+    context_length: int = field(1024, rules.POSITIVE_INT)
+    hidden_size: int = field(4096, rules.POSITIVE_INT)
+    num_hidden_layers: int = field(32, rules.POSITIVE_INT)
+    attention_hidden_size: int | None = field(None, rules.optional(rules.POSITIVE_INT))
+    intermediate_size: int | None = field(None, rules.optional(rules.POSITIVE_INT))
+    layer_norm_epsilon: float = field(1e-5, rules.POSITIVE)
+    bos_token_id: int = field(0, rules.NON_NEGATIVE_INT)
+    eos_token_id: int = field(0, rules.NON_NEGATIVE_INT)
+    rescale_every: int = field(6, rules.INT)
+    tie_word_embeddings: bool = field(False, rules.BOOL)
+    param_dtype: str = field("float32", rules.PARAM_DTYPE)
+    scan_method: str | None = field(None, rules.optional(rules.one_of(*recurrence.SCAN_METHODS)))
 
     def derived(self):
         return {
