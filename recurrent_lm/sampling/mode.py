@@ -120,7 +120,6 @@ class SamplingLM(pz.nn.Layer):
                 stream_offset=self.stream_index.value,
                 documents_before=self.documents.value,
             )
-            context = dataclasses.replace(context, new_streams=False)
         logits = self.model.run(tokens, context, last_position_only)
         last = {axes.SEQ: -1}
         last_pos = segment_pos[last]

@@ -58,7 +58,7 @@ def test_sliding_layers_alternate_and_window_counts_the_current_token():
     assert [model.config.is_sliding(i) for i in range(4)] == [True, False, True, False]
 
 
-def test_upcast_runs_bfloat16_weights_in_float32():
+def test_upcast_runs_bfloat16_weights_in_float32(tmp_path):
     """penzai's upcast_activations_to_float32: bf16 parameters, f32 activations,
     the same logits as f32 parameters holding the same (bf16) values."""
     case = CASES["gemma2_gqa"]
@@ -70,6 +70,11 @@ def test_upcast_runs_bfloat16_weights_in_float32():
     logits = logits_of(upcast, ids, pos)
     assert logits.dtype == jnp.float32
     assert max_relative_error(logits, logits_of(reference, ids, pos)) <= 1e-5
+    # The option is part of the config, so a saved model reloads upcast.
+    recurrent_lm.save(upcast, tmp_path / "upcast")
+    again = recurrent_lm.load(tmp_path / "upcast")
+    assert again.config.upcast_activations_to_float32 and again.config == upcast.config
+    np.testing.assert_array_equal(logits_of(again, ids, pos), logits)
 
 
 def test_bfloat16_matches_penzai_bfloat16():

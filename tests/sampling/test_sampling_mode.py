@@ -1,6 +1,7 @@
 """Sampling mode reproduces the full forward, chunk by chunk."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +85,12 @@ def test_functional_form_under_jit_and_while_loop():
     state, out = decode(params, state)
     combined = np.concatenate([logits, np.asarray(out)[:, 9:]], axis=1)
     assert max_relative_error(combined, full) <= 1e-5
+
+    # new_streams is a command, not a promise: from a used state, the call
+    # starts fresh streams and gives the ordinary model's logits.
+    again, fresh_state = jax.jit(functools.partial(step, new_streams=True))(params, state, ids, pos)
+    assert max_relative_error(again, full) <= 1e-5
+    assert all(int(v) == case.seq for v in np.asarray(fresh_state["sampler.stream_index"].data_array))
 
 
 def test_twins_share_the_parameters_and_swap_back():

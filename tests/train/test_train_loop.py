@@ -50,13 +50,12 @@ def test_stop_then_resume_gives_the_same_losses(setup):
 # pre-emption would.
 KILL_SCRIPT = """
 import os, signal, sys
-from recurrent_lm.train import build, cli, train
+from recurrent_lm.train import cli, train
 
 def kill_after_step_4(step, record):
     if step == 4:
         os.kill(os.getpid(), signal.SIGKILL)
 
-build.ensure_models_imported()
 config = cli.config_from_args(cli.build_parser().parse_args(sys.argv[1:]))
 train(config, on_step_end=kill_after_step_4)
 """
