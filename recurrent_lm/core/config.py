@@ -75,7 +75,7 @@ def optional(rule: Rule) -> Rule:
     """`rule`, or None."""
     return Rule(
         lambda v: v is None or rule.test(v),
-        f"None or {rule.expects}",
+        f"{rule.expects} (or None)",
         convert=None if rule.convert is None else (lambda v: None if v is None else rule.convert(v)),
     )
 

@@ -29,7 +29,7 @@ from recurrent_lm.core.model import DecoderLM
 from recurrent_lm.core.registry import Architecture
 from recurrent_lm.layers import Attention, GatedMLP, ResidualBlock, RMSNorm, embedding_table, rope
 
-SOFT_CAP = rules.optional(rules.POSITIVE)
+SOFT_CAP = rules.Rule(lambda v: v is None or rules.POSITIVE.test(v), "None (off) or > 0")
 NO_DROPOUT = rules.Rule(lambda v: v == 0, "0: recurrent_lm models have no dropout layers (the field exists"
                   " for Keras compatibility)")
 ROPE_MAX_WAVELENGTH = 10_000.0

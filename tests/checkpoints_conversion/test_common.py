@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from checkpoints_conversion import common
+from recurrent_lm.core.config import PARAM_DTYPES
 from recurrent_lm.models import gemma
 
 
@@ -102,7 +103,7 @@ def test_config_flags_are_typed_and_default_to_none():
     common.add_config_flags(
         parser, gemma.GemmaConfig,
         ["sliding_window_size", "final_logit_soft_cap", "query_head_dim_normalize", "param_dtype"],
-        param_dtype=gemma.PARAM_DTYPES,
+        param_dtype=PARAM_DTYPES,
     )
     args = parser.parse_args(["--sliding-window-size", "7", "--final-logit-soft-cap", "2.5",
                               "--query-head-dim-normalize", "false"])

@@ -241,7 +241,7 @@ def test_preset_depth_override_rederives_block_pattern():
         (dict(partial_rotary_factor=0.125), "must be an even integer"),
         (dict(hidden_size=0), "hidden_size must be a positive integer"),
         (dict(logits_soft_cap=-1.0), "logits_soft_cap must be >= 0"),
-        (dict(param_dtype="int8"), "param_dtype 'int8'"),
+        (dict(param_dtype="int8"), "param_dtype must be one of .*got 'int8'"),
     ],
 )
 def test_inconsistent_config_fails_at_construction(overrides, message):

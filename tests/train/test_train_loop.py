@@ -174,7 +174,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(setup, tmp_path):
         train(dataclasses.replace(base, data=(str(empty),)))
     with pytest.raises(data.DataError, match="longer than the whole training stream"):
         train(dataclasses.replace(base, seq_len=1_000_000))
-    with pytest.raises(ValueError, match="unknown Griffin preset 'huge'"):
+    with pytest.raises(ValueError, match="unknown GriffinConfig preset 'huge'"):
         train(dataclasses.replace(base, preset="huge"))
     with pytest.raises(ValueError, match="unknown model type 'transformerxl'"):
         train(dataclasses.replace(base, model="transformerxl"))
