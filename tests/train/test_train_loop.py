@@ -176,7 +176,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(setup, tmp_path):
         train(dataclasses.replace(base, seq_len=1_000_000))
     with pytest.raises(ValueError, match="unknown GriffinConfig preset 'huge'"):
         train(dataclasses.replace(base, preset="huge"))
-    with pytest.raises(ValueError, match="unknown model type 'transformerxl'"):
+    with pytest.raises(ValueError, match="unknown architecture 'transformerxl'; known: \\['gemma'"):
         train(dataclasses.replace(base, model="transformerxl"))
     with pytest.raises(ValueError, match="grad_accum 3 does not divide batch_size 8"):
         dataclasses.replace(base, grad_accum=3)
