@@ -1,12 +1,16 @@
 """The three linear-scan implementations against the memory-bandwidth floor.
 
-    .venv/bin/python benchmarks/scan_methods.py [--shapes 512x256,2048x256] [--grad]
+    .venv/bin/python benchmarks/scan_methods.py [--shapes 512x256,2048x256] [--grad] [--scaled]
 
 For each shape (T x D, batch 1, float32) times, round-robin, `linear_scan`
 with each method and a fused ``a*b + b`` over the same arrays (the floor: the
 same 12 bytes per element a recurrence must move). Reports median ms,
 multiples of the floor, and first-call (compile) time. This is how the
 per-backend default in `recurrent_lm.layers.recurrence` was chosen.
+
+``--scaled`` times `scaled_linear_scan` instead, as RWKV's WKV runs it: decay
+``log(a)``, two mantissas (``b`` and ones) sharing the log-scale ``10 b``
+(same floor, so the multiples compare the two forms).
 """
 
 from __future__ import annotations
@@ -27,15 +31,31 @@ from penzai import pz
 from recurrent_lm.layers import recurrence
 
 
-def make_scan(method, chunk_size, grad):
+def make_scan(method, chunk_size, grad, scaled=False):
+    names = ("batch", "seq", "lru")
+
     def scan(a, b):
         h, _ = recurrence.linear_scan(
-            pz.nx.wrap(a).tag("batch", "seq", "lru"),
-            pz.nx.wrap(b).tag("batch", "seq", "lru"),
+            pz.nx.wrap(a).tag(*names),
+            pz.nx.wrap(b).tag(*names),
             method=method,
             chunk_size=chunk_size,
         )
-        return h.unwrap("batch", "seq", "lru")
+        return h.unwrap(*names)
+
+    def scaled_scan(a, b):
+        b = pz.nx.wrap(b).tag(*names)
+        h, _ = recurrence.scaled_linear_scan(
+            pz.nx.wrap(jnp.log(a)).tag(*names),
+            (b, pz.nx.ones(b.named_shape)),
+            10.0 * b,
+            method=method,
+            chunk_size=chunk_size,
+        )
+        return h.mantissas[0].unwrap(*names) + h.mantissas[1].unwrap(*names) * h.log_scale.unwrap(*names)
+
+    if scaled:
+        scan = scaled_scan
 
     if grad:
         return jax.jit(jax.grad(lambda a, b: jnp.sum(scan(a, b) ** 2), argnums=(0, 1)))
@@ -48,9 +68,11 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--chunk-size", type=int, default=128)
     parser.add_argument("--grad", action="store_true", help="time forward + backward")
+    parser.add_argument("--scaled", action="store_true", help="time scaled_linear_scan")
     args = parser.parse_args(argv)
 
-    print(f"backend {jax.default_backend()}, {os.cpu_count()} CPUs, float32, batch 1,"
+    print(f"{'scaled_linear_scan' if args.scaled else 'linear_scan'}, backend"
+          f" {jax.default_backend()}, {os.cpu_count()} CPUs, float32, batch 1,"
           f" {'forward+backward' if args.grad else 'forward'}, chunk {args.chunk_size},"
           f" {args.rounds} rounds; x = time / floor\n")
     print("| T x D | floor ms | " + " | ".join(recurrence.SCAN_METHODS) + " | compile s (" +
@@ -64,7 +86,7 @@ def main(argv=None):
         fns = {"floor": jax.jit(lambda a, b: a * b + b)}
         compile_s = {}
         for method in recurrence.SCAN_METHODS:
-            fns[method] = make_scan(method, args.chunk_size, args.grad)
+            fns[method] = make_scan(method, args.chunk_size, args.grad, args.scaled)
         for name, fn in fns.items():
             start = time.perf_counter()
             jax.block_until_ready(fn(a, b))

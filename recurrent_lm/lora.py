@@ -1,16 +1,19 @@
 """LoRA (Hu et al. 2021, arXiv 2106.09685) for any recurrent_lm model.
 
 `enable_lora` replaces chosen `pz.nn.Linear` layers (selected by parameter
-label, so it works for every architecture) with `LoRALinear`: the original
-layer, its weights frozen (`pz.ParameterValue`), plus ``scale * (x A) B`` with
-``A`` {in axes..., "lora_rank"} (fan-in normal) and ``B`` {"lora_rank", out
-axes...} (zeros), so the adapted model starts equal to the original. Only the
-adapters remain `pz.Parameter`s: a training loop that differentiates the
-model's parameters (`recurrent_lm.train`) trains the adapters alone.
+label, so it works for every architecture) with `LoRALinear`, a penzai
+`LowRankAdapter` (``penzai.toolshed.lora``): the original layer in its
+"Pretrained" branch, its weights frozen (`pz.ParameterValue`), plus an
+"Update" branch ``scale * (x A) B`` with ``A`` {in axes..., "lora_rank"}
+(fan-in normal) and ``B`` {"lora_rank", out axes...} (zeros), so the adapted
+model starts equal to the original. Only the adapters remain `pz.Parameter`s:
+a training loop that differentiates the model's parameters
+(`recurrent_lm.train`) trains the adapters alone.
 
-`merge_lora` folds ``W + scale * A B`` back into plain `Linear` layers (same
-labels as the original weights); `save_adapters` / `load_adapters` store the
-adapters alone.
+What penzai's layer lacks and this module adds: a scale ``alpha / rank``,
+labels derived from the adapted weight's (``{weight label}.lora_a``), `merge_lora`
+(fold ``W + scale * A B`` back into plain `Linear` layers, same labels as the
+original weights) and `save_adapters` / `load_adapters` (the adapters alone).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from penzai import pz
+from penzai.toolshed.lora import LowRankAdapter
 
 from recurrent_lm import axes
 from recurrent_lm.layers import init
@@ -33,48 +37,76 @@ ADAPTERS_FILE = "lora.json"
 
 
 @pz.pytree_dataclass
-class LoRALinear(pz.nn.Layer):
-    """``base(x) + scale * B(A(x))``; named axes as the base `pz.nn.Linear`.
+class LowRankUpdate(pz.nn.Layer):
+    """``scale * (x A) B``: the "Update" branch of a `LoRALinear`.
 
     Attributes:
-      base: the original layer (its weights frozen by `enable_lora`).
-      lora_a: {*base.in_axis_names, "lora_rank"}.
-      lora_b: {"lora_rank", *base.out_axis_names}.
+      lora_a: {*in axes, *parallel axes, "lora_rank"} (the base layer's).
+      lora_b: {"lora_rank", *out axes, *parallel axes}.
+      in_axis_names: the base layer's input axes (contracted with ``A``).
       scale: ``alpha / rank``.
     """
 
-    base: pz.nn.Linear
     lora_a: pz.nn.ParameterLike[pz.nx.NamedArray]
     lora_b: pz.nn.ParameterLike[pz.nx.NamedArray]
+    in_axis_names: tuple[str, ...] = dataclasses.field(metadata={"pytree_node": False})
     scale: float = dataclasses.field(metadata={"pytree_node": False})
 
     def __call__(self, x, **_unused_side_inputs):
-        low = pz.nx.nmap(jnp.tensordot)(
-            x.untag(*self.base.in_axis_names),
-            self.lora_a.value.untag(*self.base.in_axis_names),
-            axes=len(self.base.in_axis_names),
-        )
-        update = pz.nx.nmap(jnp.tensordot)(
-            low.untag(axes.LORA_RANK), self.lora_b.value.untag(axes.LORA_RANK), axes=1
-        )
-        return self.base(x) + update * jnp.asarray(self.scale, x.dtype)
+        low = pz.nn.contract(self.in_axis_names, x, self.lora_a.value)
+        update = pz.nn.contract(axes.LORA_RANK, low, self.lora_b.value)
+        return update * jnp.asarray(self.scale, x.dtype)
+
+
+@pz.pytree_dataclass(has_implicitly_inherited_fields=True)
+class LoRALinear(LowRankAdapter):
+    """penzai's `LowRankAdapter`: ``Pretrained(x) + Update(x)``, named axes as the base `Linear`.
+
+    The structure is penzai's (a `pz.nn.BranchAndAddTogether` of the
+    "Pretrained" and "Update" `pz.nn.NamedGroup`s), but the Update group holds
+    one `LowRankUpdate` where ``LowRankAdapter.from_linear`` puts two
+    `pz.nn.Linear` layers (``A``, ``B``). Two reasons:
+
+    * an adapted projection must still hold exactly one `pz.nn.Linear`: code
+      finds a projection's layer with ``at_instances_of(pz.nn.Linear).get()``
+      (`Attention.key_spec`, which sizes the KV cache of sampling mode), and
+      with three Linears an adapted key projection could not be sampled from;
+    * ``from_linear`` has no scale (``alpha / rank``), fixes the labels to
+      ``{name}/LoRA_A.weights`` and initialises ``A`` Xavier-uniform: the
+      labels here stay ``{weight label}.lora_a`` / ``.lora_b`` (saved
+      adapters and checkpoints keep their names) and ``A`` stays fan-in
+      normal, as before.
+
+    Adapters have the base layer's parallel axes (as penzai's), so an update
+    of a layer applied per slice is per slice too, and merges into it.
+    """
+
+    @classmethod
+    def around(cls, base: pz.nn.Linear, update: LowRankUpdate) -> LoRALinear:
+        return cls([
+            pz.nn.BranchAndAddTogether([
+                pz.nn.NamedGroup("Pretrained", [base]),
+                pz.nn.NamedGroup("Update", [update]),
+            ])
+        ])
+
+    @property
+    def base(self) -> pz.nn.Linear:
+        """The adapted layer (its weights frozen by `enable_lora`)."""
+        return self.sublayers[0].branches[0].sublayers[0]
+
+    @property
+    def update(self) -> LowRankUpdate:
+        return self.sublayers[0].branches[1].sublayers[0]
 
     def merged(self) -> pz.nn.Linear:
         """The plain `Linear` with ``W + scale * A B`` (the base weight's label)."""
-        w = self.base.weights
-        delta = pz.nx.nmap(jnp.tensordot)(
-            self.lora_a.value.untag(axes.LORA_RANK),
-            self.lora_b.value.untag(axes.LORA_RANK),
-            axes=1,
-        )
-        value = (w.value + delta.astype(w.value.dtype) * self.scale).order_like(w.value)
+        w, update = self.base.weights, self.update
+        delta = pz.nn.contract(axes.LORA_RANK, update.lora_a.value, update.lora_b.value)
+        value = (w.value + delta.astype(w.value.dtype) * update.scale).order_like(w.value)
         return dataclasses.replace(
             self.base, weights=pz.Parameter(label=w.label, value=value)
         )
-
-
-def _weight_label(linear: pz.nn.Linear) -> str:
-    return linear.weights.label
 
 
 def _targets_matcher(targets) -> Callable[[str], bool]:
@@ -86,6 +118,48 @@ def _targets_matcher(targets) -> Callable[[str], bool]:
         targets = [targets]
     patterns = [re.compile(t) for t in targets]
     return lambda label: any(p.search(label) for p in patterns)
+
+
+def _adapter(linear: pz.nn.Linear, rank: int, scale: float, key, dtype) -> LoRALinear:
+    """`linear` with a new adapter of `rank` (``B = 0``)."""
+    w = linear.weights
+    kind = w.value.dtype if dtype is None else dtype
+    in_shape = {n: w.value.named_shape[n] for n in linear.in_axis_names}
+    out_shape = {n: w.value.named_shape[n] for n in linear.out_axis_names}
+    parallel = linear.parallel_axes
+    lora_a = pz.nn.make_parameter(
+        f"{w.label}.lora_a",
+        key,
+        init.fan_in_normal,
+        {**in_shape, **parallel, axes.LORA_RANK: rank},
+        kind,
+        fan_in_axes=tuple(in_shape),
+    )
+    lora_b = pz.nn.make_parameter(
+        f"{w.label}.lora_b", key, init.zeros, {axes.LORA_RANK: rank, **out_shape, **parallel}, kind
+    )
+    update = LowRankUpdate(lora_a, lora_b, in_axis_names=linear.in_axis_names, scale=scale)
+    return LoRALinear.around(linear, update)
+
+
+def _adapt(model, rank: int, targets, scale: float, key, dtype):
+    """`enable_lora` with the scale given (`load_adapters` restores it as saved)."""
+    if pz.select(model).at_instances_of(LoRALinear).count():
+        raise ValueError("the model already has LoRA adapters; merge_lora first.")
+    match = _targets_matcher(targets)
+    linears = pz.select(model).at_instances_of(pz.nn.Linear)
+    labels = [lin.weights.label for lin in linears.get_sequence()]
+    if not any(match(label) for label in labels):
+        raise ValueError(
+            f"no Linear layer matches LoRA targets {targets!r}; labels: {labels}."
+        )
+    key = jax.random.key(0) if key is None else key
+    return (
+        pz.select(pz.freeze_params(model))
+        .at_instances_of(pz.nn.Linear)
+        .where(lambda linear: match(linear.weights.label))
+        .apply(lambda linear: _adapter(linear, rank, scale, key, dtype))
+    )
 
 
 def enable_lora(
@@ -119,46 +193,8 @@ def enable_lora(
     """
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}.")
-    if pz.select(model).at_instances_of(LoRALinear).count():
-        raise ValueError("the model already has LoRA adapters; merge_lora first.")
-    match = _targets_matcher(targets)
-    linears = pz.select(model).at_instances_of(pz.nn.Linear)
-    labels = [_weight_label(lin) for lin in linears.get_sequence()]
-    chosen = [label for label in labels if match(label)]
-    if not chosen:
-        raise ValueError(
-            f"no Linear layer matches LoRA targets {targets!r}; labels: {labels}."
-        )
-    key = jax.random.key(0) if key is None else key
     scale = 1.0 if alpha is None else float(alpha) / rank
-    model = pz.freeze_params(model)
-
-    def adapt(linear: pz.nn.Linear):
-        label = _weight_label(linear)
-        if not match(label):
-            return linear
-        w = linear.weights.value
-        in_shape = {n: w.named_shape[n] for n in linear.in_axis_names}
-        out_shape = {n: w.named_shape[n] for n in linear.out_axis_names}
-        kind = w.dtype if dtype is None else dtype
-        lora_a = pz.nn.make_parameter(
-            f"{label}.lora_a",
-            key,
-            init.fan_in_normal,
-            {**in_shape, axes.LORA_RANK: rank},
-            kind,
-            fan_in_axes=tuple(in_shape),
-        )
-        lora_b = pz.nn.make_parameter(
-            f"{label}.lora_b",
-            key,
-            init.zeros,
-            {axes.LORA_RANK: rank, **out_shape},
-            kind,
-        )
-        return LoRALinear(base=linear, lora_a=lora_a, lora_b=lora_b, scale=scale)
-
-    return pz.select(model).at_instances_of(pz.nn.Linear).apply(adapt)
+    return _adapt(model, rank, targets, scale, key, dtype)
 
 
 def merge_lora(model):
@@ -176,24 +212,20 @@ def merge_lora(model):
     )
 
 
+def _adapters(model) -> list[LoRALinear]:
+    layers = pz.select(model).at_instances_of(LoRALinear).get_sequence()
+    if not layers:
+        raise ValueError("the model has no LoRA adapters (use enable_lora).")
+    return layers
+
+
 def adapter_values(model) -> dict[str, pz.nx.NamedArray]:
     """``{label: value}`` of every adapter parameter."""
     values = {}
     for layer in pz.select(model).at_instances_of(LoRALinear).get_sequence():
-        for p in (layer.lora_a, layer.lora_b):
+        for p in (layer.update.lora_a, layer.update.lora_b):
             values[p.label] = p.value
     return values
-
-
-def _adapter_settings(model) -> dict:
-    layers = pz.select(model).at_instances_of(LoRALinear).get_sequence()
-    if not layers:
-        raise ValueError("the model has no LoRA adapters (use enable_lora).")
-    return {
-        "rank": layers[0].lora_a.value.named_shape[axes.LORA_RANK],
-        "scale": layers[0].scale,
-        "targets": [_weight_label(layer.base) for layer in layers],
-    }
 
 
 def save_adapters(model, path: str | os.PathLike) -> None:
@@ -203,15 +235,20 @@ def save_adapters(model, path: str | os.PathLike) -> None:
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path):
         raise FileExistsError(f"{path} already exists; choose a new directory.")
+    layers = _adapters(model)
     values = adapter_values(model)
-    settings = _adapter_settings(model)
-    settings["parameters"] = {
-        label: {
-            "axes": list(v.named_shape),
-            "shape": list(v.named_shape.values()),
-            "dtype": str(v.dtype),
-        }
-        for label, v in values.items()
+    settings = {
+        "rank": layers[0].update.lora_a.value.named_shape[axes.LORA_RANK],
+        "scale": layers[0].update.scale,
+        "targets": [layer.base.weights.label for layer in layers],
+        "parameters": {
+            label: {
+                "axes": list(v.named_shape),
+                "shape": list(v.named_shape.values()),
+                "dtype": str(v.dtype),
+            }
+            for label, v in values.items()
+        },
     }
     os.makedirs(path)
     with ocp.StandardCheckpointer() as checkpointer:
@@ -221,6 +258,23 @@ def save_adapters(model, path: str | os.PathLike) -> None:
         )
     with open(os.path.join(path, ADAPTERS_FILE), "w") as f:
         json.dump(settings, f, indent=1)
+
+
+def _check_stored(path: str, expected: dict, stored: dict) -> None:
+    """Raises `CheckpointMismatchError` listing every adapter that does not fit."""
+    stored_shape = {k: dict(zip(v["axes"], v["shape"])) for k, v in stored.items()}
+    error = CheckpointMismatchError(
+        f"LoRA adapters {path}",
+        missing={k: named_shape_str(v) for k, v in expected.items() if k not in stored},
+        unexpected={k: str(s) for k, s in stored_shape.items() if k not in expected},
+        misshaped={
+            k: (named_shape_str(expected[k]), str(s))
+            for k, s in stored_shape.items()
+            if k in expected and s != dict(expected[k].named_shape)
+        },
+    )
+    if error.has_problems:
+        raise error
 
 
 def load_adapters(model, path: str | os.PathLike):
@@ -239,40 +293,11 @@ def load_adapters(model, path: str | os.PathLike):
     with open(file) as f:
         settings = json.load(f)
     targets = set(settings["targets"])
-    adapted = enable_lora(
-        model,
-        settings["rank"],
-        targets=lambda label: label in targets,
-        alpha=None,
-        key=jax.random.key(0),
+    adapted = _adapt(
+        model, settings["rank"], targets.__contains__, settings["scale"], None, None
     )
-    adapted = (
-        pz.select(adapted)
-        .at_instances_of(LoRALinear)
-        .apply(lambda layer: dataclasses.replace(layer, scale=settings["scale"]))
-    )
-    expected = adapter_values(adapted)
     stored = settings["parameters"]
-    missing = {k: named_shape_str(v) for k, v in expected.items() if k not in stored}
-    unexpected = {
-        k: str(dict(zip(v["axes"], v["shape"])))
-        for k, v in stored.items()
-        if k not in expected
-    }
-    misshaped = {
-        k: (named_shape_str(expected[k]), str(dict(zip(v["axes"], v["shape"]))))
-        for k, v in stored.items()
-        if k in expected
-        and dict(zip(v["axes"], v["shape"])) != dict(expected[k].named_shape)
-    }
-    error = CheckpointMismatchError(
-        f"LoRA adapters {path}",
-        missing=missing,
-        unexpected=unexpected,
-        misshaped=misshaped,
-    )
-    if error.has_problems:
-        raise error
+    _check_stored(path, adapter_values(adapted), stored)
     target = {
         label: jax.ShapeDtypeStruct(tuple(info["shape"]), info["dtype"])
         for label, info in stored.items()
@@ -283,13 +308,9 @@ def load_adapters(model, path: str | os.PathLike):
         label: pz.nx.wrap(arrays[label]).tag(*info["axes"])
         for label, info in stored.items()
     }
-
-    def fill(layer: LoRALinear) -> LoRALinear:
-        a, b = layer.lora_a, layer.lora_b
-        return dataclasses.replace(
-            layer,
-            lora_a=pz.Parameter(label=a.label, value=values[a.label]),
-            lora_b=pz.Parameter(label=b.label, value=values[b.label]),
-        )
-
-    return pz.select(adapted).at_instances_of(LoRALinear).apply(fill)
+    return (
+        pz.select(adapted)
+        .at_instances_of(LowRankUpdate)
+        .at_instances_of(pz.Parameter)
+        .apply(lambda p: pz.Parameter(label=p.label, value=values[p.label]))
+    )

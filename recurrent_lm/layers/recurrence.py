@@ -8,13 +8,20 @@ through `linear_scan` (WKV through its log-scaled form `scaled_linear_scan`,
 whose terms would overflow float32 otherwise), so an improvement here (a new
 kernel, a sharded scan) reaches every architecture.
 
+Both are one scan parameterised by its `Combine`: the monoid of the steps
+(how two compose, the identity, the constant map that folds in an initial
+state, the state an element reaches). `LinearCombine` and `ScaledCombine` are
+the two forms; another recurrence (e.g. a matrix state ``S_t = S_{t-1} A_t +
+B_t``) plugs in a combine of its own and gets the three implementations,
+resets, initial states and the single-step path (`scan`).
+
 Three implementations, same results (up to float rounding order):
 
 * ``"sequential"``: `jax.lax.scan` over time; one pass, O(T) steps. Fastest on
   XLA:CPU (see ``benchmarks/scan_methods.py``), where the extra passes of a tree
   scan cost more than the parallelism buys.
-* ``"associative"``: `jax.lax.associative_scan` over ``(a, b)`` pairs;
-  O(log T) depth, so it parallelises over the sequence on TPU/GPU.
+* ``"associative"``: `jax.lax.associative_scan` over the elements; O(log T)
+  depth, so it parallelises over the sequence on TPU/GPU.
 * ``"chunked"``: sequential inside chunks of ``chunk_size`` steps (all chunks at
   once), an associative scan over the chunk summaries, then a fused fix-up.
 
@@ -28,9 +35,10 @@ JAX 0.10 they lower to `reduce_window`, which XLA:CPU runs in O(T^2).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -38,6 +46,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 from recurrent_lm.core import named
+from recurrent_lm.core.model import sync_config
 
 ScanMethod = Literal["associative", "sequential", "chunked"]
 SCAN_METHODS: tuple[str, ...] = ("associative", "sequential", "chunked")
@@ -73,7 +82,8 @@ def with_scan_method(model, method: str | None):
 
     Works on any model: it selects every layer struct that has a
     ``scan_method`` field (RG-LRU, and the recurrent layers of other
-    architectures).
+    architectures), and sets the model config's ``scan_method`` too, so a
+    saved model reloads with it.
     """
     check_scan_method(method)
 
@@ -82,11 +92,12 @@ def with_scan_method(model, method: str | None):
             f.name == "scan_method" for f in dataclasses.fields(node)
         )
 
-    return (
+    model = (
         pz.select(model)
         .at_subtrees_where(has_field)
         .apply(lambda layer: dataclasses.replace(layer, scan_method=method))
     )
+    return sync_config(model, scan_method=method)
 
 
 def accumulation_dtype(*dtypes) -> jnp.dtype:
@@ -95,92 +106,358 @@ def accumulation_dtype(*dtypes) -> jnp.dtype:
 
 
 # ---------------------------------------------------------------------------
-# Positional implementations: time on axis 0, any trailing axes.
+# Combines: the monoid a scan runs over.
 # ---------------------------------------------------------------------------
 
 
-def _combine(earlier, later):
-    """Composes two affine maps h -> a*h + b (earlier first)."""
-    a_e, b_e = earlier
-    a_l, b_l = later
-    return a_l * a_e, a_l * b_e + b_l
+@dataclasses.dataclass(frozen=True)
+class Combine(abc.ABC):
+    """The steps of a recurrence as a monoid of maps ``state -> state``.
+
+    An *element* is one step (or a run of steps composed), a pytree of arrays;
+    a *state* is a pytree of arrays too. In a scan every leaf has the time
+    axis first; the methods work on any leading batch shape, broadcasting
+    (leaves may have trailing axes of their own, e.g. matrices). A combine is
+    hashable: the scan compiles once per combine, method and shape.
+
+    Subclasses define `combine`, `identity`, `constant` and `reached`;
+    `apply`, `fold`, `restart` and `empty_state` follow from them (override
+    them only to save work). A leaf that `fold` or `restart` returns as the
+    very object it was given is left in place by the scan, not rewritten.
+
+    Attributes:
+      dtype: the accumulation dtype: composed elements and states are in it;
+        input elements may be narrower (`combine` and `apply` cast them).
+    """
+
+    dtype: Any
+
+    @abc.abstractmethod
+    def combine(self, earlier, later):
+        """The element doing `earlier`, then `later` (associative)."""
+
+    @abc.abstractmethod
+    def identity(self, like):
+        """The element that changes nothing, leaves shaped and typed as the
+        `jax.ShapeDtypeStruct`s in `like` (an element's structure)."""
+
+    @abc.abstractmethod
+    def constant(self, state):
+        """The element mapping every state to `state` (an initial state is
+        folded in as ``combine(constant(h0), first_element)``, see `fold`)."""
+
+    @abc.abstractmethod
+    def reached(self, element):
+        """The state `element` maps the empty state to (for a composite that
+        starts with ``constant(h0)``: the state after its last step)."""
+
+    def apply(self, state, element):
+        """The state after one step (`element`) from `state`."""
+        return self.reached(self.combine(self.constant(state), element))
+
+    def fold(self, state, element):
+        """An element reaching ``apply(state, element)``: how a scan folds its
+        initial state into the first step. Only the state it reaches matters
+        (later steps read an earlier composite only through it), so a combine
+        may return the element's other leaves as they are: the scan leaves
+        those in place, without copying them."""
+        return self.combine(self.constant(state), element)
+
+    def restart(self, element, mask):
+        """`element` where `mask` is False; where True, the same step from the
+        empty state (a reset). `mask` has the leaves' leading shape."""
+        fresh = self.constant(self.reached(element))
+
+        def pick(new, old):
+            if new is old:  # unchanged by a restart (e.g. the input term)
+                return old
+            where = mask.reshape(mask.shape + (1,) * (old.ndim - mask.ndim))
+            return jnp.where(where, new, old)
+
+        return jax.tree.map(pick, fresh, element)
+
+    def empty_state(self, element):
+        """The empty state of a scan over the elements `element` [T, ...]."""
+        return self.reached(self.identity(_structs(element, (), self.dtype)))
 
 
-def sequential_scan(a, b, h0, acc_dtype):
-    """`lax.scan` form. Returns (h [T, ...] in acc_dtype, h_last)."""
+@dataclasses.dataclass(frozen=True)
+class LinearCombine(Combine):
+    """``h -> a h + b``: elements ``(a, b)``, state ``h``, elementwise."""
 
-    def step(h, ab):
-        a_t, b_t = ab
-        h = a_t.astype(acc_dtype) * h + b_t.astype(acc_dtype)
+    def combine(self, earlier, later):
+        a_e, b_e = earlier
+        a_l, b_l = (x.astype(self.dtype) for x in later)
+        return a_l * a_e, a_l * b_e + b_l
+
+    def identity(self, like):
+        a, b = like
+        return jnp.ones(a.shape, a.dtype), jnp.zeros(b.shape, b.dtype)
+
+    def constant(self, state):
+        return jnp.zeros_like(state), state
+
+    def reached(self, element):
+        return element[1]
+
+    def apply(self, state, element):  # the default, without the dead a * 0
+        a, b = (x.astype(self.dtype) for x in element)
+        return a * state + b
+
+    def fold(self, state, element):  # keeps a
+        return element[0], self.apply(state, element)
+
+
+# A finite stand-in for log(0): an empty state has log-scale NEG_LOG_SCALE, a
+# reset has log-decay NEG_LOG_SCALE. With -inf, two empty elements meeting
+# would compute exp(-inf - (-inf)) = NaN.
+NEG_LOG_SCALE = -1e30
+
+
+class ScaledState(NamedTuple):
+    """A state ``h = mantissa * exp(log_scale)`` of `scaled_linear_scan`.
+
+    ``mantissas`` is a tuple (several recurrences sharing one scale, e.g. a
+    numerator and a denominator); each has the named shape of ``log_scale``.
+    The split is only defined up to the normalisation: compare real values.
+    """
+
+    mantissas: tuple
+    log_scale: Any
+
+    def real_values(self):
+        """The mantissas times ``exp(log_scale)`` (may overflow: for tests)."""
+        scale = pz.nx.nmap(jnp.exp)(self.log_scale)
+        return tuple(m * scale for m in self.mantissas)
+
+
+def empty_scaled_state(named_shape: Mapping[str, int], count: int, dtype=jnp.float32) -> ScaledState:
+    """The zero state: mantissas 0, log-scale `NEG_LOG_SCALE`."""
+    zeros = pz.nx.zeros(dict(named_shape), dtype)
+    return ScaledState((zeros,) * count, pz.nx.full(dict(named_shape), NEG_LOG_SCALE, dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledCombine(Combine):
+    """``S -> exp(W) S + p exp(o)``: elements ``(W, p, o)`` with ``p`` a tuple
+    of mantissas sharing the log-scale ``o``; state `ScaledState` ``(p, o)``.
+
+    Inputs must already be in `dtype` with ``W >= NEG_LOG_SCALE``. A composite
+    keeps the larger of the two log-scales, so every exponent is <= 0 and
+    nothing overflows.
+    """
+
+    def combine(self, earlier, later):
+        w_e, p_e, o_e = earlier
+        w_l, p_l, o_l = later
+        carried = o_e + w_l  # log-scale of the earlier contribution after decay
+        o = jnp.maximum(carried, o_l)
+        f_e, f_l = jnp.exp(carried - o), jnp.exp(o_l - o)
+        p = tuple(f_e * a + f_l * b for a, b in zip(p_e, p_l))
+        return jnp.maximum(w_e + w_l, NEG_LOG_SCALE), p, o
+
+    def identity(self, like):
+        w, p, o = like
+        return (
+            jnp.zeros(w.shape, w.dtype),
+            tuple(jnp.zeros(x.shape, x.dtype) for x in p),
+            jnp.full(o.shape, NEG_LOG_SCALE, o.dtype),
+        )
+
+    def constant(self, state):
+        return jnp.full_like(state.log_scale, NEG_LOG_SCALE), state.mantissas, state.log_scale
+
+    def reached(self, element):
+        return ScaledState(element[1], element[2])
+
+    def fold(self, state, element):  # keeps W
+        return element[0], *self.apply(state, element)
+
+
+# ---------------------------------------------------------------------------
+# Positional implementations: time on axis 0 of every leaf.
+# ---------------------------------------------------------------------------
+
+
+def _structs(tree, lead: tuple[int, ...], dtype=None):
+    """Shape-dtype structs of `tree`'s leaves with axis 0 replaced by `lead`."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((*lead, *x.shape[1:]), dtype or x.dtype), tree
+    )
+
+
+def _at(tree, index):
+    return jax.tree.map(lambda x: x[index], tree)
+
+
+def sequential_scan(combine: Combine, elements, h0):
+    """`lax.scan` form. Returns (states [T, ...], last state)."""
+
+    def step(h, element):
+        h = combine.apply(h, element)
         return h, h
 
-    h_last, h = jax.lax.scan(step, h0.astype(acc_dtype), (a, b))
+    h_last, h = jax.lax.scan(step, h0, elements)
     return h, h_last
 
 
-def associative_scan(a, b, h0, acc_dtype):
-    """`lax.associative_scan` form. Returns (h [T, ...] in acc_dtype, h_last)."""
-    a = a.astype(acc_dtype)
-    b = b.astype(acc_dtype)
-    # Fold the initial state into the first step: h_0 = a_0 * h0 + b_0.
-    b = b.at[0].set(a[0] * h0.astype(acc_dtype) + b[0])
-    _, h = jax.lax.associative_scan(_combine, (a, b), axis=0)
-    return h, h[-1]
+def associative_scan(combine: Combine, elements, h0):
+    """`lax.associative_scan` form. Returns (states [T, ...], last state)."""
+    elements = jax.tree.map(lambda x: x.astype(combine.dtype), elements)
+    first = _at(elements, 0)
+    elements = jax.tree.map(
+        lambda x, old, new: x if new is old else x.at[0].set(new),
+        elements,
+        first,
+        combine.fold(h0, first),
+    )
+    h = combine.reached(jax.lax.associative_scan(combine.combine, elements, axis=0))
+    return h, _at(h, -1)
 
 
-def chunked_scan(a, b, h0, acc_dtype, chunk_size: int = DEFAULT_CHUNK_SIZE):
-    """Sequential within chunks, associative across chunk summaries."""
-    steps, rest = a.shape[0], a.shape[1:]
+def chunked_scan(combine: Combine, elements, h0, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """Sequential within chunks (all chunks at once), associative across them."""
+    steps = jax.tree.leaves(elements)[0].shape[0]
     chunk = min(chunk_size, steps)
     num_chunks = -(-steps // chunk)
     pad = num_chunks * chunk - steps
-    if pad:
-        # Identity steps (a=1, b=0) at the end leave the final state unchanged.
-        a = jnp.concatenate([a, jnp.ones((pad, *rest), a.dtype)])
-        b = jnp.concatenate([b, jnp.zeros((pad, *rest), b.dtype)])
+    if pad:  # identity steps at the end leave the final state unchanged
+        padding = combine.identity(_structs(elements, (pad,)))
+        elements = jax.tree.map(lambda x, y: jnp.concatenate([x, y]), elements, padding)
     # [chunk, num_chunks, ...]: scan over the position inside the chunk, with
     # every chunk advanced at once.
-    a = jnp.swapaxes(a.reshape(num_chunks, chunk, *rest), 0, 1)
-    b = jnp.swapaxes(b.reshape(num_chunks, chunk, *rest), 0, 1)
-
-    def step(carry, ab):
-        h, prod = carry
-        a_t, b_t = ab
-        a_t = a_t.astype(acc_dtype)
-        h = a_t * h + b_t.astype(acc_dtype)
-        prod = a_t * prod
-        return (h, prod), (h, prod)
-
-    init = (
-        jnp.zeros((num_chunks, *rest), acc_dtype),
-        jnp.ones((num_chunks, *rest), acc_dtype),
+    elements = jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape(num_chunks, chunk, *x.shape[1:]), 0, 1), elements
     )
-    (chunk_b, chunk_a), (h_local, prod_local) = jax.lax.scan(step, init, (a, b))
+
+    def step(carry, element):
+        carry = combine.combine(carry, element)
+        return carry, carry
+
+    start = combine.identity(_structs(elements, (), combine.dtype))
+    summary, local = jax.lax.scan(step, start, elements)
     # State leaving each chunk, then the state entering each chunk.
-    h_out, _ = associative_scan(chunk_a, chunk_b, h0, acc_dtype)
-    h_in = jnp.concatenate([h0.astype(acc_dtype)[None], h_out[:-1]])
-    h = h_local + prod_local * h_in[None]
-    h = jnp.swapaxes(h, 0, 1).reshape(num_chunks * chunk, *rest)[:steps]
-    return h, h_out[-1]
+    h_out, _ = associative_scan(combine, summary, h0)
+    h_in = jax.tree.map(lambda x, y: jnp.concatenate([x[None], y[:-1]]), h0, h_out)
+    h = combine.apply(_at(h_in, None), local)
+    h = jax.tree.map(
+        lambda x: jnp.swapaxes(x, 0, 1).reshape(num_chunks * chunk, *x.shape[2:])[:steps], h
+    )
+    return h, _at(h_out, -1)
 
 
-# One compiled function per shape and method: called eagerly, the scan compiles
-# once instead of op by op; inside an outer jit it is inlined.
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _positional_scan(a, b, h0, method, acc_dtype, chunk_size):
-    if a.shape[0] == 1:  # one step (decoding): no loop at all
-        h = a.astype(acc_dtype) * h0.astype(acc_dtype) + b.astype(acc_dtype)
-        return h, h[0]
+# One compiled function per combine, shape and method: called eagerly, the scan
+# compiles once instead of op by op; inside an outer jit it is inlined.
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _positional_scan(combine, elements, h0, reset, method, chunk_size):
+    if reset is not None:
+        elements = combine.restart(elements, reset)
+    if h0 is None:
+        h0 = combine.empty_state(elements)
+    if jax.tree.leaves(elements)[0].shape[0] == 1:  # one step (decoding): no loop
+        h = combine.apply(_at(h0, None), elements)
+        return h, _at(h, 0)
     if method == "sequential":
-        return sequential_scan(a, b, h0, acc_dtype)
+        return sequential_scan(combine, elements, h0)
     if method == "associative":
-        return associative_scan(a, b, h0, acc_dtype)
-    return chunked_scan(a, b, h0, acc_dtype, chunk_size)
+        return associative_scan(combine, elements, h0)
+    return chunked_scan(combine, elements, h0, chunk_size)
+
+
+def scan(
+    combine: Combine,
+    elements,
+    h0=None,
+    *,
+    reset=None,
+    method: str | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+):
+    """Runs the recurrence `combine` over positional `elements` (time on axis 0).
+
+    Args:
+      combine: the monoid of the steps.
+      elements: pytree of arrays [T >= 1, ...], as `combine` expects.
+      h0: the initial state (a state pytree in ``combine.dtype``), or None for
+        the empty state.
+      reset: optional boolean [T, ...] (the leaves' leading shape): where True
+        the step restarts from the empty state (`Combine.restart`).
+      method, chunk_size: as for `linear_scan`.
+
+    Returns:
+      ``(h, h_last)``: the states after every step [T, ...] and after the last.
+    """
+    check_scan_method(method)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
+    return _positional_scan(
+        combine, elements, h0, reset, method or default_scan_method(), chunk_size
+    )
 
 
 # ---------------------------------------------------------------------------
-# Named-axis entry point.
+# Named-axis entry points.
 # ---------------------------------------------------------------------------
+
+
+def _is_named(x) -> bool:
+    return isinstance(x, pz.nx.NamedArrayBase)
+
+
+def _checked_layout(
+    what: str,
+    inputs: Mapping[str, pz.nx.NamedArray],
+    timed: Collection[str],
+    h0,
+    reset: pz.nx.NamedArray | None,
+    axis: str,
+) -> dict[str, int]:
+    """The checks of every named scan; returns the layout (`axis` first).
+
+    `inputs` are the named inputs (those in `timed` must have `axis`, the
+    others may lack it and broadcast); `h0` is a state pytree of named arrays
+    (or None), each without `axis` and within the inputs' axes.
+    """
+    for name, x in inputs.items():
+        need = (axis,) if name in timed else ()
+        named.check_named(x, need, f"{what} input {name!r}", exact=False)
+    if reset is not None:
+        named.check_named(reset, (axis,), f"{what} reset", exact=False)
+    shape = named.union_named_shape(*inputs.values(), reset)
+    for x in jax.tree.leaves(h0, is_leaf=_is_named):
+        named.check_named(x, (), f"{what} h0", exact=False)
+        if axis in x.named_shape:
+            raise ValueError(f"h0 must not have the scanned axis {axis!r}.")
+        named.union_named_shape(x, *inputs.values())
+        extra = set(x.named_shape) - set(shape)
+        if extra:
+            raise ValueError(f"h0 has axes {sorted(extra)} that the inputs lack.")
+    if shape[axis] == 0:
+        raise ValueError(f"cannot scan along an empty {axis!r} axis.")
+    return {axis: shape[axis], **{n: s for n, s in shape.items() if n != axis}}
+
+
+def _named_scan(combine, elements, h0, reset, layout, method, chunk_size):
+    """`scan` on named arrays, every leaf laid out as `layout` (an elementwise
+    recurrence): elements, h0 and the results are pytrees of NamedArrays."""
+    axis = next(iter(layout))
+    state_layout = {n: s for n, s in layout.items() if n != axis}
+
+    def raw(tree, lay):
+        return jax.tree.map(lambda x: named.to_positional(x, lay), tree, is_leaf=_is_named)
+
+    if h0 is not None:
+        h0 = jax.tree.map(lambda x: x.astype(combine.dtype), raw(h0, state_layout))
+    h, h_last = scan(
+        combine,
+        raw(elements, layout),
+        h0,
+        reset=None if reset is None else named.to_positional(reset, layout),
+        method=method,
+        chunk_size=chunk_size,
+    )
+    wrap = lambda tree, lay: jax.tree.map(lambda x: named.from_positional(x, lay), tree)
+    return wrap(h, layout), wrap(h_last, state_layout)
 
 
 def linear_scan(
@@ -213,165 +490,10 @@ def linear_scan(
       result dtype of `a` and `b`; ``h_last`` is the state after the last step
       (no `axis`) in the accumulation dtype (float32 or wider).
     """
-    check_scan_method(method)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
-    for what, x in (("a", a), ("b", b)):
-        named.check_named(x, (), f"linear_scan input {what!r}", exact=False)
-    named.check_named(b, (axis,), "linear_scan input 'b'", exact=False)
-    shape = named.union_named_shape(b, a, reset)
-    if h0 is not None:
-        named.check_named(h0, (), "linear_scan h0", exact=False)
-        if axis in h0.named_shape:
-            raise ValueError(f"h0 must not have the scanned axis {axis!r}.")
-        named.union_named_shape(h0, b, a)
-        extra = set(h0.named_shape) - set(shape)
-        if extra:
-            raise ValueError(f"h0 has axes {sorted(extra)} that a and b lack.")
-    if reset is not None:
-        named.check_named(reset, (axis,), "linear_scan reset", exact=False)
-        a = pz.nx.nmap(jnp.where)(reset, jnp.zeros((), a.dtype), a)
-    if shape[axis] == 0:
-        raise ValueError(f"cannot scan along an empty {axis!r} axis.")
-
-    out_dtype = jnp.result_type(a.dtype, b.dtype)
-    acc_dtype = accumulation_dtype(a.dtype, b.dtype)
-    layout = {axis: shape[axis], **{n: s for n, s in shape.items() if n != axis}}
-    state_layout = {n: s for n, s in layout.items() if n != axis}
-    a_raw = named.to_positional(a, layout)
-    b_raw = named.to_positional(b, layout)
-    if h0 is None:
-        h0_raw = jnp.zeros(tuple(state_layout.values()), acc_dtype)
-    else:
-        h0_raw = named.to_positional(h0, state_layout)
-
-    h, h_last = _positional_scan(
-        a_raw, b_raw, h0_raw, method or default_scan_method(), acc_dtype, chunk_size
-    )
-    return (
-        named.from_positional(h.astype(out_dtype), layout),
-        named.from_positional(h_last, state_layout),
-    )
-
-
-# ---------------------------------------------------------------------------
-# The same recurrence in log-scaled form, for inputs whose magnitudes overflow.
-# ---------------------------------------------------------------------------
-
-# A finite stand-in for log(0): an empty state has log-scale NEG_LOG_SCALE, a
-# reset has log-decay NEG_LOG_SCALE. With -inf, two empty elements meeting
-# would compute exp(-inf - (-inf)) = NaN.
-NEG_LOG_SCALE = -1e30
-
-
-class ScaledState(NamedTuple):
-    """A state ``h = mantissa * exp(log_scale)`` of `scaled_linear_scan`.
-
-    ``mantissas`` is a tuple (several recurrences sharing one scale, e.g. a
-    numerator and a denominator); each has the named shape of ``log_scale``.
-    The split is only defined up to the normalisation: compare real values.
-    """
-
-    mantissas: tuple
-    log_scale: Any
-
-    def real_values(self):
-        """The mantissas times ``exp(log_scale)`` (may overflow: for tests)."""
-        scale = pz.nx.nmap(jnp.exp)(self.log_scale)
-        return tuple(m * scale for m in self.mantissas)
-
-
-def empty_scaled_state(named_shape: Mapping[str, int], count: int, dtype=jnp.float32) -> ScaledState:
-    """The zero state: mantissas 0, log-scale `NEG_LOG_SCALE`."""
-    zeros = pz.nx.zeros(dict(named_shape), dtype)
-    return ScaledState((zeros,) * count, pz.nx.full(dict(named_shape), NEG_LOG_SCALE, dtype))
-
-
-def _scaled_combine(earlier, later):
-    """Composes two scaled affine maps (earlier first).
-
-    An element ``(W, p, o)`` is the map ``S -> exp(W) S + p exp(o)``; the
-    composite keeps the larger of the two log-scales, so every exponent is
-    <= 0 and nothing overflows.
-    """
-    w_e, p_e, o_e = earlier
-    w_l, p_l, o_l = later
-    carried = o_e + w_l  # log-scale of the earlier contribution after decay
-    o = jnp.maximum(carried, o_l)
-    f_e, f_l = jnp.exp(carried - o), jnp.exp(o_l - o)
-    p = tuple(f_e * a + f_l * b for a, b in zip(p_e, p_l))
-    return jnp.maximum(w_e + w_l, NEG_LOG_SCALE), p, o
-
-
-def _scaled_sequential(elements, h0):
-    p0, o0 = h0
-
-    def step(carry, element):
-        _, p, o = _scaled_combine((jnp.zeros_like(carry[1]), *carry), element)
-        return (p, o), (p, o)
-
-    last, h = jax.lax.scan(step, (p0, o0), elements)
-    return h, last
-
-
-def _scaled_associative(elements, h0):
-    log_a, p, o = elements
-    # Fold the initial state into the first element.
-    _, p_first, o_first = _scaled_combine(
-        (jnp.zeros_like(h0[1]), h0[0], h0[1]),
-        (log_a[0], tuple(x[0] for x in p), o[0]),
-    )
-    p = tuple(x.at[0].set(y) for x, y in zip(p, p_first))
-    o = o.at[0].set(o_first)
-    _, p, o = jax.lax.associative_scan(_scaled_combine, (log_a, p, o), axis=0)
-    return (p, o), (tuple(x[-1] for x in p), o[-1])
-
-
-def _scaled_chunked(elements, h0, chunk_size):
-    """Sequential within chunks (all chunks at once), associative across them."""
-    log_a, p, o = elements
-    steps, rest = o.shape[0], o.shape[1:]
-    chunk = min(chunk_size, steps)
-    num_chunks = -(-steps // chunk)
-    pad = num_chunks * chunk - steps
-
-    def split(x, fill):
-        if pad:  # identity elements (W=0, p=0, o=NEG) leave the state unchanged
-            x = jnp.concatenate([x, jnp.full((pad, *rest), fill, x.dtype)])
-        return jnp.swapaxes(x.reshape(num_chunks, chunk, *rest), 0, 1)
-
-    log_a, o = split(log_a, 0.0), split(o, NEG_LOG_SCALE)
-    p = tuple(split(x, 0.0) for x in p)
-
-    def step(carry, element):
-        carry = _scaled_combine(carry, element)
-        return carry, carry
-
-    identity = (
-        jnp.zeros((num_chunks, *rest), o.dtype),
-        tuple(jnp.zeros((num_chunks, *rest), o.dtype) for _ in p),
-        jnp.full((num_chunks, *rest), NEG_LOG_SCALE, o.dtype),
-    )
-    summary, local = jax.lax.scan(step, identity, (log_a, p, o))
-    # State leaving each chunk, then the state entering each chunk.
-    (p_out, o_out), _ = _scaled_associative(summary, h0)
-    p_in = tuple(jnp.concatenate([a[None], b[:-1]]) for a, b in zip(h0[0], p_out))
-    o_in = jnp.concatenate([h0[1][None], o_out[:-1]])
-    _, p, o = _scaled_combine((jnp.zeros_like(o_in), p_in, o_in), local)
-    unsplit = lambda x: jnp.swapaxes(x, 0, 1).reshape(num_chunks * chunk, *rest)[:steps]
-    return (tuple(unsplit(x) for x in p), unsplit(o)), (tuple(x[-1] for x in p_out), o_out[-1])
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _positional_scaled_scan(elements, h0, method, chunk_size):
-    if elements[2].shape[0] == 1:  # one step (decoding): no loop at all
-        _, p, o = _scaled_combine((jnp.zeros_like(h0[1]), *h0), elements)
-        return (p, o), (tuple(x[0] for x in p), o[0])
-    if method == "sequential":
-        return _scaled_sequential(elements, h0)
-    if method == "associative":
-        return _scaled_associative(elements, h0)
-    return _scaled_chunked(elements, h0, chunk_size)
+    layout = _checked_layout("linear_scan", {"b": b, "a": a}, ("b",), h0, reset, axis)
+    combine = LinearCombine(accumulation_dtype(a.dtype, b.dtype))
+    h, h_last = _named_scan(combine, (a, b), h0, reset, layout, method, chunk_size)
+    return h.astype(jnp.result_type(a.dtype, b.dtype)), h_last
 
 
 def scaled_linear_scan(
@@ -390,9 +512,9 @@ def scaled_linear_scan(
     For recurrences whose terms overflow float32 (RWKV's ``exp(k)`` with
     ``k > 88``): the state is kept as ``(mantissa, log_scale)``, normalised so
     that the largest contribution has scale 1, and every exponential computed
-    has a non-positive argument. Several inputs `b` may share one scale (the
-    state holds one mantissa per input). Same methods, resets and initial state
-    as `linear_scan`; always float32 (or wider).
+    has a non-positive argument (`ScaledCombine`). Several inputs `b` may share
+    one scale (the state holds one mantissa per input). Same methods, resets
+    and initial state as `linear_scan`; always float32 (or wider).
 
     Args:
       log_a: log-decay (<= 0), broadcast by name (it may lack `axis`); -inf is
@@ -406,46 +528,22 @@ def scaled_linear_scan(
       ``(h, h_last)``: `ScaledState` after every step (with `axis`) and after the
       last step (without).
     """
-    check_scan_method(method)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
     b = tuple(b)
     if not b:
         raise ValueError("scaled_linear_scan needs at least one input mantissa in b.")
-    named.check_named(log_a, (), "scaled_linear_scan input 'log_a'", exact=False)
-    named.check_named(log_scale, (axis,), "scaled_linear_scan input 'log_scale'", exact=False)
-    for i, x in enumerate(b):
-        named.check_named(x, (axis,), f"scaled_linear_scan input b[{i}]", exact=False)
-    shape = named.union_named_shape(log_scale, log_a, reset, *b)
-    if shape[axis] == 0:
-        raise ValueError(f"cannot scan along an empty {axis!r} axis.")
-    acc_dtype = accumulation_dtype(log_a.dtype, log_scale.dtype, *(x.dtype for x in b))
-    log_a = pz.nx.nmap(jnp.maximum)(log_a.astype(acc_dtype), NEG_LOG_SCALE)
-    if reset is not None:
-        named.check_named(reset, (axis,), "scaled_linear_scan reset", exact=False)
-        log_a = pz.nx.nmap(jnp.where)(reset, jnp.asarray(NEG_LOG_SCALE, acc_dtype), log_a)
-    layout = {axis: shape[axis], **{n: s for n, s in shape.items() if n != axis}}
-    state_layout = {n: s for n, s in layout.items() if n != axis}
-    if h0 is None:
-        h0 = empty_scaled_state(state_layout, len(b), acc_dtype)
-    elif len(h0.mantissas) != len(b):
-        raise ValueError(f"h0 has {len(h0.mantissas)} mantissas but b has {len(b)} inputs.")
-    for x in (*h0.mantissas, h0.log_scale):
-        named.check_named(x, (), "scaled_linear_scan h0", exact=False)
-        if axis in x.named_shape:
-            raise ValueError(f"h0 must not have the scanned axis {axis!r}.")
-    raw = lambda x, lay: named.to_positional(x, lay).astype(acc_dtype)
+    inputs = {"log_a": log_a, "log_scale": log_scale, **{f"b[{i}]": x for i, x in enumerate(b)}}
+    layout = _checked_layout(
+        "scaled_linear_scan", inputs, set(inputs) - {"log_a"}, h0, reset, axis
+    )
+    if h0 is not None:
+        if len(h0.mantissas) != len(b):
+            raise ValueError(f"h0 has {len(h0.mantissas)} mantissas but b has {len(b)} inputs.")
+        h0 = ScaledState(tuple(h0.mantissas), h0.log_scale)
+    acc_dtype = accumulation_dtype(*(x.dtype for x in inputs.values()))
     elements = (
-        raw(log_a, layout),
-        tuple(raw(x, layout) for x in b),
-        raw(log_scale, layout),
+        pz.nx.nmap(jnp.maximum)(log_a.astype(acc_dtype), NEG_LOG_SCALE),
+        tuple(x.astype(acc_dtype) for x in b),
+        log_scale.astype(acc_dtype),
     )
-    h0_raw = (tuple(raw(x, state_layout) for x in h0.mantissas), raw(h0.log_scale, state_layout))
-    (p, o), (p_last, o_last) = _positional_scaled_scan(
-        elements, h0_raw, method or default_scan_method(), chunk_size
-    )
-    wrap = named.from_positional
-    return (
-        ScaledState(tuple(wrap(x, layout) for x in p), wrap(o, layout)),
-        ScaledState(tuple(wrap(x, state_layout) for x in p_last), wrap(o_last, state_layout)),
-    )
+    combine = ScaledCombine(acc_dtype)
+    return _named_scan(combine, elements, h0, reset, layout, method, chunk_size)

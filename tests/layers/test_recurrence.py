@@ -145,7 +145,7 @@ def test_default_method_per_backend():
 
 
 def test_bad_arguments_raise_clear_errors():
-    a, b, h0, reset = random_inputs(0, 2, 6, 3)
+    a, b, _, _ = random_inputs(0, 2, 6, 3)
     a_n, b_n = named(a, "batch", "seq", "lru"), named(b, "batch", "seq", "lru")
     with pytest.raises(ValueError, match="unknown scan method 'fast'"):
         linear_scan(a_n, b_n, method="fast")
@@ -159,3 +159,64 @@ def test_bad_arguments_raise_clear_errors():
         linear_scan(a, b_n)
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         linear_scan(a_n, b_n, method="chunked", chunk_size=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_scaled_form_matches_the_float64_loop(method):
+    """`scaled_linear_scan` is the same recurrence: h_t = e^{log_a} h_{t-1} + e^{s_t} b_t."""
+    a, b, h0, reset = random_inputs(6, 2, 41, 3)
+    scale = np.random.default_rng(6).normal(size=b.shape).astype(np.float32)
+    expected, expected_last = numpy_scan(a, np.exp(scale) * b, h0, reset)
+    state = recurrence.ScaledState((named(h0, "batch", "lru"),), named(np.zeros_like(h0), "batch", "lru"))
+    h, last = recurrence.scaled_linear_scan(
+        named(np.log(a), "batch", "seq", "lru"),
+        (named(b, "batch", "seq", "lru"),),
+        named(scale, "batch", "seq", "lru"),
+        h0=state,
+        reset=named(reset, "batch", "seq"),
+        method=method,
+        chunk_size=8,
+    )
+    (h,), (last,) = h.real_values(), last.real_values()
+    np.testing.assert_allclose(h.unwrap("batch", "seq", "lru"), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(last.unwrap("batch", "lru"), expected_last, rtol=1e-5, atol=1e-5)
+
+
+class MatrixCombine(recurrence.Combine):
+    """S -> S A + U with matrices (a state of shape [..., v, k]): not elementwise."""
+
+    def combine(self, earlier, later):
+        (a_e, u_e), (a_l, u_l) = earlier, later
+        return a_e @ a_l, u_e @ a_l + u_l
+
+    def identity(self, like):
+        a, u = like
+        eye = jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), a.shape)
+        return eye, jnp.zeros(u.shape, u.dtype)
+
+    def constant(self, state):
+        k = state.shape[-1]
+        return jnp.zeros((*state.shape[:-2], k, k), state.dtype), state
+
+    def reached(self, element):
+        return element[1]
+
+
+@pytest.mark.parametrize("method, steps, chunk_size", [(m, s, 4) for m in METHODS for s in (1, 11)])
+def test_a_matrix_state_combine_plugs_in(method, steps, chunk_size):
+    rng = np.random.default_rng(steps)
+    a = rng.normal(size=(steps, 2, 3, 3)) / 2  # [T, batch, k, k]
+    u = rng.normal(size=(steps, 2, 4, 3))  # [T, batch, v, k]
+    h0 = rng.normal(size=(2, 4, 3))
+    reset = rng.uniform(size=(steps, 2)) < 0.3
+    with jax.enable_x64(True):
+        h, last = recurrence.scan(
+            MatrixCombine(jnp.float64), (jnp.asarray(a), jnp.asarray(u)), jnp.asarray(h0),
+            reset=jnp.asarray(reset), method=method, chunk_size=chunk_size,
+        )
+    state, expected = h0, []
+    for t in range(steps):
+        state = np.where(reset[t, :, None, None], 0.0, state) @ a[t] + u[t]
+        expected.append(state)
+    np.testing.assert_allclose(h, np.stack(expected), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(last, expected[-1], rtol=1e-10, atol=1e-10)

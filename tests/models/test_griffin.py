@@ -163,6 +163,7 @@ def test_with_scan_method_sets_every_recurrent_layer():
     chunked = recurrence.with_scan_method(model, "chunked")
     methods = [l.scan_method for l in pz.select(chunked).at_instances_of(RGLRU).get_sequence()]
     assert methods == ["chunked", "chunked"]
+    assert chunked.config.scan_method == "chunked"  # what recurrent_lm.save writes
     tokens = named_tokens(np.arange(6, dtype=np.int32)[None])
     np.testing.assert_allclose(chunked(tokens).unwrap("batch", "seq", "vocabulary"),
                                model(tokens).unwrap("batch", "seq", "vocabulary"), rtol=1e-5, atol=1e-6)

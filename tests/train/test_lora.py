@@ -7,11 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from penzai import pz
+from penzai.toolshed.lora import LowRankAdapter
 
 import recurrent_lm
 from recurrent_lm import lora
 from recurrent_lm.models import griffin
 from recurrent_lm.params import CheckpointMismatchError, parameter_values
+from recurrent_lm.sampling import to_sampling_mode
 from recurrent_lm.train import train
 
 
@@ -33,16 +35,16 @@ def _logits(model, ids):
 def _perturbed(adapted):
     """Non-zero B matrices, so the adapters change the output."""
 
-    def bump(layer):
-        b = layer.lora_b
-        value = b.value + 0.05 * pz.nx.wrap(jnp.ones(b.value.data_array.shape)).tag(
-            *b.value.named_shape
-        )
-        return dataclasses.replace(
-            layer, lora_b=pz.Parameter(label=b.label, value=value)
-        )
+    def bump(b):
+        value = b.value + 0.05 * pz.nx.ones(b.value.named_shape, b.value.dtype)
+        return pz.Parameter(label=b.label, value=value)
 
-    return pz.select(adapted).at_instances_of(lora.LoRALinear).apply(bump)
+    return (
+        pz.select(adapted)
+        .at_instances_of(pz.Parameter)
+        .where(lambda p: p.label.endswith(".lora_b"))
+        .apply(bump)
+    )
 
 
 IDS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)), jnp.int32)
@@ -58,11 +60,26 @@ def test_adapters_start_as_identity_and_are_the_only_trainable_parameters(model)
     assert any("linear_x" in label for label in labels)
     assert not any("linear_y" in label or "attention" in label for label in labels)
     layer = pz.select(adapted).at_instances_of(lora.LoRALinear).get_sequence()[0]
-    assert layer.scale == 2.0 and layer.lora_a.value.named_shape["lora_rank"] == 4
+    assert isinstance(layer, LowRankAdapter)
+    assert layer.update.scale == 2.0 and layer.update.lora_a.value.named_shape["lora_rank"] == 4
+
+
+def test_an_adapted_model_can_be_sampled_from(model):
+    """Every Linear adapted, attention keys too: each projection still holds one
+    `pz.nn.Linear` (what the KV cache is sized from)."""
+    adapted = _perturbed(lora.enable_lora(model, 2))
+    assert any("key" in label for label in lora.adapter_values(adapted))
+    sampler = to_sampling_mode(adapted, batch_size=2, max_length=IDS.shape[1])
+    np.testing.assert_allclose(
+        sampler(pz.nx.wrap(IDS, "batch", "seq")).unwrap("batch", "seq", "vocabulary"),
+        _logits(adapted, IDS),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_merge_equals_adapted_model_and_adapters_round_trip(model, tmp_path):
-    adapted = _perturbed(lora.enable_lora(model, 2, targets="mlp_block"))
+    adapted = _perturbed(lora.enable_lora(model, 2, targets="mlp_block", alpha=6.0))
     expected = _logits(adapted, IDS)
     assert not np.allclose(expected, _logits(model, IDS))
     merged = lora.merge_lora(adapted)
