@@ -10,7 +10,7 @@ from penzai import pz
 
 from recurrent_lm import axes
 from recurrent_lm.core import sites
-from recurrent_lm.core.context import DocumentContext
+from recurrent_lm.core.context import DocumentContext, require_context
 from recurrent_lm.core.state import StatefulLayer
 from recurrent_lm.layers import linear
 from recurrent_lm.layers import rope as rope_lib
@@ -274,6 +274,13 @@ class Attention(StatefulLayer):
             v.untag(axes.KV_SEQ, axes.KV_HEADS, axes.PROJECTION),
         ).tag(axes.SEQ, axes.HEADS, axes.PROJECTION)
         return self.output(self.head_outputs(encoded))
+
+    def __call__(self, x, *, context=None, **_unused_side_inputs):
+        # The ordinary call attends within the call and builds no cache (the
+        # protocol's default would build one and drop it: more to compile).
+        context = require_context(context, type(self).__name__)
+        q, k, v = self.project(x, context)
+        return self.attend(q, to_kv_seq(k), to_kv_seq(v), causal_mask(context, self.window_size))
 
     def forward(self, x, context: DocumentContext, cache: KVCache) -> tuple[pz.nx.NamedArray, KVCache]:
         """Attention over the cached tokens and the call's own, then the call's

@@ -30,7 +30,10 @@ def _delayed(extended, since_start, lag, steps: int):
     ``extended`` is [history (H), x (T)]; ``lag`` <= H may be traced.
     """
     size = extended.shape[0] - steps
-    window = jax.lax.dynamic_slice_in_dim(extended, size - lag, steps)
+    if isinstance(lag, int):  # a static slice (cheaper to differentiate)
+        window = extended[size - lag : size - lag + steps]
+    else:
+        window = jax.lax.dynamic_slice_in_dim(extended, size - lag, steps)
     return jnp.where(lag <= since_start, window, jnp.zeros((), window.dtype))
 
 
