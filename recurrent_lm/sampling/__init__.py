@@ -1,7 +1,7 @@
 """Stateful sampling mode and generation, for every architecture.
 
 * `to_sampling_mode(model, batch_size=...)`: the model with its temporal layers
-  swapped for stateful twins (`SamplingLM`); call it on chunks of any length.
+  each wrapped to carry its state (`SamplingLM`); call it on chunks of any length.
 * `recurrent_lm.functional(sampler)`: the same as a pure ``apply(params,
   state, ids)`` (re-exported here as `functional`).
 * `generate(model, prompts, max_new_tokens=...)`: compiled decoding with
