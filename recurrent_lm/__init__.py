@@ -15,7 +15,17 @@ from recurrent_lm import axes, layers
 from recurrent_lm.checkpoint import load, save
 from recurrent_lm.core.functional import functional, jit_forward
 from recurrent_lm.core.model import DecoderLM
+from recurrent_lm.integrity import CorruptCheckpointError
 
 __version__ = "0.1.0"
 
-__all__ = ["DecoderLM", "axes", "functional", "jit_forward", "layers", "load", "save"]
+__all__ = [
+    "CorruptCheckpointError",
+    "DecoderLM",
+    "axes",
+    "functional",
+    "jit_forward",
+    "layers",
+    "load",
+    "save",
+]

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from penzai import pz
 from penzai.toolshed.lora import LowRankAdapter
 
-from recurrent_lm import axes
+from recurrent_lm import axes, integrity
 from recurrent_lm.layers import init
 from recurrent_lm.params import CheckpointMismatchError, named_shape_str
 
@@ -233,8 +233,6 @@ def save_adapters(model, path: str | os.PathLike) -> None:
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path):
-        raise FileExistsError(f"{path} already exists; choose a new directory.")
     layers = _adapters(model)
     values = adapter_values(model)
     settings = {
@@ -250,14 +248,14 @@ def save_adapters(model, path: str | os.PathLike) -> None:
             for label, v in values.items()
         },
     }
-    os.makedirs(path)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(
-            os.path.join(path, "adapters"),
-            {label: v.unwrap(*v.named_shape) for label, v in values.items()},
-        )
-    with open(os.path.join(path, ADAPTERS_FILE), "w") as f:
-        json.dump(settings, f, indent=1)
+    with integrity.atomic_directory(path) as partial:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(
+                os.path.join(partial, "adapters"),
+                {label: v.unwrap(*v.named_shape) for label, v in values.items()},
+            )
+        with open(os.path.join(partial, ADAPTERS_FILE), "w") as f:
+            json.dump(settings, f, indent=1)
 
 
 def _check_stored(path: str, expected: dict, stored: dict) -> None:
@@ -290,6 +288,7 @@ def load_adapters(model, path: str | os.PathLike):
     file = os.path.join(path, ADAPTERS_FILE)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{file} not found: {path} holds no LoRA adapters.")
+    integrity.verify(path, fix="Save the adapters again.")
     with open(file) as f:
         settings = json.load(f)
     targets = set(settings["targets"])

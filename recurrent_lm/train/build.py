@@ -120,11 +120,7 @@ def initial_model(cfg: TrainConfig, vocab_size: int, mesh, rules_override):
 
 def save_model(model, tokenizer_path: str, directory: str) -> None:
     """`recurrent_lm.save` of the model plus its tokenizer.model (every process calls it)."""
-    import shutil
-
-    checkpoint.save(model, directory)
-    if jax.process_index() == 0:
-        shutil.copyfile(tokenizer_path, os.path.join(directory, TOKENIZER_FILE))
+    checkpoint.save(model, directory, extra_files={TOKENIZER_FILE: tokenizer_path})
 
 
 def finish_model(cfg: TrainConfig, model, tokenizer_path: str):
