@@ -7,9 +7,14 @@ straight into the target shardings), ``data`` (the data iterator's position)
 and ``run`` (the settings that determine the trajectory: architecture, model
 config, data and tokenizer fingerprints, optimiser...). orbax writes each step
 to a temporary directory and renames it when complete, so a process killed
-mid-save leaves no half checkpoint behind; a checkpoint damaged later
-(truncated files) fails to restore, is moved aside with a warning, and the
-previous one is used.
+mid-save leaves no half checkpoint behind. Once orbax has committed a step
+(in the background when saves are asynchronous), ``recurrent_lm_checksums.json``
+records the size and CRC32C of each of its files (`recurrent_lm.integrity`).
+A resume checks them first: a checkpoint whose files changed (a flipped block,
+a truncation), or that has no manifest (the process stopped between commit and
+manifest), is moved aside to ``corrupt-STEP`` with a `CorruptCheckpointWarning`
+naming the problem, and the previous one is used; with none intact left, the
+resume fails with one error.
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
+
+from recurrent_lm import integrity
 
 logger = logging.getLogger(__name__)
 
@@ -118,22 +126,32 @@ class Checkpointer:
                 with open(marker, "w") as f:
                     json.dump({"format": MARKER_FORMAT, "version": 1}, f)
         self._ocp = ocp
-        self._manager = self._new_manager(keep, async_save)
         self._keep, self._async = keep, async_save
+        self._manager = self._new_manager()
+        self._manifest_writer = ThreadPoolExecutor(1, "checkpoint-manifest")
+        self._pending: Future | None = None
 
-    def _new_manager(self, keep, async_save):
+    def _new_manager(self):
         ocp = self._ocp
+        # No max_to_keep: orbax would delete the oldest checkpoint as soon as the
+        # newest is committed, before its manifest is written; `_prune` deletes
+        # only once the newer ones are complete.
         return ocp.CheckpointManager(
             self.path,
             item_names=("state", "data", "run"),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+                create=True, enable_async_checkpointing=self._async
             ),
         )
 
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.path, str(step))
+
     def save(self, step: int, state, data_state: dict, run: dict) -> None:
+        """Starts saving `step`; its manifest is written once orbax has committed it."""
+        self._finish_pending()
         args = self._ocp.args
-        self._manager.save(
+        saved = self._manager.save(
             step,
             args=args.Composite(
                 state=args.StandardSave(state),
@@ -141,13 +159,36 @@ class Checkpointer:
                 run=args.JsonSave(run),
             ),
         )
+        if saved:
+            self._pending = self._manifest_writer.submit(self._write_manifest, step)
+
+    def _write_manifest(self, step: int) -> None:
+        """Waits until orbax has committed `step`, then records its checksums."""
+        self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            integrity.write_manifest(self._step_dir(step))
+
+    def _finish_pending(self) -> None:
+        """Waits for the last save and its manifest (raising their error), then prunes."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+        self._prune()
+
+    def _prune(self) -> None:
+        """Deletes all but the newest `keep` checkpoints (all complete by now)."""
+        for step in sorted(self._manager.all_steps())[: -self._keep]:
+            self._manager.delete(step)
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        self._finish_pending()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self._finish_pending()
+        finally:
+            self._manifest_writer.shutdown()
+            self._manager.close()
 
     def restore_latest(self, abstract_state, run: dict):
         """(step, state, data_state) of the newest intact checkpoint.
@@ -156,51 +197,70 @@ class Checkpointer:
           RunMismatchError: the checkpoint's run settings differ from `run`.
           CheckpointDirError: no intact checkpoint is left.
         """
-        args = self._ocp.args
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
-                saved_run = self._manager.restore(
-                    step, args=args.Composite(run=args.JsonRestore())
-                )["run"]
-            except Exception as e:  # noqa: BLE001 - any failure means unreadable
-                self._quarantine(step, e)
-                continue
-            diff = differences(saved_run, run)
-            if diff:
-                raise RunMismatchError(
-                    f"cannot resume from {self.path} (step {step}): the run settings differ"
-                    " from the checkpoint's:\n  "
-                    + "\n  ".join(diff)
-                    + "\nUse the checkpoint's settings, or start a new run in a new directory."
-                )
-            try:
-                restored = self._manager.restore(
-                    step,
-                    args=args.Composite(
-                        state=args.StandardRestore(abstract_state),
-                        data=args.JsonRestore(),
-                    ),
-                )
-            except Exception as e:  # noqa: BLE001
+                restored = self._restore_step(step, abstract_state, run)
+            except RunMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure means unusable
                 self._quarantine(step, e)
                 continue
             return step, restored["state"], restored["data"]
         raise CheckpointDirError(
-            f"no intact checkpoint left in {self.path} to resume from."
+            f"no intact checkpoint left in {self.path} to resume from (each was corrupt or"
+            " incomplete and was moved aside to corrupt-STEP); start again without"
+            " --resume, or copy an intact checkpoint back into it."
+        )
+
+    def _restore_step(self, step: int, abstract_state, run: dict) -> dict:
+        """{"state", "data"} of `step`, after checking its files and run settings."""
+        # A step without a manifest was committed by orbax but the process stopped
+        # before the manifest was written: nothing vouches for its files, so it is
+        # treated as incomplete and the previous checkpoint (which has one) is used.
+        integrity.verify(self._step_dir(step))
+        args = self._ocp.args
+        saved_run = self._manager.restore(
+            step, args=args.Composite(run=args.JsonRestore())
+        )["run"]
+        diff = differences(saved_run, run)
+        if diff:
+            raise RunMismatchError(
+                f"cannot resume from {self.path} (step {step}): the run settings differ"
+                " from the checkpoint's:\n  "
+                + "\n  ".join(diff)
+                + "\nUse the checkpoint's settings, or start a new run in a new directory."
+            )
+        return self._manager.restore(
+            step,
+            args=args.Composite(
+                state=args.StandardRestore(abstract_state), data=args.JsonRestore()
+            ),
         )
 
     def _quarantine(self, step: int, error: Exception) -> None:
-        """Moves a damaged step aside (kept for inspection) and warns."""
+        """Moves a corrupt or incomplete step aside (kept for inspection) and warns."""
         self._manager.wait_until_finished()
-        target = os.path.join(self.path, f"corrupt-{step}")
+        target = self._aside_path(step)
+        if isinstance(error, integrity.CorruptCheckpointError):
+            reason = str(error)  # names the file
+        else:
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
         message = (
-            f"checkpoint step {step} in {self.path} is damaged and cannot be restored"
-            f" ({type(error).__name__}: {str(error).splitlines()[0][:200]}); moved it to"
-            f" {target} and falling back to the previous checkpoint."
+            f"checkpoint step {step} in {self.path} is corrupt or incomplete and cannot be"
+            f" restored ({reason}); moved it to {target} and falling back to the previous"
+            " checkpoint."
         )
         warnings.warn(message, CorruptCheckpointWarning, stacklevel=3)
         logger.warning(message)
         if jax.process_index() == 0:
-            os.replace(os.path.join(self.path, str(step)), target)
+            os.replace(self._step_dir(step), target)
         self._manager.close()
-        self._manager = self._new_manager(self._keep, self._async)
+        self._manager = self._new_manager()
+
+    def _aside_path(self, step: int) -> str:
+        """corrupt-STEP, or corrupt-STEP.N if an earlier one was moved aside already."""
+        target = os.path.join(self.path, f"corrupt-{step}")
+        n = 1
+        while os.path.exists(target if n == 1 else f"{target}.{n}"):
+            n += 1
+        return target if n == 1 else f"{target}.{n}"
