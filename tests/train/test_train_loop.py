@@ -5,12 +5,15 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
+from integrity_helpers import flip_middle, largest_file
 from train_setup import STEPS
 
-from recurrent_lm.train import checkpointing, data, train
+from recurrent_lm import tokenizer as tokenizer_lib
+from recurrent_lm.train import checkpointing, cli, data, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -45,9 +48,9 @@ def test_stop_then_resume_gives_the_same_losses(setup):
         assert got == setup.reference.losses[step], step  # bitwise
 
 
-# The CLI's settings, run with a step hook that SIGKILLs the process right after
-# step 4's checkpoint is requested (an async save may still be in flight), as a
-# pre-emption would.
+# The CLI, run with a step hook that SIGKILLs the process right after step 4's
+# checkpoint is requested (an asynchronous save may still be in flight, or be
+# committed without its manifest yet), as a pre-emption would.
 KILL_SCRIPT = """
 import os, signal, sys
 from recurrent_lm.train import cli, train
@@ -63,52 +66,9 @@ train(config, on_step_end=kill_after_step_4)
 
 @pytest.mark.slow
 def test_resume_after_kill_gives_the_same_losses(setup):
-    directory = setup.directory / "killed"
-    metrics = directory / "metrics.jsonl"
-    command = [
-        sys.executable,
-        "-c",
-        KILL_SCRIPT,
-        "--model",
-        "griffin",
-        "--preset",
-        "tiny",
-        "--data",
-        setup.corpus,
-        "--tokenizer",
-        setup.tokenizer,
-        "--steps",
-        str(STEPS),
-        "--decay-steps",
-        str(STEPS),
-        "--batch-size",
-        "8",
-        "--seq-len",
-        "32",
-        "--seed",
-        "0",
-        "--warmup-steps",
-        "2",
-        "--learning-rate",
-        "3e-3",
-        "--eval-interval",
-        "0",
-        "--eval-fraction",
-        "0.1",
-        "--config",
-        "num_hidden_layers=2",
-        "--config",
-        'block_types=["recurrent", "attention"]',
-        "--checkpoint-dir",
-        str(directory),
-        "--checkpoint-interval",
-        "1",
-        "--metrics-file",
-        str(metrics),
-        "--no-progress",
-    ]
+    flags = [*setup.cli_flags("killed"), "--checkpoint-interval", "1"]
     proc = subprocess.run(
-        command,
+        [sys.executable, "-c", KILL_SCRIPT, *flags],
         check=False,
         cwd=ROOT,
         capture_output=True,
@@ -116,36 +76,34 @@ def test_resume_after_kill_gives_the_same_losses(setup):
         timeout=300,
     )
     assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL, no clean shutdown
-    resumed = train(setup.config_for("killed", resume=True, metrics_file=str(metrics)))
-    assert resumed.start_step in (3, 4)  # the step-4 save may have been cut off
-    for step in range(resumed.start_step + 1, STEPS + 1):
-        assert resumed.losses[step] == setup.reference.losses[step], step
-    with open(metrics) as f:
-        records = [json.loads(line) for line in f]
-    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    for r in records:
-        assert r["loss"] == setup.reference.losses[r["step"]]
-
-
-def _largest_file(directory):
-    files = [
-        os.path.join(root, n) for root, _, names in os.walk(directory) for n in names
-    ]
-    return max(files, key=os.path.getsize)
+    assert sorted(setup.metrics_losses("killed")) == [1, 2, 3, 4]
+    # The same command with --resume (in this process: the compiled step is cached).
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always", checkpointing.CorruptCheckpointWarning)
+        assert cli.main([*flags, "--resume"]) == 0
+    # Step 4 may have been cut off before its commit (orbax drops it) or before its
+    # manifest (moved aside with a warning); either way step 3 is intact.
+    moved = [str(w.message) for w in warned if w.category is checkpointing.CorruptCheckpointWarning]
+    assert all("step 4" in m and "incomplete" in m for m in moved), moved
+    assert setup.metrics_losses("killed") == setup.reference.losses  # bitwise, steps 1-6
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous(setup):
-    config = setup.config_for("corrupt", stop_after=4)
-    train(config)
-    victim = _largest_file(os.path.join(config.checkpoint_dir, "4", "state"))
-    with open(victim, "r+b") as f:
-        f.truncate(os.path.getsize(victim) // 2)
-    with pytest.warns(checkpointing.CorruptCheckpointWarning, match="step 4"):
-        resumed = train(dataclasses.replace(config, stop_after=None, resume=True))
-    assert resumed.start_step == 2
-    assert os.path.isdir(os.path.join(config.checkpoint_dir, "corrupt-4"))
-    for step in range(3, STEPS + 1):
-        assert resumed.losses[step] == setup.reference.losses[step], step
+    """256 bytes flipped in the middle of the newest checkpoint's largest file, size
+    unchanged: `--resume` names the file, moves the step aside and resumes from the
+    previous one with the reference losses."""
+    flags = setup.cli_flags("corrupt")
+    assert cli.main([*flags, "--stop-after", "4"]) == 0
+    victim = largest_file(setup.directory / "corrupt" / "4")
+    flip_middle(victim)
+    with pytest.warns(checkpointing.CorruptCheckpointWarning) as warned:
+        assert cli.main([*flags, "--resume"]) == 0
+    (message,) = [
+        str(w.message) for w in warned if w.category is checkpointing.CorruptCheckpointWarning
+    ]
+    assert "step 4" in message and f"{victim} is corrupt" in message
+    assert os.path.isdir(setup.directory / "corrupt" / "corrupt-4")
+    assert setup.metrics_losses("corrupt") == setup.reference.losses  # bitwise, steps 1-6
 
 
 def test_resume_with_other_settings_is_refused_naming_them(setup):
@@ -162,6 +120,34 @@ def test_resume_with_other_settings_is_refused_naming_them(setup):
     assert "learning_rate: checkpoint 0.003, now 0.001" in message
     assert "model_config.intermediate_size: checkpoint 128, now 96" in message
     assert "config_overrides.intermediate_size" in message
+
+
+def _refused_resume_differences(setup, **changes) -> list[str]:
+    """The differences a resume of the reference run with `changes` is refused for."""
+    config = dataclasses.replace(
+        setup.config, checkpoint_dir=setup.reference_dir, resume=True, **changes
+    )
+    with pytest.raises(checkpointing.RunMismatchError) as info:
+        train(config)
+    return [line.strip() for line in str(info.value).splitlines()[1:-1]]
+
+
+def test_resume_with_changed_data_is_refused(setup, tmp_path):
+    changed = tmp_path / os.path.basename(setup.corpus)  # same name, other content
+    with open(setup.corpus) as f:
+        changed.write_text(f.read() + "\n\n\nthe old cat sleeps on the warm mat")
+    (line,) = _refused_resume_differences(setup, data=(str(changed),))
+    assert line.startswith("data_fingerprint: checkpoint '"), line
+
+
+def test_resume_with_another_tokenizer_is_refused(setup, tmp_path):
+    vocab_size = tokenizer_lib.Tokenizer.load(setup.tokenizer).vocab_size
+    other = tokenizer_lib.train(
+        [setup.corpus], tmp_path / "bpe", vocab_size=vocab_size, model_type="bpe"
+    )
+    assert other.vocab_size == vocab_size  # the model is the same; only the tokenizer differs
+    (line,) = _refused_resume_differences(setup, tokenizer=str(tmp_path / "bpe.model"))
+    assert line.startswith("tokenizer_sha256: checkpoint '"), line
 
 
 def test_bad_inputs_fail_clearly_and_write_nothing(setup, tmp_path):

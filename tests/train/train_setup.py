@@ -5,6 +5,7 @@ shared (`steps._step_functions` is cached) and each test pays no compilation.
 """
 
 import dataclasses
+import json
 
 import numpy as np
 
@@ -62,3 +63,30 @@ class Setup:
         """The reference settings with a fresh checkpoint dir `name`."""
         changes.setdefault("checkpoint_dir", str(self.directory / name))
         return dataclasses.replace(self.config, **changes)
+
+    def cli_flags(self, name: str) -> list[str]:
+        """``python -m recurrent_lm.train`` flags of the reference run's trajectory
+        (no evaluation, a checkpoint every 2 steps), in a fresh checkpoint dir `name`
+        that also holds the metrics file."""
+        c, directory = self.config, self.directory / name
+        flags = {
+            "--model": c.model, "--preset": c.preset, "--data": self.corpus,
+            "--tokenizer": self.tokenizer, "--steps": c.steps, "--decay-steps": c.decay_steps,
+            "--batch-size": c.batch_size, "--seq-len": c.seq_len, "--seed": c.seed,
+            "--warmup-steps": c.warmup_steps, "--learning-rate": c.learning_rate,
+            "--eval-interval": 0, "--eval-fraction": c.eval_fraction,
+            "--checkpoint-dir": directory, "--checkpoint-interval": 2,
+            "--metrics-file": directory / "metrics.jsonl",
+        }
+        args = [str(x) for flag, value in flags.items() for x in (flag, value)]
+        for key, value in c.config_overrides.items():
+            args += ["--config", f"{key}={json.dumps(value)}"]
+        return [*args, "--no-progress"]
+
+    def metrics_losses(self, name: str) -> dict[int, float]:
+        """{step: loss} of the metrics file that `cli_flags(name)` names."""
+        with open(self.directory / name / "metrics.jsonl") as f:
+            records = [json.loads(line) for line in f]
+        losses = {r["step"]: r["loss"] for r in records}
+        assert len(losses) == len(records), "a step was written twice"
+        return losses
