@@ -173,10 +173,11 @@ class Checkpointer:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
-        self._prune()
+            self._prune()
 
     def _prune(self) -> None:
-        """Deletes all but the newest `keep` checkpoints (all complete by now)."""
+        """Deletes all but the newest `keep` checkpoints (the newest is complete now;
+        only called after a save of ours, so a refused resume deletes nothing)."""
         for step in sorted(self._manager.all_steps())[: -self._keep]:
             self._manager.delete(step)
 

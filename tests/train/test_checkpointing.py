@@ -136,3 +136,15 @@ def test_a_step_moved_aside_twice_keeps_both_copies(tmp_path):
     ):
         _restore(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["corrupt-2", "corrupt-2.2", checkpointing.MARKER]
+
+
+def test_a_refused_resume_deletes_nothing(tmp_path):
+    """Old checkpoints go only after a new save of ours, not when a resume is refused."""
+    _save_steps(tmp_path, [1, 2, 3])
+    checkpointer = checkpointing.Checkpointer(str(tmp_path), keep=1)
+    try:
+        with pytest.raises(checkpointing.RunMismatchError, match="seed: checkpoint 0, now 1"):
+            checkpointer.restore_latest(ABSTRACT, {**RUN, "seed": 1})
+    finally:
+        checkpointer.close()
+    assert sorted(os.listdir(tmp_path)) == ["1", "2", "3", checkpointing.MARKER]
