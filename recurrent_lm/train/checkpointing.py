@@ -243,7 +243,7 @@ class Checkpointer:
         self._manager.wait_until_finished()
         target = self._aside_path(step)
         if isinstance(error, integrity.CorruptCheckpointError):
-            reason = str(error)  # names the file
+            reason = str(error).rstrip(".")  # names the file
         else:
             reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
         message = (
