@@ -128,7 +128,8 @@ def split_documents(documents: list, eval_fraction: float, seed: int):
     if eval_fraction > 0 and not n_eval:
         raise DataError(
             f"the data has {len(documents)} document(s): too few to hold out"
-            f" {eval_fraction:.0%} of them for evaluation; use `split_stream`."
+            f" {eval_fraction:.0%} of them as whole documents; `hold_out` holds out the"
+            " token stream's tail instead."
         )
     held_out = set(
         np.random.default_rng(seed).permutation(len(documents))[:n_eval].tolist()

@@ -119,4 +119,6 @@ def test_hold_out_takes_whole_documents_when_there_are_enough(caplog):
     assert sum(map(len, held_out)) == round(50 * 0.05)
     [message] = caplog.messages
     assert "5 document(s), too few to hold out 5% of them" in message
+    with pytest.raises(data.DataError, match="too few to hold out 5% of them as whole documents"):
+        data.split_documents(documents[:5], 0.05, seed=0)
     assert data.hold_out(documents, 0.0, seed=0) == (documents, [])
