@@ -68,3 +68,8 @@ def test_bundled_model_is_the_trained_one():
     assert final["step"] == 600 and final["eval_loss"] < 4.1
     model, tokenizer = demo.load_bundled()
     assert model.config.vocab_size == tokenizer.vocab_size == 2048
+
+
+def test_demo_reports_a_bad_option_in_one_line(tmp_path, capsys):
+    assert demo.main(["--max-new-tokens", "0", "--output-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "error: max_new_tokens must be a positive integer, got 0.\n"
