@@ -36,6 +36,7 @@ def _lines(text: str, needle: str) -> list[str]:
     return [line for line in text.splitlines() if needle in line]
 
 
+@pytest.mark.slow  # compiles the default model's steps (~1 min of CPU)
 def test_one_document_trains_with_default_flags_and_resumes(tmp_path, capsys):
     book = write_book(tmp_path / "book.txt", paragraphs=45)
     run = tmp_path / "run"
