@@ -1,23 +1,31 @@
-# `make demo` and `make test` each create .venv and install what they need.
+# `make demo` and `make test` each create .venv and install what they need:
+# the demo only the package (no torch, no transformers); the tests and
+# benchmarks also the dev extras (the official implementations they compare to).
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
-STAMP := $(VENV)/.installed
+BASE_STAMP := $(VENV)/.installed-base
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: demo test benchmark clean
 
-$(STAMP): pyproject.toml
+$(BASE_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e ".[dev]"
-	touch $(STAMP)
+	$(VENV)/bin/pip install --quiet -e .
+	touch $(BASE_STAMP)
 
-demo: $(STAMP)
+# After the base: a changed pyproject.toml re-installs both.
+$(DEV_STAMP): $(BASE_STAMP)
+	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	touch $(DEV_STAMP)
+
+demo: $(BASE_STAMP)
 	$(VENV)/bin/python -m recurrent_lm.demo
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
-benchmark: $(STAMP)
+benchmark: $(DEV_STAMP)
 	$(VENV)/bin/python benchmarks/scan_methods.py
 	$(VENV)/bin/python benchmarks/griffin_forward.py
 	$(VENV)/bin/python benchmarks/train_step.py

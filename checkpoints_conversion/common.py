@@ -41,6 +41,7 @@ from recurrent_lm.params import (
     bind_parameters,
     parameter_values,
 )
+from recurrent_lm.user_errors import reports_user_errors
 
 Dim = Union[str, tuple[str, ...], int]
 
@@ -339,7 +340,8 @@ def read_torch(path: str, *, weights_only: bool = True) -> dict[str, Any]:
             ) from e
         raise
     if not isinstance(state, Mapping):
-        raise TypeError(f"{path} holds a {type(state).__name__}, not a state dict.")
+        # The file is a bad value (a user error), not the caller's bad argument.
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict.")  # noqa: TRY004
     return {name: to_numpy(value) for name, value in state.items()}
 
 
@@ -466,6 +468,7 @@ def add_config_flags(
         )
 
 
+@reports_user_errors
 def run_convert(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None, load: Callable[..., Any]
 ) -> int:
@@ -473,11 +476,15 @@ def run_convert(
     with `recurrent_lm.save` to DST.
 
     `flags` are the convert flags given on the command line, by their argparse
-    ``dest``: flags default to None, and a flag left at None is not passed.
+    ``dest``: flags default to None, and a flag left at None is not passed. A
+    user error (missing SRC, existing DST, a checkpoint that does not match) is
+    one ``error:`` line and exit status 2 (`recurrent_lm.user_errors`).
     """
     args = vars(parser.parse_args(argv))
     src, dst = args.pop("src"), args.pop("dst")
     flags = {name: value for name, value in args.items() if name != "command" and value is not None}
+    if os.path.exists(dst):  # before the (long) load, not after it
+        raise FileExistsError(f"{dst} already exists; choose a new directory.")
     model = load(src, **flags)
 
     import recurrent_lm.checkpoint  # converters depend on the package, not the reverse

@@ -33,6 +33,7 @@ from recurrent_lm import checkpoint
 from recurrent_lm import params as params_lib
 from recurrent_lm import tokenizer as tokenizer_lib
 from recurrent_lm.sampling import generate
+from recurrent_lm.user_errors import reports_user_errors
 
 BUNDLED_MODEL = "griffin-stdlib"
 DEFAULT_PROMPTS = ("Return a new list", "The socket module provides")
@@ -162,6 +163,7 @@ def run(
     return {"checkpoint": path, "samples": texts, "exact": exact, "same_samples": same}
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m recurrent_lm.demo", description=__doc__.split("\n")[0]

@@ -18,6 +18,7 @@ import sys
 from recurrent_lm import checkpoint
 from recurrent_lm import tokenizer as tokenizer_lib
 from recurrent_lm.sampling import generate, stream
+from recurrent_lm.user_errors import reports_user_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,28 +41,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None, out=None) -> int:
     out = out or sys.stdout
     args = build_parser().parse_args(argv)
     model = checkpoint.load(args.checkpoint)
     tokenizer = tokenizer_lib.Tokenizer.load(args.tokenizer)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise SystemExit(
+        raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary is"
             f" {model.config.vocab_size}: they do not belong together."
         )
     prompts = [tokenizer.encode(text, add_bos=not args.no_bos) for text in args.prompt]
-    options = dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        eos_id=None if args.no_eos else (tokenizer.eos_id if args.eos_id is None else args.eos_id),
-        stop_sequences=[tokenizer.encode(s, add_bos=False) for s in args.stop] or None,
-        pad_id=max(tokenizer.pad_id, 0),
-        prefill_chunk_size=args.prefill_chunk_size,
-    )
+    options = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "eos_id": None if args.no_eos else (tokenizer.eos_id if args.eos_id is None else args.eos_id),
+        "stop_sequences": [tokenizer.encode(s, add_bos=False) for s in args.stop] or None,
+        "pad_id": max(tokenizer.pad_id, 0),
+        "prefill_chunk_size": args.prefill_chunk_size,
+    }
     if len(prompts) == 1:
         generated: list[int] = []
         printed = ""

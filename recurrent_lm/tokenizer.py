@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import sentencepiece as spm
+
+from recurrent_lm.user_errors import reports_user_errors
 
 
 class Tokenizer:
@@ -67,6 +69,47 @@ class Tokenizer:
         return self.processor.IdToPiece(int(token_id))
 
 
+MAX_SENTENCE_BYTES = 4192
+"""SentencePiece's default ``max_sentence_length``: the trainer drops longer
+lines, so `train` cuts them (a file that is one long line has no other)."""
+
+
+def cut_line(line: str, limit: int = MAX_SENTENCE_BYTES) -> Iterator[str]:
+    """`line` in pieces of at most `limit` UTF-8 bytes, cut before a space where
+    there is one, else between two characters."""
+    text = line.encode()
+    while len(text) > limit:
+        cut = text.rfind(b" ", 1, limit + 1)
+        if cut < 1:  # no space: the last character boundary within the limit
+            cut = limit
+            while text[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte
+                cut -= 1
+        yield text[:cut].decode()
+        text = text[cut:]
+    yield text.decode()
+
+
+def training_sentences(
+    text_files: Sequence[str | os.PathLike], limit: int = MAX_SENTENCE_BYTES
+) -> Iterator[str]:
+    """The non-empty lines of the files, each cut to at most `limit` bytes."""
+    found = False
+    for file in map(os.fspath, text_files):
+        with open(file, encoding="utf-8") as f:
+            try:
+                for line in f:
+                    line = line.rstrip("\r\n")
+                    if line.strip():
+                        found = True
+                        yield from cut_line(line, limit)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{file} is not UTF-8 text ({e.reason}).") from None
+    if not found:
+        raise ValueError(
+            f"no text to train a tokenizer on in {list(map(os.fspath, text_files))}."
+        )
+
+
 def train(
     text_files: Sequence[str | os.PathLike],
     model_prefix: str | os.PathLike,
@@ -77,23 +120,68 @@ def train(
 ) -> Tokenizer:
     """Trains a SentencePiece model with the Gemma special ids (pad 0, eos 1, bos 2, unk 3).
 
-    Writes ``{model_prefix}.model`` (and ``.vocab``) and returns the tokenizer.
+    Reads the files as UTF-8 and cuts lines longer than SentencePiece's
+    ``max_sentence_length`` (`options` may set it) into pieces. Writes
+    ``{model_prefix}.model`` (and ``.vocab``) and returns the tokenizer.
+
+    Raises:
+      ValueError: a file is not UTF-8, or the files hold no text.
+      FileNotFoundError: a file does not exist.
     """
-    spm.SentencePieceTrainer.Train(
-        input=",".join(os.fspath(f) for f in text_files),
-        model_prefix=os.fspath(model_prefix),
-        vocab_size=vocab_size,
-        model_type=model_type,
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        minloglevel=2,
-        **options,
-    )
+    options.setdefault("max_sentence_length", MAX_SENTENCE_BYTES)
+    failures = []
+
+    def sentences():
+        # SentencePiece reports an exception of the iterator as a RuntimeError
+        # that names only its type; it is re-raised as itself below.
+        try:
+            yield from training_sentences(text_files, options["max_sentence_length"])
+        except (ValueError, OSError) as e:
+            failures.append(e)
+            raise
+
+    try:
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=sentences(),
+            model_prefix=os.fspath(model_prefix),
+            vocab_size=vocab_size,
+            model_type=model_type,
+            pad_id=0,
+            eos_id=1,
+            bos_id=2,
+            unk_id=3,
+            minloglevel=2,
+            **options,
+        )
+    except RuntimeError as e:
+        if failures:
+            raise failures[0] from None
+        # What is left is SentencePiece refusing the settings for this text
+        # (e.g. a vocabulary larger than the text allows with hard_vocab_limit).
+        raise ValueError(f"SentencePiece cannot train this tokenizer: {e}") from None
     return Tokenizer.load(f"{os.fspath(model_prefix)}.model")
 
 
+def gather_text_files(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """The files of `paths`: files, and the .txt files under directories."""
+    files = []
+    for path in map(os.fspath, paths):
+        if os.path.isdir(path):
+            found = sorted(
+                os.path.join(root, n) for root, _, names in os.walk(path) for n in names
+                if n.endswith(".txt")
+            )
+            if not found:
+                raise FileNotFoundError(f"data directory {path} holds no .txt files.")
+            files += found
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"data path {path} does not exist.")
+    return files
+
+
+@reports_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m recurrent_lm.tokenizer train --data FILE ... --output PREFIX``."""
     import argparse
@@ -110,19 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd.add_argument("--exact-vocab-size", action="store_true",
                      help="fail instead of shrinking the vocabulary when the text is too small")
     args = parser.parse_args(argv)
-    files = []
-    for path in args.data:
-        if os.path.isdir(path):
-            files += sorted(
-                os.path.join(root, n) for root, _, names in os.walk(path) for n in names
-                if n.endswith(".txt")
-            )
-        elif os.path.isfile(path):
-            files.append(path)
-        else:
-            parser.error(f"data path {path} does not exist.")
-    if not files or not any(os.path.getsize(f) for f in files):
-        parser.error(f"no text to train on in {args.data}.")
+    files = gather_text_files(args.data)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     tokenizer = train(files, args.output, vocab_size=args.vocab_size, model_type=args.model_type,
                       hard_vocab_limit=args.exact_vocab_size)

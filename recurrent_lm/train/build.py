@@ -30,7 +30,7 @@ def file_digest(path: str) -> str:
 
 
 def prepare_tokenizer(cfg: TrainConfig) -> tuple[tokenizer_lib.Tokenizer, str]:
-    """The given tokenizer, or the run's own (trained on the data at the first start)."""
+    """The given tokenizer, or the run's own (trained on the data at a fresh start)."""
     if cfg.tokenizer:
         return tokenizer_lib.Tokenizer.load(cfg.tokenizer), cfg.tokenizer
     if not cfg.checkpoint_dir:
@@ -39,14 +39,17 @@ def prepare_tokenizer(cfg: TrainConfig) -> tuple[tokenizer_lib.Tokenizer, str]:
             " the data and kept there (or train one: python -m recurrent_lm.tokenizer train)."
         )
     path = os.path.join(cfg.checkpoint_dir, TOKENIZER_FILE)
-    if not os.path.exists(path):
-        if cfg.resume:
+    if cfg.resume:
+        if not os.path.exists(path):
             raise checkpointing.CheckpointDirError(
                 f"--resume: {path} is missing; pass the run's --tokenizer."
             )
+    else:
+        # A fresh start (the directory holds no checkpoint) trains it anew: one
+        # left by an earlier start that failed may come from other data.
         files = data.data_files(cfg.data)
         data.read_documents(files)  # clear errors for empty data before training one
-        os.makedirs(cfg.checkpoint_dir, exist_ok=True)
+        checkpointing.claim_directory(cfg.checkpoint_dir)
         logger.info(
             "training a %d-piece tokenizer on %s", cfg.tokenizer_vocab_size, files
         )

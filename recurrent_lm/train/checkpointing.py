@@ -112,6 +112,17 @@ def check_directory(path: str, *, resume: bool) -> None:
         )
 
 
+def claim_directory(path: str) -> None:
+    """Creates `path` with our marker (process 0), before anything is written in it,
+    so that a run that fails after writing (e.g. its tokenizer) can be started again."""
+    if jax.process_index() == 0:
+        os.makedirs(path, exist_ok=True)
+        marker = os.path.join(path, MARKER)
+        if not os.path.exists(marker):
+            with open(marker, "w") as f:
+                json.dump({"format": MARKER_FORMAT, "version": 1}, f)
+
+
 class Checkpointer:
     """Saves and restores training state in one directory (see module doc)."""
 
@@ -119,12 +130,7 @@ class Checkpointer:
         import orbax.checkpoint as ocp
 
         self.path = os.path.abspath(path)
-        if jax.process_index() == 0:
-            os.makedirs(self.path, exist_ok=True)
-            marker = os.path.join(self.path, MARKER)
-            if not os.path.exists(marker):
-                with open(marker, "w") as f:
-                    json.dump({"format": MARKER_FORMAT, "version": 1}, f)
+        claim_directory(self.path)
         self._ocp = ocp
         self._keep, self._async = keep, async_save
         self._manager = self._new_manager()

@@ -27,8 +27,9 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from recurrent_lm.train import checkpointing, data, loop, sharding
+from recurrent_lm.train import loop, sharding
 from recurrent_lm.train.config import GROUPS, TrainConfig
+from recurrent_lm.user_errors import reports_user_errors
 
 DISTRIBUTED_ARGS = ("coordinator_address", "num_processes", "process_id")
 """The flags that are not TrainConfig fields (jax.distributed.initialize)."""
@@ -112,31 +113,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
-USER_ERRORS = (
-    ValueError,
-    FileNotFoundError,
-    FileExistsError,
-    data.DataError,
-    checkpointing.CheckpointDirError,
-    checkpointing.RunMismatchError,
-)
-
-
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # force: importing orbax already gave the root logger absl's WARNING handler,
+    # which would hide the run's INFO lines (hold-out, resume).
     logging.basicConfig(
-        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
     )
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     sharding.maybe_initialize_distributed(
         args.coordinator_address, args.num_processes, args.process_id
     )
-    try:
-        result = loop.train(config_from_args(args))
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = loop.train(config_from_args(args))
     last = result.losses.get(result.final_step)
     summary = f"done: step {result.final_step}"
     if last is not None:

@@ -125,7 +125,10 @@ class TrainConfig:
     seq_len: int = setting(128, "tokens per row", group="data")
     batch_size: int = setting(8, "global batch (rows)", group="data")
     eval_fraction: float = setting(
-        0.05, "share of documents held out for evaluation", group="data"
+        0.05,
+        "share held out for evaluation: of the documents, or of the token stream's"
+        " tail when the documents are too few (one plain text file)",
+        group="data",
     )
     # optimisation
     steps: int = setting(100, "optimiser steps of the whole run", group="optimisation")

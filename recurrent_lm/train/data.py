@@ -10,7 +10,13 @@ reset at document starts and attention never crosses them.
 
 Loss: position t predicts token t+1 of the same row when that token continues
 the same document (``segment_pos[t+1] > 0``); padding and document starts are
-masked. Rows are shuffled by grain (seeded, a new order every epoch), and the
+masked.
+
+Evaluation: ``eval_fraction`` of the documents is held out (a seeded choice),
+or, when the documents are too few for that (one book: one document), the
+last ``eval_fraction`` of the token stream, as nanoGPT does (`hold_out`).
+
+Rows are shuffled by grain (seeded, a new order every epoch), and the
 iterator's position is a small JSON-able dict saved with each checkpoint.
 """
 
@@ -20,12 +26,15 @@ import dataclasses
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
 
 import grain
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 DOCUMENT_SEPARATOR = re.compile(r"\n[ \t]*\n([ \t]*\n)+")
 
@@ -58,22 +67,30 @@ def data_files(paths: Sequence[str | os.PathLike]) -> list[str]:
     return files
 
 
+def _file_documents(file: str) -> list[str]:
+    with open(file, encoding="utf-8") as f:
+        if not file.endswith(".jsonl"):
+            return DOCUMENT_SEPARATOR.split(f.read())
+        documents = []
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    documents.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise DataError(
+                        f'{file}:{n}: expected a JSON object with a "text" field ({e}).'
+                    ) from None
+        return documents
+
+
 def read_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Non-empty documents of every file, in order."""
     documents = []
     for file in data_files(paths):
-        with open(file, encoding="utf-8") as f:
-            if file.endswith(".jsonl"):
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            documents.append(json.loads(line)["text"])
-                        except (json.JSONDecodeError, KeyError, TypeError) as e:
-                            raise DataError(
-                                f'{file}:{n}: expected a JSON object with a "text" field ({e}).'
-                            ) from None
-            else:
-                documents += DOCUMENT_SEPARATOR.split(f.read())
+        try:
+            documents += _file_documents(file)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{file} is not UTF-8 text ({e.reason}).") from None
     documents = [d.strip() for d in documents if d.strip()]
     if not documents:
         raise DataError(
@@ -92,23 +109,86 @@ def fingerprint(paths: Sequence[str | os.PathLike]) -> str:
     return digest.hexdigest()[:16]
 
 
-def split_documents(documents: list[str], eval_fraction: float, seed: int):
-    """(train, eval) documents: a seeded choice of ``eval_fraction`` of them."""
+def documents_to_hold_out(num_documents: int, eval_fraction: float) -> int:
+    """How many whole documents make ``eval_fraction`` of `num_documents`; 0 when
+    no whole number of them does (none, or all), so the stream's tail is held out."""
+    n_eval = round(num_documents * eval_fraction)
+    return n_eval if 0 < n_eval < num_documents else 0
+
+
+def _check_eval_fraction(eval_fraction: float) -> None:
     if not 0 <= eval_fraction < 1:
         raise DataError(f"eval fraction must be in [0, 1), got {eval_fraction}.")
-    n_eval = round(len(documents) * eval_fraction)
-    if eval_fraction > 0:
-        n_eval = max(n_eval, 1)
-        if n_eval >= len(documents):
-            raise DataError(
-                f"the data has {len(documents)} document(s): too few to hold out"
-                f" {eval_fraction:.0%} for evaluation; add documents or pass --eval-fraction 0."
-            )
+
+
+def split_documents(documents: list, eval_fraction: float, seed: int):
+    """(train, eval) documents: a seeded choice of ``eval_fraction`` of them, in order."""
+    _check_eval_fraction(eval_fraction)
+    n_eval = documents_to_hold_out(len(documents), eval_fraction)
+    if eval_fraction > 0 and not n_eval:
+        raise DataError(
+            f"the data has {len(documents)} document(s): too few to hold out"
+            f" {eval_fraction:.0%} of them as whole documents; `hold_out` holds out the"
+            " token stream's tail instead."
+        )
     held_out = set(
         np.random.default_rng(seed).permutation(len(documents))[:n_eval].tolist()
     )
     train = [d for i, d in enumerate(documents) if i not in held_out]
     evaluation = [d for i, d in enumerate(documents) if i in held_out]
+    return train, evaluation
+
+
+MIN_EVAL_TOKENS = 2
+"""A token and its successor: the least held-out text that has a loss."""
+
+
+def split_stream(encoded: Sequence[np.ndarray], eval_fraction: float):
+    """(train, eval) pieces of the documents' concatenated token stream: its last
+    ``eval_fraction`` of tokens is held out (nanoGPT's split).
+
+    The document the cut falls in is split in two pieces; `pack` starts the
+    held-out piece at position 0, as it does a row that continues a document.
+    """
+    _check_eval_fraction(eval_fraction)
+    lengths = np.asarray([len(e) for e in encoded], np.int64)
+    total = int(lengths.sum())
+    n_eval = round(total * eval_fraction)
+    if n_eval < MIN_EVAL_TOKENS:
+        raise DataError(
+            f"the data is {total} tokens: too few to hold out {eval_fraction:.0%} of them"
+            f" for evaluation (at least {MIN_EVAL_TOKENS} tokens); add text, raise"
+            " --eval-fraction, or pass --eval-fraction 0."
+        )
+    cut = total - n_eval
+    ends = np.cumsum(lengths)
+    split = int(np.searchsorted(ends, cut, side="right"))  # the document holding the cut
+    offset = cut - int(ends[split] - lengths[split])
+    head, tail = encoded[split][:offset], encoded[split][offset:]
+    train = [*encoded[:split], *([head] if len(head) else [])]
+    return train, [tail, *encoded[split + 1 :]]
+
+
+def hold_out(encoded: Sequence[np.ndarray], eval_fraction: float, seed: int):
+    """(train, eval) token sequences: whole documents (`split_documents`) when
+    there are enough, else the stream's tail (`split_stream`); logs which."""
+    _check_eval_fraction(eval_fraction)
+    if eval_fraction == 0:
+        return list(encoded), []
+    if documents_to_hold_out(len(encoded), eval_fraction):
+        train, evaluation = split_documents(list(encoded), eval_fraction, seed)
+        logger.info(
+            "holding out %d of %d documents for evaluation", len(evaluation), len(encoded)
+        )
+        return train, evaluation
+    train, evaluation = split_stream(encoded, eval_fraction)
+    logger.info(
+        "the data has %d document(s), too few to hold out %.0f%% of them for evaluation:"
+        " holding out the last %d tokens of the token stream instead",
+        len(encoded),
+        100 * eval_fraction,
+        sum(map(len, evaluation)),
+    )
     return train, evaluation
 
 
@@ -182,33 +262,33 @@ def load_corpus(
     seed: int,
     batch_size: int,
 ) -> Corpus:
-    """Reads, splits, encodes and packs the data, checking it can fill a batch."""
+    """Reads, encodes, splits (`hold_out`) and packs the data, checking it can fill a batch.
+
+    A held-out part shorter than ``seq_len`` packs into one padded row: the
+    evaluation then scores that shorter window.
+    """
     documents = read_documents(paths)
-    train_docs, eval_docs = split_documents(documents, eval_fraction, seed)
-    train = pack(
-        encode_documents(tokenizer, train_docs),
-        seq_len,
-        pad_id=max(tokenizer.pad_id, 0),
+    train_part, eval_part = hold_out(
+        encode_documents(tokenizer, documents), eval_fraction, seed
     )
-    stream = train.num_tokens
-    if seq_len > stream:
+    pad_id = max(tokenizer.pad_id, 0)
+    train = pack(train_part, seq_len, pad_id=pad_id)
+    _check_fills_a_batch(train, seq_len, batch_size)
+    evaluation = pack(eval_part, seq_len, pad_id=pad_id) if eval_part else None
+    return Corpus(train, evaluation, len(documents), fingerprint(paths))
+
+
+def _check_fills_a_batch(train: PackedRows, seq_len: int, batch_size: int) -> None:
+    if seq_len > train.num_tokens:
         raise DataError(
-            f"--seq-len {seq_len} is longer than the whole training stream ({stream} tokens"
-            f" in {len(train_docs)} documents); use a shorter --seq-len or more data."
+            f"--seq-len {seq_len} is longer than the whole training stream"
+            f" ({train.num_tokens} tokens); use a shorter --seq-len or more data."
         )
     if len(train) < batch_size:
         raise DataError(
             f"the training data packs into {len(train)} rows of {seq_len} tokens, fewer than"
             f" --batch-size {batch_size}; use a smaller batch or --seq-len, or more data."
         )
-    evaluation = None
-    if eval_docs:
-        evaluation = pack(
-            encode_documents(tokenizer, eval_docs),
-            seq_len,
-            pad_id=max(tokenizer.pad_id, 0),
-        )
-    return Corpus(train, evaluation, len(documents), fingerprint(paths))
 
 
 class BatchIterator:

@@ -1,7 +1,9 @@
 """The converters' shared readers, writer and command-line flags."""
 
 import argparse
+import importlib
 import json
+import os
 import subprocess
 import sys
 
@@ -95,7 +97,7 @@ def test_converters_import_without_torch():
         " checkpoints_conversion.gemma, checkpoints_conversion.recurrentgemma;"
         " sys.exit('torch' in sys.modules)"
     )
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def test_config_flags_are_typed_and_default_to_none():
@@ -113,3 +115,31 @@ def test_config_flags_are_typed_and_default_to_none():
                 ["--sliding-window-size", "1.5"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
+
+
+CONVERTERS = {"gemma": [], "recurrentgemma": [], "rwkv": [], "h3": ["--preset", "125m"]}
+"""Each converter's module and the flags its ``convert`` needs."""
+
+
+@pytest.mark.parametrize("name", sorted(CONVERTERS))
+def test_convert_reports_user_errors_in_one_line(name, tmp_path, capsys):
+    main = importlib.import_module(f"checkpoints_conversion.{name}").main
+    missing, dst = tmp_path / "missing", tmp_path / "out"
+    assert main(["convert", str(missing), str(dst), *CONVERTERS[name]]) == 2
+    [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert str(missing) in line and "not" in line  # "does not exist" / "not found"
+    assert not dst.exists()
+    dst.mkdir()
+    assert main(["convert", str(missing), str(dst), *CONVERTERS[name]]) == 2
+    err = capsys.readouterr().err  # the destination is checked before any (long) load
+    assert err == f"error: {dst} already exists; choose a new directory.\n"
+
+
+def test_convert_module_exits_with_status_2_and_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "checkpoints_conversion.rwkv", "convert", str(tmp_path / "missing"),
+         str(tmp_path / "out")],
+        capture_output=True, text=True, check=False, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"error: {tmp_path / 'missing'} does not exist.\n"

@@ -1,12 +1,25 @@
 """Fixtures of the training tests (helpers in `train_setup`)."""
 
 import dataclasses
+import logging
 
 import pytest
 from train_setup import STEPS, Setup, write_corpus
 
 from recurrent_lm import tokenizer as tokenizer_lib
 from recurrent_lm.train import TrainConfig, train
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """`cli.main` configures the root logger of its process (its handler writes to
+    the test's captured stderr, closed after the test): tests that call it
+    in-process hand the previous configuration back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
