@@ -1,7 +1,26 @@
 """Fixtures; helpers live in `griffin_cases` (this directory is on sys.path)."""
 
-import pytest
-from griffin_cases import CASES, OfficialCase
+import os
+import pathlib
+
+# The suite compiles the same small programs in many processes (the xdist workers, the CLI
+# subprocesses, the notebook kernels): XLA's persistent cache lets each compile once. Set
+# through the environment so that the subprocesses inherit it, before JAX is imported.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    str(pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax_compilation"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from griffin_cases import CASES, OfficialCase  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
 
 
 @pytest.fixture(params=sorted(CASES), ids=sorted(CASES))
