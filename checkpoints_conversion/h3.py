@@ -371,6 +371,8 @@ def config_from_original(values: Mapping[str, Any]) -> h3.H3Config:
     fields["attn_layer_idx"] = tuple(fields.get("attn_layer_idx") or ())
     if not fields["attn_layer_idx"]:
         fields["num_attention_heads"] = 1  # no attention layer has heads
+    elif "num_attention_heads" not in fields:
+        errors.append("attn_cfg['num_heads'] is missing: the original's MHA has no default")
     # softmax_scale None or 0 means 1/sqrt(head_dim) in the original (`or`).
     fields["attention_softmax_scale"] = fields.get("attention_softmax_scale") or None
     if "position_embeddings" in values and values["position_embeddings"] != (

@@ -249,6 +249,7 @@ def test_unsupported_values_are_one_error_naming_each():
     ({"position_embeddings": True}, r"position_embeddings=True contradicts"),
     ({"tie_embeddings": False}, r"tie_embeddings'\]=False is not supported"),
     ({"rotary_emb_base": 500}, r"always uses base 10000"),
+    ({"attn_layer_idx": [0]}, r"attn_cfg\['num_heads'\] is missing"),
 ])
 def test_bad_original_configs(change, message):
     with pytest.raises(ValueError, match=message):
