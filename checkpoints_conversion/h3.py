@@ -11,9 +11,11 @@ copy of the tied embedding).
 
 The config cannot be read from the weights' names alone (e.g. which layers
 are attention is visible, but not the heads): pass an `H3Config`, a preset
-name, or the original's config dict (``d_model``, ``n_layer``,
-``attn_layer_idx``, ``attn_cfg`` / ``num_heads``, ...), as in
-``tests/data/h3_tiny/h3_tiny_config.json``.
+name, or the original's config dict: the keywords of
+``SSMLMHeadModel(**kwargs)`` (``d_model``, ``n_layer``, ``d_inner``,
+``vocab_size``, ``pad_vocab_size_multiple``, ``attn_layer_idx``,
+``attn_cfg``, ``ssm_cfg``, ``max_position_embeddings``, ...), as in
+``tests/data/h3_rotary/h3_rotary_config.json`` (see `config_from_original`).
 
 CLI::
 
@@ -26,7 +28,8 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -38,10 +41,12 @@ from recurrent_lm import axes
 from recurrent_lm.models import h3
 
 E, V, H, S, M = axes.EMBEDDING, axes.VOCABULARY, axes.HEADS, axes.STATE, axes.MLP
-KV, P = axes.KV_HEADS, axes.PROJECTION
+KV, P, POS = axes.KV_HEADS, axes.PROJECTION, axes.POSITIONS
 SOURCE = "H3 checkpoint"
 LM_HEAD = "lm_head.weight"
 EMBEDDING = "backbone.embeddings.word_embeddings.weight"
+POSITION_EMBEDDING = "backbone.embeddings.position_embeddings.weight"
+INV_FREQ = "backbone.layers.{}.mixer.rotary_emb.inv_freq"
 TORCH_SUFFIXES = common.TORCH_SUFFIXES
 
 
@@ -98,6 +103,8 @@ def leaf_layouts(config: h3.H3Config) -> list[LeafLayout]:
         LeafLayout("backbone.ln_f.weight", ("final_norm.scale",), (E,)),
         LeafLayout("backbone.ln_f.bias", ("final_norm.bias",), (E,)),
     ]
+    if config.max_position_embeddings:
+        layouts.append(LeafLayout(POSITION_EMBEDDING, ("embedder.position_embeddings",), (POS, E)))
     for i in range(config.num_hidden_layers):
         src, dst = f"backbone.layers.{i}", f"blocks.{i}"
 
@@ -163,80 +170,221 @@ def leaf_layouts(config: h3.H3Config) -> list[LeafLayout]:
 
 
 # ---------------------------------------------------------------------------
-# Config.
+# Config: the original's SSMLMHeadModel(**kwargs).
 # ---------------------------------------------------------------------------
 
-# Keys of the original's model config that change nothing here.
-_IGNORED_ORIGINAL_KEYS = {
-    "fused_mlp",
-    "fused_dropout_add_ln",
-    "initializer_cfg",
-    "_name_",
-    "ssm_cfg",
-    "attn_cfg",
-    "pad_vocab_size_multiple",
-    "tie_embeddings",
-    "position_embeddings",
-    "vocab_size",
-    "padded_vocab_size",
+
+@dataclasses.dataclass(frozen=True)
+class _Keyword:
+    """How one keyword of the original reaches an `H3Config`.
+
+    Attributes:
+      field: the `H3Config` field it sets, or None.
+      supported: the values we reproduce (None: any value); `why` says what
+        the others would need.
+    """
+
+    field: str | None = None
+    supported: Callable[[Any], bool] | None = None
+    why: str = ""
+
+
+def _only(test: Callable[[Any], bool], why: str) -> _Keyword:
+    return _Keyword(supported=test, why=why)
+
+
+# Keywords that do not change a loaded model's numbers: kernels of the same
+# math, placement, training-only knobs and initialisation (the checkpoint
+# holds the values).
+_NO_EFFECT = _Keyword()
+_FALSE = lambda v: not v
+
+# SSMLMHeadModel / SSMModel. vocab_size, pad_vocab_size_multiple and the
+# nested dicts are read by `config_from_original` itself.
+_TOP: dict[str, _Keyword] = {
+    "d_model": _Keyword("hidden_size"),
+    "n_layer": _Keyword("num_hidden_layers"),
+    "d_inner": _Keyword("n_inner"),
+    "attn_layer_idx": _Keyword("attn_layer_idx"),
+    "max_position_embeddings": _Keyword("max_position_embeddings"),
+    "resid_dropout": _Keyword("residual_dropout"),
+    "embed_dropout": _Keyword("embedding_dropout"),
+    "layer_norm_epsilon": _Keyword("layer_norm_epsilon"),
+    "residual_in_fp32": _Keyword("residual_in_fp32"),
+    "dropout_cls": _NO_EFFECT,  # accepted and never used by the original
+    "fused_mlp": _NO_EFFECT,
+    "fused_dropout_add_ln": _NO_EFFECT,
 }
-_ORIGINAL_NAMES = {
-    "d_model": "hidden_size",
-    "n_layer": "num_hidden_layers",
-    "d_inner": "n_inner",
-    "attn_layer_idx": "attn_layer_idx",
-    "num_heads": "num_attention_heads",
-    "d_state": "d_state",
-    "layer_norm_epsilon": "layer_norm_epsilon",
-    "ssm_mode": "ssm_mode",
-    "ssm_measure": "ssm_measure",
-    "disc": "discretisation",
-    "head_dim": "head_dim",
-    "resid_dropout": "residual_dropout",
-    "embed_dropout": "embedding_dropout",
-    "residual_in_fp32": "residual_in_fp32",
-    "rotary_emb_dim": "rotary_emb_dim",
+# ssm_cfg: H3's keywords, then SSKernel's and SSKernelDiag's (its **kernel_args).
+_SSM: dict[str, _Keyword] = {
+    "d_state": _Keyword("d_state"),
+    "head_dim": _Keyword("head_dim"),
+    "mode": _Keyword("ssm_mode"),
+    "measure": _Keyword("ssm_measure"),
+    "disc": _Keyword("discretisation"),
+    "l_max": _only(lambda v: v is None, "truncated SSM kernels are not implemented; use None"
+                   " (a global kernel, as every release)"),
+    "n_ssm": _only(lambda v: v is None, "A and B shared across channels are not implemented;"
+                   " use None (every release)"),
+    "real_type": _only(lambda v: v == "exp", "only 'exp' (A = -exp(inv_A_real) + i A_imag, every"
+                       " release) is implemented"),
+    "bandlimit": _only(lambda v: v is None, "band-limited kernels are not implemented; use None"),
+    "force_real": _only(_FALSE, "real-valued A is not implemented; use False"),
+    **dict.fromkeys(("use_fast_fftconv", "dropout", "lr", "dt_min", "dt_max", "deterministic",
+                     "rank", "measure_args", "verbose", "device", "dtype"), _NO_EFFECT),
 }
+# attn_cfg: flash-attn's MHA (v0.2.8, the version H3 pins).
+_ATTN: dict[str, _Keyword] = {
+    "num_heads": _Keyword("num_attention_heads"),
+    "rotary_emb_dim": _Keyword("rotary_emb_dim"),
+    "softmax_scale": _Keyword("attention_softmax_scale"),
+    "causal": _only(lambda v: v is True, "a language model needs causal attention; use True"),
+    "rotary_emb_scale_base": _only(_FALSE, "XPos (scaled rotary embeddings) is not implemented;"
+                                   " use 0"),
+    "dropout": _only(_FALSE, "attention-weight dropout is not implemented; it acts only in"
+                     " training, so set 0.0 to load the model for inference"),
+    "bias": _only(lambda v: v is True, "Wqkv without a bias is not implemented; use True"),
+    "cross_attn": _only(_FALSE, "cross-attention has no place in a language model; use False"),
+    "dwconv": _only(_FALSE, "the depthwise convolution after Wqkv is not implemented; use False"),
+    "return_residual": _only(_FALSE, "use False (the original's Block needs it so)"),
+    **dict.fromkeys(("fused_bias_fc", "use_flash_attn", "checkpointing", "device", "dtype"),
+                    _NO_EFFECT),
+}
+_INITIALIZER: dict[str, _Keyword] = {
+    name: _Keyword(name) for name in ("initializer_range", "rescale_prenorm_residual", "glu_act")
+}
+_NESTED = {"ssm_cfg": _SSM, "attn_cfg": _ATTN, "initializer_cfg": _INITIALIZER}
+
+# Flat keys of our fixtures' configs (not keywords of the original, which
+# ignores them): each is a nested keyword written at the top level.
+_FLAT_ALIASES = {
+    "num_heads": ("attn_cfg", "num_heads"),
+    "rotary_emb_dim": ("attn_cfg", "rotary_emb_dim"),
+    "rotary_emb_scale_base": ("attn_cfg", "rotary_emb_scale_base"),
+    "d_state": ("ssm_cfg", "d_state"),
+    "head_dim": ("ssm_cfg", "head_dim"),
+    "ssm_mode": ("ssm_cfg", "mode"),
+    "ssm_measure": ("ssm_cfg", "measure"),
+    "disc": ("ssm_cfg", "disc"),
+}
+# Flat descriptions of what the original always does, checked against it.
+_FLAT_FACTS: dict[str, _Keyword] = {
+    "tie_embeddings": _only(lambda v: v is True, "the original always ties the head to the"
+                            " embedding"),
+    "rotary_emb_base": _only(lambda v: v == 10000, "flash-attn's MHA always uses base 10000"),
+    "rotary_style": _NO_EFFECT,  # prose
+}
+# The original's defaults where they differ from H3Config's (which are the
+# released 125M's and ours).
+_ORIGINAL_DEFAULTS = {"attn_layer_idx": (), "residual_in_fp32": False}
+_REQUIRED = ("d_model", "n_layer", "vocab_size")
+
+
+def _apply(table: Mapping[str, _Keyword], values: Mapping[str, Any], where: str,
+           fields: dict, errors: list) -> None:
+    """Checks `values` against `table`, adding the fields they set."""
+    for key, value in values.items():
+        rule = table.get(key)
+        if rule is None:
+            errors.append(f"{where}[{key!r}] is not a keyword the original accepts"
+                          f" (known: {sorted(table)})")
+        elif rule.supported is not None and not rule.supported(value):
+            errors.append(f"{where}[{key!r}]={value!r} is not supported: {rule.why}")
+        elif rule.field is not None:
+            fields[rule.field] = value
+
+
+def _merge_flat_aliases(values: dict, errors: list) -> dict[str, dict]:
+    """The nested dicts, with the flat aliases moved in (they must agree)."""
+    nested = {name: dict(values.get(name) or {}) for name in _NESTED}
+    for flat, (name, key) in _FLAT_ALIASES.items():
+        if flat not in values:
+            continue
+        if key in nested[name] and nested[name][key] != values[flat]:
+            errors.append(f"{flat}={values[flat]!r} contradicts {name}[{key!r}]={nested[name][key]!r}")
+        nested[name].setdefault(key, values[flat])
+    return nested
+
+
+def _padded_vocab(values: Mapping[str, Any], errors: list) -> int | None:
+    """The embedding's rows: vocab_size rounded up as SSMLMHeadModel does
+    (``pad_vocab_size_multiple`` defaults to 1), or an explicit flat
+    ``padded_vocab_size`` when no multiple is given."""
+    padded = values.get("padded_vocab_size")
+    if "vocab_size" not in values or (padded is not None and "pad_vocab_size_multiple" not in values):
+        return padded
+    multiple = values.get("pad_vocab_size_multiple", 1)
+    rounded = -(-values["vocab_size"] // multiple) * multiple
+    if padded is not None and padded != rounded:
+        errors.append(f"padded_vocab_size={padded} but vocab_size {values['vocab_size']}"
+                      f" padded to a multiple of {multiple} is {rounded}")
+    return rounded
+
+
+_ORIGINAL_KEYS = set(_TOP) | set(_NESTED) | set(_FLAT_ALIASES) | set(_FLAT_FACTS) | {
+    "vocab_size", "pad_vocab_size_multiple", "padded_vocab_size", "position_embeddings"}
+
+
+def _check_keys(values: Mapping[str, Any], errors: list) -> None:
+    missing = [k for k in _REQUIRED if k not in values and not (
+        k == "vocab_size" and "padded_vocab_size" in values)]
+    if missing:
+        errors.append(f"missing {missing} (SSMLMHeadModel's required keywords)")
+    # "_name_" (Hydra) and other "_" keys are metadata.
+    unknown = sorted(k for k in values if k not in _ORIGINAL_KEYS and not k.startswith("_"))
+    if unknown:
+        # The original takes them in **kwargs and ignores them; say so, as
+        # they may be misspellings.
+        warnings.warn(
+            f"ignoring keys {unknown} of the original H3 config (SSMLMHeadModel ignores unknown"
+            f" keywords too); check their spelling against {sorted(_TOP)}.",
+            stacklevel=3,
+        )
 
 
 def config_from_original(values: Mapping[str, Any]) -> h3.H3Config:
-    """An `H3Config` from the original's model config (``SSMLMHeadModel`` kwargs,
-    flattened or with ``ssm_cfg`` / ``attn_cfg`` dicts)."""
-    flat = dict(values)
-    for nested, names in (
-        (
-            "ssm_cfg",
-            {
-                "mode": "ssm_mode",
-                "measure": "ssm_measure",
-                "d_state": "d_state",
-                "head_dim": "head_dim",
-                "disc": "disc",
-            },
-        ),
-        ("attn_cfg", {"num_heads": "num_heads", "rotary_emb_dim": "rotary_emb_dim"}),
+    """An `H3Config` from the original model's keywords, as
+    ``SSMLMHeadModel(**values)`` takes them (nested ``ssm_cfg``, ``attn_cfg``,
+    ``initializer_cfg``), with the original's defaults for absent ones.
+
+    Every keyword of the original is either mapped, or checked to have a
+    value we reproduce (one error line lists those that do not), or has no
+    effect on a loaded model (fused or flash kernels of the same math,
+    placement, per-parameter learning rates, initialisation options whose
+    values the checkpoint holds). Flat keys of older configs (``num_heads``,
+    ``d_state``, ``disc``, ``padded_vocab_size``, ...) are read too and must
+    agree with the nested ones. Other keys are ignored with a warning, as the
+    original ignores them.
+
+    Raises:
+      ValueError: one line naming every unsupported value.
+    """
+    values = dict(values)
+    errors: list[str] = []
+    _check_keys(values, errors)
+    fields = dict(_ORIGINAL_DEFAULTS)
+    _apply(_TOP, {k: v for k, v in values.items() if k in _TOP}, "config", fields, errors)
+    _apply(_FLAT_FACTS, {k: v for k, v in values.items() if k in _FLAT_FACTS}, "config", fields,
+           errors)
+    for name, nested in _merge_flat_aliases(values, errors).items():
+        _apply(_NESTED[name], nested, name, fields, errors)
+    fields["attn_layer_idx"] = tuple(fields.get("attn_layer_idx") or ())
+    if not fields["attn_layer_idx"]:
+        fields["num_attention_heads"] = 1  # no attention layer has heads
+    elif "num_attention_heads" not in fields:
+        errors.append("attn_cfg['num_heads'] is missing: the original's MHA has no default")
+    # softmax_scale None or 0 means 1/sqrt(head_dim) in the original (`or`).
+    fields["attention_softmax_scale"] = fields.get("attention_softmax_scale") or None
+    if "position_embeddings" in values and values["position_embeddings"] != (
+        fields.get("max_position_embeddings", 0) > 0
     ):
-        for key, value in dict(flat.get(nested) or {}).items():
-            if key not in names:
-                raise ValueError(f"unsupported {nested} key {key!r} in the H3 config.")
-            flat.setdefault(names[key], value)
-    unknown = sorted(set(flat) - set(_ORIGINAL_NAMES) - _IGNORED_ORIGINAL_KEYS)
-    if unknown:
-        raise ValueError(
-            f"unknown keys {unknown} in the original H3 config; known:"
-            f" {sorted(set(_ORIGINAL_NAMES) | _IGNORED_ORIGINAL_KEYS)}."
-        )
-    if not flat.get("tie_embeddings", True) or flat.get("position_embeddings", False):
-        raise ValueError(
-            "only tied embeddings without position embeddings are supported"
-            " (every released H3 model)."
-        )
-    fields = {_ORIGINAL_NAMES[k]: v for k, v in flat.items() if k in _ORIGINAL_NAMES}
-    if "padded_vocab_size" in flat:
-        fields["vocab_size"] = flat["padded_vocab_size"]
-    elif "vocab_size" in flat:  # the original pads to a multiple of 8
-        multiple = flat.get("pad_vocab_size_multiple", 8)
-        fields["vocab_size"] = -(-flat["vocab_size"] // multiple) * multiple
+        errors.append(f"position_embeddings={values['position_embeddings']!r} contradicts"
+                      f" max_position_embeddings={fields.get('max_position_embeddings', 0)}")
+    padded = _padded_vocab(values, errors)
+    if padded is not None:
+        fields["vocab_size"] = padded
+    if errors:
+        raise ValueError(f"original H3 config: {'; '.join(errors)}.")
     return h3.H3Config(**fields)
 
 
@@ -247,7 +395,10 @@ def resolve_config(config) -> h3.H3Config:
     if isinstance(config, str):
         return h3.H3Config.from_preset(config)
     if isinstance(config, Mapping):
-        if "d_model" in config:
+        # A keyword of the original that is no H3Config field (d_model,
+        # n_layer, ssm_cfg, ...) marks the original's form.
+        ours = {f.name for f in dataclasses.fields(h3.H3Config)}
+        if (set(config) & _ORIGINAL_KEYS) - ours:
             return config_from_original(config)
         return h3.H3Config.from_dict(dict(config))
     raise TypeError(
@@ -340,18 +491,38 @@ def from_state_dict(
         if not isinstance(v, (int, float, str))
     }
     head = state.pop(LM_HEAD, None)
-    if config.rotary_emb_dim:
-        for i in config.attn_layer_idx:
-            state.pop(f"backbone.layers.{i}.mixer.rotary_emb.inv_freq", None)
-    untied = {}
+    wrong = _wrong_rotary_buffers(state, config)
     if head is not None and EMBEDDING in state and not np.array_equal(head, state[EMBEDDING]):
-        untied[LM_HEAD] = (
+        wrong[LM_HEAD] = (
             f"the tied embedding {EMBEDDING} (untied heads are not supported)",
             "a different matrix",
         )
     return common.load_model(
-        state, leaf_layouts(config), config, h3.build_model, source=source, misshaped=untied
+        state, leaf_layouts(config), config, h3.build_model, source=source, misshaped=wrong
     )
+
+
+def rotary_inv_freq(dims: int) -> np.ndarray:
+    """flash-attn's ``RotaryEmbedding.inv_freq`` buffer (float32), as it computes it."""
+    return 1.0 / (10000 ** (np.arange(0, dims, 2, dtype=np.float32) / dims))
+
+
+def _wrong_rotary_buffers(state: dict, config: h3.H3Config) -> dict[str, tuple[str, str]]:
+    """Pops the attention layers' ``rotary_emb.inv_freq`` buffers (we compute
+    the frequencies), returning those that are not the ones we compute."""
+    if not config.rotary_emb_dim:
+        return {}  # a buffer left in the dict is then reported as unexpected
+    dims = config.rotary_emb_dim
+    expected = rotary_inv_freq(dims)
+    wrong = {}
+    for i in config.attn_layer_idx:
+        name = INV_FREQ.format(i)
+        found = state.pop(name, None)
+        if found is not None and (found.shape != expected.shape
+                                  or not np.allclose(found, expected, rtol=1e-6, atol=0)):
+            wrong[name] = (f"1/10000^(2j/{dims}) for j < {dims // 2} (rotary_emb_dim {dims})",
+                           f"{found.shape} {np.asarray(found).ravel()[:4]}...")
+    return wrong
 
 
 def load_checkpoint(
@@ -383,12 +554,16 @@ def load_checkpoint(
 def to_original_state_dict(
     model, *, include_lm_head: bool = True
 ) -> dict[str, np.ndarray]:
-    """Our H3 -> the released names (numpy arrays; the exact inverse of loading)."""
+    """Our H3 -> the released names (numpy arrays; the exact inverse of loading),
+    with the rotary ``inv_freq`` buffers of attention layers that have them."""
     config = common.config_of(model, h3.H3Config, "an H3 model")
     leaves = common.export_leaves(model, leaf_layouts(config))
     state = {name: np.asarray(leaf) for name, leaf in leaves.items()}
     if include_lm_head:
         state[LM_HEAD] = state[EMBEDDING].copy()  # a copy: safetensors refuses shared storage
+    if config.rotary_emb_dim:  # a persistent buffer: the original's strict load needs it
+        for i in config.attn_layer_idx:
+            state[INV_FREQ.format(i)] = rotary_inv_freq(config.rotary_emb_dim)
     return state
 
 

@@ -28,6 +28,8 @@ wkv_state      parts of a captured WKV state: numerator and denominator
                mantissas, and their shared log-scale (size 3)
 embedding_in   model width as the input of a square embedding -> embedding map
 lora_rank      rank of a LoRA adapter (`recurrent_lm.lora`)
+positions      rows of a learned position-embedding table (one per position
+               in a document)
 =============  ================================================================
 """
 
@@ -50,6 +52,7 @@ WKV = "wkv"
 WKV_STATE = "wkv_state"
 EMBEDDING_IN = "embedding_in"
 LORA_RANK = "lora_rank"
+POSITIONS = "positions"
 
 TOKEN_AXES = (BATCH, SEQ)
 """Named axes of model inputs (token ids and segment positions)."""

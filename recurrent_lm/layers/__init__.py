@@ -3,21 +3,29 @@
 One concept per module: the linear-recurrence primitive (`recurrence`), the
 document-aware causal filter (`causal_filter`: conv, shift SSM, token shift),
 norms, linear and block-diagonal layers, causal convolution, RG-LRU, rotary
-embeddings, attention and its KV cache, gated MLP, embeddings and the residual
-block, H3's state-space layers (`ssm`), RWKV's time and channel mixes (`wkv`,
-`channel_mix`). Each layer's docstring states its named axes in and out;
-temporal layers implement `recurrent_lm.core.state.StatefulLayer`. This package
-imports no architecture.
+embeddings, attention and its KV cache, gated MLP, token and learned position
+embeddings, the residual block, H3's state-space layers (`ssm`), RWKV's time
+and channel mixes (`wkv`, `channel_mix`). Each layer's docstring states its
+named axes in and out; temporal layers implement
+`recurrent_lm.core.state.StatefulLayer`. This package imports no architecture.
 """
 
 from recurrent_lm.layers.attention import Attention, KVCache, attend, causal_mask
 from recurrent_lm.layers.causal_filter import causal_filter, token_shift
 from recurrent_lm.layers.conv import CausalConv1D
-from recurrent_lm.layers.embeddings import bfloat16_sqrt, embedding_table
+from recurrent_lm.layers.embeddings import (
+    LearnedPositions,
+    bfloat16_sqrt,
+    embedding_table,
+)
 from recurrent_lm.layers.linear import BlockDiagonalLinear, dense
 from recurrent_lm.layers.mlp import MLP, GatedMLP, gelu_tanh
 from recurrent_lm.layers.norms import LayerNorm, RMSNorm
-from recurrent_lm.layers.recurrence import SCAN_METHODS, default_scan_method, linear_scan
+from recurrent_lm.layers.recurrence import (
+    SCAN_METHODS,
+    default_scan_method,
+    linear_scan,
+)
 from recurrent_lm.layers.residual import ResidualBlock
 from recurrent_lm.layers.rg_lru import RGLRU
 from recurrent_lm.layers.rope import RotaryEmbedding, apply_rope
@@ -28,12 +36,13 @@ __all__ = [
     "RGLRU",
     "SCAN_METHODS",
     "Attention",
-    "KVCache",
     "BlockDiagonalLinear",
     "CausalConv1D",
     "DiagonalSSM",
     "GatedMLP",
+    "KVCache",
     "LayerNorm",
+    "LearnedPositions",
     "RMSNorm",
     "ResidualBlock",
     "RotaryEmbedding",

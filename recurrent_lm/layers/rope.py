@@ -50,17 +50,41 @@ class RotaryEmbedding(pz.nn.Layer):
 
     Named axes: in {..., "seq", "projection"} -> same.
     Side input: ``context`` (its ``segment_pos`` {"batch", "seq"}).
-    Static: ``divide_by_timescale`` picks the angle's rounding (see `apply_rope`).
+    Static: which leading features of a head rotate, as ``rotary_fraction``
+    of the head (Griffin, Gemma) or, when ``rotary_dims`` is set, as a count
+    (flash-attn's ``rotary_emb_dim``, GPT-NeoX's ``rotary_dim``; build it
+    with `leading`); ``divide_by_timescale`` picks the angle's rounding (see
+    `apply_rope`).
     """
 
-    rotary_fraction: float = dataclasses.field(metadata={"pytree_node": False})
+    rotary_fraction: float | None = dataclasses.field(metadata={"pytree_node": False})
     max_wavelength: float = dataclasses.field(metadata={"pytree_node": False})
     divide_by_timescale: bool = dataclasses.field(default=False, metadata={"pytree_node": False})
+    rotary_dims: int | None = dataclasses.field(default=None, metadata={"pytree_node": False})
+
+    @classmethod
+    def leading(cls, rotary_dims: int, max_wavelength: float) -> RotaryEmbedding:
+        """RoPE on the first `rotary_dims` features of each head.
+
+        A count, not a fraction: e.g. 30 of 44 features is no exact float
+        fraction of the head, and partial RoPE must rotate exactly that many.
+        """
+        return cls(rotary_fraction=None, max_wavelength=max_wavelength, rotary_dims=rotary_dims)
+
+    def features(self, head_dim: int) -> int:
+        """How many leading features of a `head_dim` head rotate, or ValueError."""
+        if self.rotary_dims is None:
+            return rotary_dims(head_dim, self.rotary_fraction)
+        if self.rotary_dims % 2 or not 0 <= self.rotary_dims <= head_dim:
+            raise ValueError(
+                f"RoPE on {self.rotary_dims} features of head_dim {head_dim}: it must be"
+                " even and at most head_dim."
+            )
+        return self.rotary_dims
 
     def __call__(self, x: pz.nx.NamedArray, *, context=None, **_unused_side_inputs) -> pz.nx.NamedArray:
         segment_pos = require_context(context, "RotaryEmbedding").segment_pos
-        head_dim = x.named_shape[axes.PROJECTION]
-        dims = rotary_dims(head_dim, self.rotary_fraction)
+        dims = self.features(x.named_shape[axes.PROJECTION])
         return pz.nx.nmap(
             lambda v, p: apply_rope(
                 v, p, rotary_dims=dims, max_wavelength=self.max_wavelength,

@@ -1,17 +1,20 @@
 """H3, Hungry Hungry Hippos (arXiv 2212.14052), with hybrid attention layers.
 
 A pre-LN decoder: ``x += mixer(LN1(x)); x += MLP(LN2(x))``, final LN and a
-tied head over the padded vocabulary, no position embeddings. The mixer is
-the H3 layer (head_dim 1, as in every release)::
+tied head over the padded vocabulary. No position embeddings in the releases;
+with ``max_position_embeddings > 0``, learned ones added to the token
+embeddings (the original's GPT-2 embeddings). The mixer is the H3 layer
+(head_dim 1, as in every release)::
 
     q, k, v = q_proj(u), k_proj(u), v_proj(u)
     y = DiagSSM(ShiftSSM(k) * v)          # each SSM with its own skip D
     out = output_linear(q * y)
 
 except at ``attn_layer_idx``, where it is causal multi-head attention (fused
-qkv with biases; RoPE on the first ``rotary_emb_dim`` features for the
-rotary 2.7B). Parameter labels mirror the released checkpoints'
-(``blocks.3.mixer.kernel.log_dt`` ...), see `checkpoints_conversion.h3`.
+qkv with biases; GPT-NeoX-style RoPE on the first ``rotary_emb_dim``
+features of each head for the rotary 2.7B). Parameter labels mirror the
+released checkpoints' (``blocks.3.mixer.kernel.log_dt`` ...), see
+`checkpoints_conversion.h3`.
 
 Dropout layers (embedding and residual) are built disabled: models run in
 evaluation mode by default. `training_mode` enables them; a training step
@@ -39,6 +42,7 @@ from recurrent_lm.layers import (
     Attention,
     DiagonalSSM,
     LayerNorm,
+    LearnedPositions,
     ResidualBlock,
     RotaryEmbedding,
     ShiftSSM,
@@ -133,7 +137,14 @@ class H3Config(Config):
         head_dim > 1 lays out its output channels differently in its two code
         paths, so there is no single behaviour to reproduce.
       rotary_emb_dim: RoPE features per attention head (64 for the rotary
-        2.7B), 0 for none.
+        2.7B), 0 for none: the first ones of each head, rotate-half pairs
+        (j, j + rotary_emb_dim/2), base 10000, as flash-attn's.
+      attention_softmax_scale: multiplies the query-key products; None means
+        1/sqrt(attention head dim) (the original's ``softmax_scale``).
+      max_position_embeddings: rows of a learned position-embedding table
+        added to the token embeddings at each token's position in its
+        document (GPT-2 style); 0 (every release) for none. Positions past
+        the table give NaN logits.
       param_dtype: dtype of the parameters (the SSMs always compute in float32).
       ssm_method: how the diagonal SSMs run over a sequence: "fft" (kernel
         convolution, the original's route) or "scan" (the recurrence).
@@ -163,6 +174,8 @@ class H3Config(Config):
     discretisation: str = field("bilinear", rules.one_of(*ssm.DISCRETISATIONS))
     head_dim: int = field(1, ONLY_HEAD_DIM_1)
     rotary_emb_dim: int = field(0, rules.NON_NEGATIVE_INT)
+    attention_softmax_scale: float | None = field(None, rules.optional(rules.POSITIVE))
+    max_position_embeddings: int = field(0, rules.NON_NEGATIVE_INT)
     param_dtype: str = field("float32", rules.PARAM_DTYPE)
     ssm_method: str = field("fft", rules.one_of(*ssm.SSM_METHODS))
     scan_method: str | None = field(None, rules.optional(rules.one_of(*recurrence.SCAN_METHODS)))
@@ -176,12 +189,15 @@ class H3Config(Config):
             yield f"attn_layer_idx has {bad}, outside [0, num_hidden_layers={self.num_hidden_layers})"
         if len(set(self.attn_layer_idx)) != len(self.attn_layer_idx):
             yield f"attn_layer_idx {self.attn_layer_idx} has duplicates"
+        if self.d_state % 2:
+            yield f"d_state must be even (N/2 complex modes), got {self.d_state}"
+        if not self.attn_layer_idx:  # the heads of no layer
+            return
         if self.hidden_size % self.num_attention_heads:
             yield (f"num_attention_heads {self.num_attention_heads} does not divide"
                    f" hidden_size {self.hidden_size}")
-        if self.d_state % 2:
-            yield f"d_state must be even (N/2 complex modes), got {self.d_state}"
-        head = self.hidden_size // self.num_attention_heads
+            return
+        head = self.attention_head_dim
         if self.rotary_emb_dim % 2 or self.rotary_emb_dim > head:
             yield (f"rotary_emb_dim must be even and in [0, attention head dim {head}],"
                    f" got {self.rotary_emb_dim}")
@@ -274,13 +290,28 @@ def _attention(name, key, config: H3Config, residual_std) -> Attention:
         key=_dense(f"{name}.key", key, config, embed, kv_axes),
         value=_dense(f"{name}.value", key, config, embed, kv_axes),
         output=_dense(f"{name}.output", key, config, q_axes, embed, std=residual_std),
+        # A count, not a fraction of the head: e.g. 30 of 44 has no exact float fraction.
         rope=(
-            RotaryEmbedding(config.rotary_emb_dim / dim, 10000.0)
+            RotaryEmbedding.leading(config.rotary_emb_dim, 10000.0)
             if config.rotary_emb_dim
             else None
         ),
         window_size=None,
-        query_scale=dim**-0.5,
+        query_scale=config.attention_softmax_scale or dim**-0.5,
+    )
+
+
+def _positions(key, config: H3Config) -> LearnedPositions:
+    """GPT-2 learned positions, N(0, initializer_range) as the original's nn.Embedding."""
+    return LearnedPositions(
+        table=pz.nn.make_parameter(
+            "embedder.position_embeddings",
+            key,
+            ssm.normal_init,
+            {axes.POSITIONS: config.max_position_embeddings, axes.EMBEDDING: config.hidden_size},
+            jnp.dtype(config.param_dtype),
+            std=config.initializer_range,
+        )
     )
 
 
@@ -312,6 +343,8 @@ def build_model(config: H3Config, key: jax.Array | None) -> DecoderLM:
         vocabulary_axis=axes.VOCABULARY,
     )
     embedder = [pz.nn.EmbeddingLookup(table)]
+    if config.max_position_embeddings:
+        embedder.append(_positions(key, config))
     if config.residual_in_fp32:  # a no-op with float32 parameters
         embedder.append(pz.nn.CastToDType(jnp.float32))
     embedder.append(_dropout(config.embedding_dropout))

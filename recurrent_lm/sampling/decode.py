@@ -63,6 +63,7 @@ class DecodeSettings:
     eos_id: int | None
     stop_sequences: tuple[tuple[int, ...], ...]
     pad_id: int
+    vocab_limit: int | None = None
 
     @property
     def stop_window(self) -> int:
@@ -83,6 +84,8 @@ class _Carry(NamedTuple):
 def _record(carry: _Carry, logits, settings: DecodeSettings) -> _Carry:
     """Chooses the next token of every row from `logits` [batch, vocab]."""
     logits = logits.astype(jnp.float32)
+    if settings.vocab_limit is not None:  # ids past it exist only in the padded table
+        logits = logits[:, : settings.vocab_limit]
     token = strategies.choose_tokens(
         logits, jax.random.fold_in(carry.key, carry.step),
         temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
@@ -171,11 +174,17 @@ def _check_ids(ids, vocab_size: int, what: str) -> list[int]:
 
 
 def _settings(vocab_size, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_id=None,
-              stop_sequences=None, pad_id=0) -> DecodeSettings:
+              stop_sequences=None, pad_id=0, vocab_limit=None) -> DecodeSettings:
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
     if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}.")
+    if vocab_limit is not None:
+        if not isinstance(vocab_limit, (int, np.integer)) or not 1 <= vocab_limit <= vocab_size:
+            raise ValueError(
+                f"vocab_limit must be an integer in [1, vocab_size={vocab_size}], got {vocab_limit!r}."
+            )
+        vocab_size = int(vocab_limit)
     if top_k is not None and (not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= vocab_size):
         raise ValueError(f"top_k must be an integer in [1, vocab_size={vocab_size}], got {top_k!r}.")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
@@ -190,7 +199,8 @@ def _settings(vocab_size, max_new_tokens, temperature=0.0, top_k=None, top_p=Non
             raise ValueError(f"stop_sequences[{i}] is empty.")
         stops.append(tuple(stop))
     return DecodeSettings(int(max_new_tokens), float(temperature), None if top_k is None else int(top_k),
-                          None if top_p is None else float(top_p), eos_id, tuple(stops), pad_id)
+                          None if top_p is None else float(top_p), eos_id, tuple(stops), pad_id,
+                          None if vocab_limit is None else int(vocab_limit))
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], batch_size: int, *, pad_id: int, bucket: int,
@@ -286,6 +296,7 @@ def generate(
     pad_id: int = 0,
     prompt_bucket: int = 64,
     prefill_chunk_size: int | None = None,
+    vocab_limit: int | None = None,
 ) -> GenerationOutput:
     """Generates continuations of `prompts` (lists of token ids).
 
@@ -307,11 +318,15 @@ def generate(
         recompiles across prompt lengths; padding never changes results).
       prefill_chunk_size: feed the prompt in chunks of this many tokens (less
         activation memory for long prompts); None = one call.
+      vocab_limit: generate only ids below it, e.g. the tokenizer's size when
+        the model's vocabulary is padded (H3: GPT-2's 50257 of 50264 rows; the
+        original's ``generate(vocab_size=...)``); logprobs are then over those
+        ids. None = every id of the model.
     """
     skeleton, params, state, ids, pos, settings, count = _prepare(
         model, prompts,
         dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-             eos_id=eos_id, stop_sequences=stop_sequences, pad_id=pad_id),
+             eos_id=eos_id, stop_sequences=stop_sequences, pad_id=pad_id, vocab_limit=vocab_limit),
         prompt_bucket, prefill_chunk_size,
     )
     carry = _prefill(skeleton, params, state, ids, pos, jax.random.key(seed), settings,

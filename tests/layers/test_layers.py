@@ -8,7 +8,7 @@ from penzai import pz
 from streams import context, continue_in_pieces, run_fresh
 
 from recurrent_lm.core.context import DocumentContext
-from recurrent_lm.layers import attention, conv, linear, norms, rg_lru, rope
+from recurrent_lm.layers import attention, conv, embeddings, linear, norms, rg_lru, rope
 
 
 def named(x, *names):
@@ -140,18 +140,27 @@ def test_rms_norm_matches_numpy():
     np.testing.assert_allclose(layer(named(x, "seq", "embedding")).unwrap("seq", "embedding"), expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fraction", [0.5, 1.0])
-def test_rope_rotates_leading_pairs_in_rotate_half_layout(fraction):
+ROPES = {
+    "half": (16, lambda: rope.RotaryEmbedding(0.5, 10_000.0), 8),
+    "full": (16, lambda: rope.RotaryEmbedding(1.0, 10_000.0), 16),
+    # Counts (flash-attn's rotary_emb_dim): 6 of 10 as in the H3 fixture; 30 of
+    # 44 is no exact float fraction of the head (44 * (30 / 44) != 30).
+    "6_of_10": (10, lambda: rope.RotaryEmbedding.leading(6, 10_000.0), 6),
+    "30_of_44": (44, lambda: rope.RotaryEmbedding.leading(30, 10_000.0), 30),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROPES))
+def test_rope_rotates_leading_pairs_in_rotate_half_layout(case):
+    head_dim, make, rot = ROPES[case]
     rng = np.random.default_rng(0)
-    head_dim, steps = 16, 7
+    steps = 7
     x = rng.normal(size=(steps, head_dim)).astype(np.float32)
     pos = np.array([0, 1, 2, 0, 1, 5, -1], np.int32)
-    layer = rope.RotaryEmbedding(fraction, 10_000.0)
-    y = layer(named(x, "seq", "projection"), context=DocumentContext.build(named(pos, "seq")))
+    y = make()(named(x, "seq", "projection"), context=DocumentContext.build(named(pos, "seq")))
     y = y.unwrap("seq", "projection")
-    rot = int(head_dim * fraction)
     half = rot // 2
-    expected = x.astype(np.float64).copy()
+    expected = x.astype(np.float64).copy()  # features from `rot` on pass through
     for t in range(steps):
         for j in range(half):
             angle = pos[t] * 10_000.0 ** (-2 * j / rot)
@@ -164,6 +173,27 @@ def test_rope_rotates_leading_pairs_in_rotate_half_layout(fraction):
 def test_rope_rejects_odd_rotary_width():
     with pytest.raises(ValueError, match="must be an even integer"):
         rope.rotary_dims(12, 0.25)
+    with pytest.raises(ValueError, match="must be an even integer"):
+        rope.rotary_dims(44, 30 / 44)  # why counts exist
+    for dims in (5, 12):
+        with pytest.raises(ValueError, match=f"RoPE on {dims} features of head_dim 10"):
+            rope.RotaryEmbedding.leading(dims, 10_000.0).features(10)
+
+
+def test_learned_positions_add_the_row_of_each_documents_position():
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(6, 4)).astype(np.float32)
+    layer = embeddings.LearnedPositions(
+        table=pz.Parameter(value=named(table, "positions", "embedding"), label="positions"))
+    x = rng.normal(size=(2, 7, 4)).astype(np.float32)
+    pos = np.array([[-1, 0, 1, 2, 0, 1, 5], [0, 1, 2, 3, 4, 5, 6]], np.int32)
+    y = layer(named(x, "batch", "seq", "embedding"), context=DocumentContext.build(named(pos, "batch", "seq")))
+    y = np.asarray(y.unwrap("batch", "seq", "embedding"))
+    # Padding reads row 0; position 6 is past the 6-row table: NaN, not a clamped row.
+    expected = x + table[np.clip(pos, 0, 5)]
+    np.testing.assert_allclose(y[0], expected[0], rtol=1e-6)
+    np.testing.assert_allclose(y[1, :6], expected[1, :6], rtol=1e-6)
+    assert np.isnan(y[1, 6]).all()
 
 
 def test_causal_mask_sees_window_plus_one_keys_within_documents():

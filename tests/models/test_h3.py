@@ -294,7 +294,7 @@ def test_dropout_only_in_training_mode(model, inputs, full_logits):
 
 
 def test_original_initialisation():
-    config = h3.H3Config.from_preset("tiny", num_hidden_layers=2, d_state=64)
+    config = h3.H3Config.from_preset("tiny", num_hidden_layers=2, d_state=64, max_position_embeddings=256)
     values = jax.jit(lambda key: parameter_values(h3.build_model(config, key)))(
         jax.random.key(2)
     )
@@ -304,6 +304,7 @@ def test_original_initialisation():
         abs(std("blocks.0.mixer.output_linear.weights") - 0.02) < 0.002
     )  # not rescaled
     assert abs(std("embedder.embeddings") - 0.02) < 0.002
+    assert abs(std("embedder.position_embeddings") - 0.02) < 0.002  # the original's nn.Embedding
     residual = 0.02 / math.sqrt(2 * config.num_hidden_layers)
     assert abs(std("blocks.0.mlp.down.weights") - residual) < 0.1 * residual
     assert abs(std("blocks.1.mixer.output.weights") - residual) < 0.1 * residual
@@ -354,11 +355,21 @@ def test_save_and_load_round_trip(model, inputs, full_logits, tmp_path):
         ({"head_dim": 2}, "head_dim must be 1 .*got 2"),
         ({"embedding_dropout": 1.5}, "embedding_dropout must be in"),
         ({"rotary_emb_dim": 3}, "rotary_emb_dim must be even"),
+        ({"rotary_emb_dim": 18}, "rotary_emb_dim must be even and in \\[0, attention head dim 16\\]"),
+        ({"max_position_embeddings": -1}, "max_position_embeddings must be a non-negative integer"),
+        ({"attention_softmax_scale": 0.0}, "attention_softmax_scale must be > 0"),
     ],
 )
 def test_bad_configs(overrides, message):
     with pytest.raises(ValueError, match=message):
         h3.H3Config.from_preset("tiny", **overrides)
+
+
+def test_heads_matter_only_with_attention_layers():
+    config = h3.H3Config.from_preset("tiny", attn_layer_idx=(), num_attention_heads=5)
+    assert config.attn_layer_idx == ()
+    with pytest.raises(ValueError, match="num_attention_heads 5 does not divide hidden_size 64"):
+        h3.H3Config.from_preset("tiny", num_attention_heads=5)
 
 
 def test_bad_inputs(model):

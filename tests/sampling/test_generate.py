@@ -72,6 +72,21 @@ def test_logprobs_are_the_models_log_probabilities(model):
     assert all(lp <= 0 for lp in out.logprobs[0])
 
 
+def test_vocab_limit_generates_only_ids_below_it(model):
+    """As the original H3's generate(vocab_size=...) over a padded vocabulary."""
+    from penzai import pz
+
+    prompt, limit = ragged_prompts(model.config.vocab_size)[1], 10
+    out = generate(model, [prompt], max_new_tokens=6, vocab_limit=limit, return_logprobs=True)
+    ids = jnp.asarray([prompt + out.tokens[0]], jnp.int32)
+    logits = model(pz.nx.wrap(ids).tag("batch", "seq")).unwrap("batch", "seq", "vocabulary")[0]
+    allowed = logits[len(prompt) - 1 : -1, :limit]
+    assert int(jnp.argmax(logits[len(prompt) - 1 : -1], -1).max()) >= limit, "the limit must matter"
+    np.testing.assert_array_equal(out.tokens[0], jnp.argmax(allowed, -1))
+    expected = jax.nn.log_softmax(allowed)[jnp.arange(6), jnp.asarray(out.tokens[0])]
+    np.testing.assert_allclose(out.logprobs[0], expected, rtol=1e-4, atol=1e-5)
+
+
 def test_seed_determinism_and_top_k_one_is_greedy(model):
     prompts = ragged_prompts(model.config.vocab_size)
     sampled = generate(model, prompts, max_new_tokens=10, temperature=1.0, seed=3)
@@ -148,6 +163,8 @@ def test_sampling_mode_model_bounds_the_batch(model):
         (dict(top_p=0.0), ValueError, "top_p must be in \\(0, 1\\]"),
         (dict(top_p=1.5), ValueError, "top_p must be in \\(0, 1\\]"),
         (dict(top_k=0), ValueError, "top_k must be an integer in \\[1, vocab_size"),
+        ({"vocab_limit": 0}, ValueError, "vocab_limit must be an integer in \\[1, vocab_size"),
+        ({"vocab_limit": 8, "top_k": 9}, ValueError, "top_k must be an integer in \\[1, vocab_size=8\\]"),
         (dict(eos_id=1000), ValueError, "eos_id has token id 1000"),
         (dict(stop_sequences=[[]]), ValueError, "stop_sequences\\[0\\] is empty"),
         (dict(prompts=["hello"]), TypeError, "integer token ids"),
