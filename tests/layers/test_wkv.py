@@ -206,6 +206,7 @@ def test_state_continuation_equals_one_call():
     )
 
 
+@pytest.mark.slow
 def test_100k_steps_with_huge_keys_stay_finite():
     """Keys far above 88 (exp overflows float32) and very fast / slow decays."""
     seq, width = 100_000, 4

@@ -238,6 +238,7 @@ def test_build_model_uses_rwkv_initialisation(fresh_model):
     np.testing.assert_array_equal(values["ln_out.scale"], 1.0)
 
 
+@pytest.mark.slow
 def test_100k_tokens_with_large_keys_stay_finite(fresh_model):
     """Keys far beyond 88 (exp overflows float32) over a 100k-token sequence."""
     noise = jax.random.normal(jax.random.key(2), (10, 12))
