@@ -24,7 +24,7 @@ def test_demo_samples_from_the_bundled_model_and_round_trips(tmp_path, capsys):
     assert "bit-exact: True" in out and "same samples: True" in out
     assert "DecoderLM(" in out and "RGLRU(" in out
     assert len(result["samples"]) == 2 and all(s.strip() for s in result["samples"])
-    for prompt, sample in zip(prompts, result["samples"]):
+    for prompt, sample in zip(prompts, result["samples"], strict=True):
         assert f"{prompt}{sample}".replace("\n", "\n    ") in out
     assert (tmp_path / "tokenizer.model").exists()
 

@@ -130,7 +130,8 @@ def test_prompt_states(model, expected):
     wrappers = pz.select(sampler).at_instances_of(Stateful).get_sequence()
     diag = [w for w in wrappers if isinstance(w.layer, ssm.DiagonalSSM)]
     shift = [w for w in wrappers if isinstance(w.layer, ssm.ShiftSSM)]
-    for twin_diag, twin_shift, layer in zip(diag, shift, (0, 2)):
+    assert len(diag) == len(shift) == 2  # layers 0 and 2 (layer 1 is attention)
+    for twin_diag, twin_shift, layer in zip(diag, shift, (0, 2), strict=True):
         h = twin_diag.state.value.unwrap("batch", "heads", "state")
         assert rel(h.real, expected[f"prompt_state_diag_layer{layer}_real"]) <= 1e-5
         assert rel(h.imag, expected[f"prompt_state_diag_layer{layer}_imag"]) <= 1e-5
