@@ -13,11 +13,19 @@ imports no architecture.
 from recurrent_lm.layers.attention import Attention, KVCache, attend, causal_mask
 from recurrent_lm.layers.causal_filter import causal_filter, token_shift
 from recurrent_lm.layers.conv import CausalConv1D
-from recurrent_lm.layers.embeddings import bfloat16_sqrt, embedding_table
+from recurrent_lm.layers.embeddings import (
+    EmbeddingLookup,
+    bfloat16_sqrt,
+    embedding_table,
+)
 from recurrent_lm.layers.linear import BlockDiagonalLinear, dense
 from recurrent_lm.layers.mlp import MLP, GatedMLP, gelu_tanh
 from recurrent_lm.layers.norms import LayerNorm, RMSNorm
-from recurrent_lm.layers.recurrence import SCAN_METHODS, default_scan_method, linear_scan
+from recurrent_lm.layers.recurrence import (
+    SCAN_METHODS,
+    default_scan_method,
+    linear_scan,
+)
 from recurrent_lm.layers.residual import ResidualBlock
 from recurrent_lm.layers.rg_lru import RGLRU
 from recurrent_lm.layers.rope import RotaryEmbedding, apply_rope
@@ -32,6 +40,7 @@ __all__ = [
     "BlockDiagonalLinear",
     "CausalConv1D",
     "DiagonalSSM",
+    "EmbeddingLookup",
     "GatedMLP",
     "LayerNorm",
     "RMSNorm",

@@ -38,6 +38,7 @@ from recurrent_lm.layers import (
     MLP,
     Attention,
     DiagonalSSM,
+    EmbeddingLookup,
     LayerNorm,
     ResidualBlock,
     RotaryEmbedding,
@@ -311,7 +312,7 @@ def build_model(config: H3Config, key: jax.Array | None) -> DecoderLM:
         ),
         vocabulary_axis=axes.VOCABULARY,
     )
-    embedder = [pz.nn.EmbeddingLookup(table)]
+    embedder = [EmbeddingLookup(table)]
     if config.residual_in_fp32:  # a no-op with float32 parameters
         embedder.append(pz.nn.CastToDType(jnp.float32))
     embedder.append(_dropout(config.embedding_dropout))

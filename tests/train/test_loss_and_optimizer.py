@@ -298,3 +298,25 @@ def test_eval_loss_is_the_mean_over_every_held_out_target(tiny):
     loop.cfg = TrainConfig(batch_size=2, seq_len=8, eval_batches=1)
     expected = numpy_loss(logits[:2], TOKENS[1:3], TARGETS[1:3])
     np.testing.assert_allclose(loop.evaluate(params), expected, rtol=2e-6)
+
+
+def test_a_token_id_outside_the_vocabulary_stops_training(tiny):
+    """The loop's data comes from the tokenizer (ids in range by construction);
+    rows from elsewhere with a bad id, even on a masked padding position, make
+    the step's loss NaN (`EmbeddingLookup`), and the loop stops on it."""
+    from recurrent_lm.train.loop import TrainState
+
+    skeleton, params, param_axes, mesh, _ = tiny
+    cfg = TrainConfig(**OPTIMISER, grad_clip=0.5, batch_size=4, grad_accum=2, seq_len=8)
+    tokens = TOKENS.copy()
+    tokens[3, 6] = 32  # the vocabulary is 32 tokens; padding, outside the loss
+    assert not TARGETS[3, 5]
+    rows = data.PackedRows(tokens, SEGMENT_POS)
+    fns = steps.step_functions(cfg, param_axes)
+    loop = StepLoop(
+        cfg, fns, skeleton, mesh, data.Corpus(rows, None, 7, ""),
+        data.BatchIterator(rows, cfg.batch_size, seed=0), None, {},
+    )
+    state = TrainState.initial(cfg, fns.optimizer, {k: jnp.array(v) for k, v in params.items()}, mesh)
+    with pytest.raises(FloatingPointError, match="loss became nan at step 1"):
+        loop.train_step(state)
