@@ -32,8 +32,8 @@ from recurrentgemma import common
 
 from benchmarks import common as common_args
 from checkpoints_conversion import recurrentgemma as convert
+from recurrent_lm.train import data, sharding, steps
 from recurrent_lm.train import optimizer as optimizer_lib
-from recurrent_lm.train import sharding, steps
 from recurrent_lm.train.config import TrainConfig
 
 
@@ -44,7 +44,7 @@ def official_step(config, optimizer):
         logits, _ = model.apply({"params": params}, ids, pos, return_cache=False)
         logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
         nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-        mask = (pos[:, 1:] > 0).astype(jnp.float32)
+        mask = data.loss_mask(pos).astype(jnp.float32)
         return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
     @jax.jit

@@ -46,7 +46,9 @@ def sources(*relative: str) -> list[pathlib.Path]:
     files = []
     for rel in relative:
         path = PACKAGE / rel
-        files.extend(sorted(path.rglob("*.py")) if path.is_dir() else [path])
+        found = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        assert found, f"{path} holds no Python files: the check would pass vacuously"
+        files.extend(found)
     return files
 
 

@@ -74,7 +74,9 @@ def functional(model) -> tuple[Callable, dict[str, Any], dict[str, Any]]:
     [batch, seq, vocabulary]; options go to ``model.forward`` (e.g.
     ``last_position_only=True``; ``new_streams=True`` for a sampling-mode
     model). No host checks run inside: validate inputs before (see
-    `jit_forward`). `apply` is `call` with the model's skeleton bound.
+    `jit_forward`); an id outside the vocabulary gives NaN logits in its row
+    (`recurrent_lm.layers.embeddings.EmbeddingLookup`). `apply` is `call`
+    with the model's skeleton bound.
     """
     skeleton, params, state = split(model)
     return functools.partial(call, skeleton), params, state

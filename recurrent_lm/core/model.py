@@ -29,7 +29,12 @@ from recurrent_lm.core.context import DocumentContext, default_segment_pos
 
 
 def check_tokens(tokens, vocab_size: int) -> None:
-    """Validates model inputs; the range check runs when the ids are concrete."""
+    """Validates model inputs; the range check runs when the ids are concrete.
+
+    Under tracing (the caller's jit / grad) an id outside the vocabulary
+    cannot be checked here: the embedding lookup makes that row's logits NaN
+    (`recurrent_lm.layers.embeddings.EmbeddingLookup`).
+    """
     named.check_named(tokens, axes.TOKEN_AXES, "tokens")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise TypeError(f"tokens must be integer token ids, got dtype {tokens.dtype}.")

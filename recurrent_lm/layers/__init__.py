@@ -14,6 +14,7 @@ from recurrent_lm.layers.attention import Attention, KVCache, attend, causal_mas
 from recurrent_lm.layers.causal_filter import causal_filter, token_shift
 from recurrent_lm.layers.conv import CausalConv1D
 from recurrent_lm.layers.embeddings import (
+    EmbeddingLookup,
     LearnedPositions,
     bfloat16_sqrt,
     embedding_table,
@@ -39,6 +40,7 @@ __all__ = [
     "BlockDiagonalLinear",
     "CausalConv1D",
     "DiagonalSSM",
+    "EmbeddingLookup",
     "GatedMLP",
     "KVCache",
     "LayerNorm",

@@ -27,7 +27,15 @@ from recurrent_lm.core import config as rules
 from recurrent_lm.core.config import Config, field
 from recurrent_lm.core.model import DecoderLM
 from recurrent_lm.core.registry import Architecture
-from recurrent_lm.layers import Attention, GatedMLP, ResidualBlock, RMSNorm, embedding_table, rope
+from recurrent_lm.layers import (
+    Attention,
+    EmbeddingLookup,
+    GatedMLP,
+    ResidualBlock,
+    RMSNorm,
+    embedding_table,
+    rope,
+)
 
 SOFT_CAP = rules.Rule(lambda v: v is None or rules.POSITIVE.test(v), "None (off) or > 0")
 NO_DROPOUT = rules.Rule(lambda v: v == 0, "0: recurrent_lm models have no dropout layers (the field exists"
@@ -248,7 +256,7 @@ def build_model(config: GemmaConfig, key: jax.Array | None) -> DecoderLM:
     activation_dtype = jnp.dtype(jnp.float32) if config.upcast_activations_to_float32 else dtype
     width = config.hidden_dim
     table = embedding_table("embedder", key, config.vocabulary_size, width, dtype=dtype)
-    embedder = [pz.nn.EmbeddingLookup(table)]
+    embedder = [EmbeddingLookup(table)]
     if activation_dtype != dtype:
         embedder.append(pz.nn.CastToDType(activation_dtype))
     embedder.append(EmbeddingScale(width))

@@ -27,6 +27,7 @@ from recurrent_lm.layers import (
     RGLRU,
     Attention,
     CausalConv1D,
+    EmbeddingLookup,
     GatedMLP,
     ResidualBlock,
     RMSNorm,
@@ -216,7 +217,7 @@ def build_model(config: GriffinConfig, key: jax.Array | None) -> DecoderLM:
     """
     dtype = jnp.dtype(config.param_dtype)
     table = embedding_table("embedder", key, config.vocab_size, config.hidden_size, dtype=dtype)
-    embedder = [pz.nn.EmbeddingLookup(table)]
+    embedder = [EmbeddingLookup(table)]
     if config.embeddings_scale_by_sqrt_dim:
         embedder.append(pz.nn.ConstantRescale(by=bfloat16_sqrt(config.hidden_size)))
     head = [pz.nn.EmbeddingDecode(table)]

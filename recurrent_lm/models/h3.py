@@ -41,6 +41,7 @@ from recurrent_lm.layers import (
     MLP,
     Attention,
     DiagonalSSM,
+    EmbeddingLookup,
     LayerNorm,
     LearnedPositions,
     ResidualBlock,
@@ -342,7 +343,7 @@ def build_model(config: H3Config, key: jax.Array | None) -> DecoderLM:
         ),
         vocabulary_axis=axes.VOCABULARY,
     )
-    embedder = [pz.nn.EmbeddingLookup(table)]
+    embedder = [EmbeddingLookup(table)]
     if config.max_position_embeddings:
         embedder.append(_positions(key, config))
     if config.residual_in_fp32:  # a no-op with float32 parameters

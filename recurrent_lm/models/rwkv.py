@@ -30,7 +30,14 @@ from recurrent_lm.core import config as rules
 from recurrent_lm.core.config import Config, field
 from recurrent_lm.core.model import DecoderLM
 from recurrent_lm.core.registry import Architecture
-from recurrent_lm.layers import LayerNorm, ResidualBlock, dense, init, recurrence
+from recurrent_lm.layers import (
+    EmbeddingLookup,
+    LayerNorm,
+    ResidualBlock,
+    dense,
+    init,
+    recurrence,
+)
 from recurrent_lm.layers.channel_mix import ChannelMix
 from recurrent_lm.layers.wkv import TimeMix
 from recurrent_lm.params import bind_parameters, parameter_values
@@ -190,7 +197,7 @@ def _build(config: RwkvConfig, key: jax.Array | None) -> DecoderLM:
         config=config,
         # Block 0's pre_ln normalises the embeddings: it belongs to the embedder.
         embedder=pz.nn.Sequential(
-            [pz.nn.EmbeddingLookup(table), norm("blocks.0.pre_ln")]
+            [EmbeddingLookup(table), norm("blocks.0.pre_ln")]
         ),
         blocks=pz.nn.Sequential(blocks),
         final_norm=norm("ln_out", LN_OUT_EPS),

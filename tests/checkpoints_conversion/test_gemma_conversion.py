@@ -105,6 +105,65 @@ def test_release_shapes_give_the_release_config(preset):
     assert convert.infer_config(tree) == dataclasses.replace(config, param_dtype="bfloat16")
 
 
+PENZAI_PRESETS = {
+    "gemma-2b": "gemma_2b",
+    "gemma-7b": "gemma_7b",
+    "gemma2-2b": "gemma2_2b",
+    "gemma2-9b": "gemma2_9b",
+    "gemma2-27b": "gemma2_27b",
+}
+
+
+def penzai_parameters(model) -> dict:
+    """``{label: value}`` of a penzai model's parameters."""
+    from penzai import pz
+
+    return {p.label: p.value for p in pz.unbind_params(model, freeze=True)[1]}
+
+
+def named_shapes(values) -> dict[str, dict[str, int]]:
+    # Outside `jax.eval_shape`: inside, the ints would come out as scalar structs.
+    return {label: dict(value.named_shape) for label, value in values.items()}
+
+
+@pytest.mark.parametrize("preset", sorted(PENZAI_PRESETS))
+def test_release_layout_is_the_one_penzai_reads(preset):
+    """Our layout table of each release preset, fed (as shapes: `jax.eval_shape`)
+    to penzai's own release converter, gives exactly the parameters penzai's
+    Gemma of that release declares: the release's leaves, shapes and gating
+    transposition are the ones penzai knows."""
+    from penzai.models.transformer.variants import gemma as pz_gemma
+    from penzai.models.transformer.variants import llamalike_common
+
+    name = PENZAI_PRESETS[preset]
+    config = gemma.PRESETS[preset]
+    named = {k: v.named_shape
+             for k, v in abstract_parameters(lambda key: gemma.build_model(config, key)).items()}
+    layouts = convert.leaf_layouts(config, gating_transposed=pz_gemma._NEEDS_GATING_TRANSPOSE[name])
+    release: dict = {}
+    for layout in layouts:
+        module, leaf = f"transformer/{layout.path}".rsplit("/", 1)
+        release.setdefault(module, {})[leaf] = jax.ShapeDtypeStruct(
+            layout.shape(named[layout.labels[0]]), jnp.bfloat16
+        )
+    read = named_shapes(jax.eval_shape(
+        lambda tree: penzai_parameters(pz_gemma.gemma_from_pretrained_checkpoint(tree, preset_name=name)),
+        release,
+    ))
+    penzai_config = llamalike_common.LlamalikeTransformerConfig(
+        **pz_gemma._GEMMA_PRESETS[name], parameter_dtype=jnp.bfloat16, mlp_variant="geglu_approx",
+        rope_wavelength=10_000, tie_embedder_and_logits=True, activation_dtype=jnp.bfloat16,
+    )
+    declared = named_shapes(jax.eval_shape(
+        lambda key: penzai_parameters(
+            llamalike_common.build_llamalike_transformer(penzai_config, init_base_rng=key, name="transformer")
+        ),
+        jax.random.key(0),
+    ))
+    assert len(declared) == len(read) > 100
+    assert read == declared
+
+
 def test_bfloat16_checkpoint_keeps_its_dtype_and_overrides_cast():
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), official_params(CASES["gemma1_mqa"]))
     model = convert.from_official_params(params)

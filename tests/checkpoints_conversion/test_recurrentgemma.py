@@ -17,12 +17,17 @@ from griffin_cases import (
 import recurrent_lm
 from checkpoints_conversion import recurrentgemma as convert
 from checkpoints_conversion.common import flatten, unflatten
-from recurrent_lm.params import CheckpointMismatchError, parameter_values
+from recurrent_lm.models import griffin
+from recurrent_lm.params import (
+    CheckpointMismatchError,
+    abstract_parameters,
+    parameter_values,
+)
 
 
 def assert_trees_identical(actual, expected):
     actual, expected = flatten(actual), flatten(expected)
-    assert sorted(actual) == sorted(expected)
+    assert expected and sorted(actual) == sorted(expected)
     for path in expected:
         a, e = np.asarray(actual[path]), np.asarray(expected[path])
         assert a.dtype == e.dtype and a.shape == e.shape, path
@@ -60,6 +65,38 @@ def test_official_round_trip_is_bit_exact(official_case):
     params = official_params(official_case)
     model = convert.from_official_params(params, **official_case.overrides())
     assert_trees_identical(convert.to_official_params(model), params)
+
+
+@pytest.mark.parametrize(
+    "preset, official",
+    [("recurrentgemma-2b", "RECURRENT_GEMMA_2B_V1"), ("recurrentgemma-9b", "RECURRENT_GEMMA_9B_V1")],
+)
+def test_release_presets_have_the_shapes_of_the_official_init(preset, official):
+    """Our layout table for each release preset lists exactly the leaves, and
+    shapes, that recurrentgemma's own `init` of that release creates
+    (`jax.eval_shape`: no arrays)."""
+    import recurrentgemma.jax as rg
+    from recurrentgemma import common
+
+    config = griffin.PRESETS[preset]
+    official_config = rg.GriffinConfig.from_preset(
+        common.Preset[official], vocab_size=config.vocab_size
+    )
+    ids, pos = jnp.zeros((1, 2), jnp.int32), jnp.arange(2)[None]
+    tree = jax.eval_shape(
+        lambda key: rg.Griffin(official_config).init(key, ids, pos)["params"], jax.random.key(0)
+    )
+    expected = {path: tuple(leaf.shape) for path, leaf in flatten(tree).items()}
+    named = {
+        label: value.named_shape
+        for label, value in abstract_parameters(lambda key: griffin.build_model(config, key)).items()
+    }
+    ours = {
+        layout.path: layout.shape(named[layout.labels[0]])
+        for layout in convert.leaf_layouts(config)
+    }
+    assert len(expected) > 400
+    assert ours == expected
 
 
 def test_bfloat16_checkpoint_keeps_its_dtype():

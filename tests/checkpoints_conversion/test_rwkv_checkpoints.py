@@ -28,7 +28,7 @@ BLINKDL_NAMES = {
 
 
 def assert_same_state_dict(actual, expected):
-    assert sorted(actual) == sorted(expected)
+    assert expected and sorted(actual) == sorted(expected)
     for name in expected:
         np.testing.assert_array_equal(
             np.asarray(actual[name]), np.asarray(expected[name]), err_msg=name

@@ -235,3 +235,17 @@ def test_layers_need_a_context():
     layer = conv.CausalConv1D.from_config("conv", jax.random.key(0), 4, 4)
     with pytest.raises(ValueError, match="needs the side input context"):
         layer(named(np.zeros((1, 3, 4), np.float32), "batch", "seq", "lru"))
+
+
+def test_embedding_lookup_gives_nan_rows_for_ids_outside_the_vocabulary():
+    """Under jit ids have no values to check: a bad one must not clamp to a
+    valid row (nor -1 read the last row), but come out NaN."""
+    from recurrent_lm.layers.embeddings import EmbeddingLookup, embedding_table
+
+    table = embedding_table("e", jax.random.key(0), 5, 3)
+    rows = np.asarray(table.embeddings.value.unwrap("vocabulary", "embedding"))
+    ids = jnp.asarray([[0, 4, 5, -1, 2, 1 << 30, -(1 << 30)]], jnp.int32)
+    lookup = jax.jit(lambda ids: EmbeddingLookup(table)(pz.nx.wrap(ids).tag("batch", "seq")))
+    out = np.asarray(lookup(ids).unwrap("batch", "seq", "embedding"))[0]
+    np.testing.assert_array_equal(out[[0, 1, 4]], rows[[0, 4, 2]])
+    assert np.isnan(out[[2, 3, 5, 6]]).all()

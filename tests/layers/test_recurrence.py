@@ -125,7 +125,7 @@ def test_gradients_agree_across_methods():
 
     reference = grads("sequential")
     for method in ("associative", "chunked"):
-        for g, r in zip(grads(method), reference):
+        for g, r in zip(grads(method), reference, strict=True):
             np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 

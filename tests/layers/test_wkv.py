@@ -157,6 +157,7 @@ def test_packed_and_padded_rows_match_hf_per_document(method):
     pos = segment_layout(batch, seq)
     with jax.enable_x64():
         y, _ = ours(decay, first, k, v, pos, method=method, dtype=np.float64)
+    compared = 0
     for row in range(batch):
         starts = [t for t in range(seq) if pos[row, t] == 0] + [seq]
         for lo, hi in itertools.pairwise(starts):
@@ -166,6 +167,9 @@ def test_packed_and_padded_rows_match_hf_per_document(method):
             np.testing.assert_allclose(
                 y[row : row + 1, lo:hi], expected, rtol=1e-12, atol=1e-12
             )
+            compared += hi - lo
+    # Every real (non-padding) position was compared.
+    assert compared == (pos >= 0).sum() and (pos == 0).sum() > batch
 
 
 @pytest.mark.parametrize("chunk_size", [3])
@@ -183,10 +187,10 @@ def test_chunked_scan_with_several_chunks(chunk_size):
         chk_h, chk_last = recurrence.scaled_linear_scan(
             log_a, inputs, keys, reset=reset, method="chunked", chunk_size=chunk_size
         )
-        for a, b in zip(
-            (*seq_h.real_values(), *seq_last.real_values()),
-            (*chk_h.real_values(), *chk_last.real_values()),
-        ):
+        sequential = (*seq_h.real_values(), *seq_last.real_values())
+        chunked = (*chk_h.real_values(), *chk_last.real_values())
+        assert len(sequential) == len(chunked) >= 2
+        for a, b in zip(sequential, chunked, strict=True):
             np.testing.assert_allclose(
                 b.unwrap(*a.named_shape), a.unwrap(*a.named_shape), rtol=1e-12
             )
@@ -217,7 +221,7 @@ def test_100k_steps_with_huge_keys_stay_finite():
     decay = np.array([-8.0, 0.0, 4.0, 100.0])  # w = -exp(100) = -inf in float32
     y, last = ours(decay, np.zeros(width), k, v, np.arange(seq, dtype=np.int32)[None])
     assert np.isfinite(y).all()
-    assert all(np.isfinite(x).all() for x in last)
+    assert len(last) == 3 and all(np.isfinite(x).all() for x in last)
     # A weighted mean of values: within their range.
     assert np.abs(y).max() <= np.abs(v).max() + 1e-4
     # The tail agrees with HF on the last 50 steps from the state before them.

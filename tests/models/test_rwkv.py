@@ -81,6 +81,7 @@ def test_packed_and_padded_rows_match_hf_per_document():
     pos = segment_layout(case.batch, case.seq)
     ours = logits_of(our_model(CASES["odd"]), ids, pos)
     reference = hf_model(CASES["odd"])
+    compared = 0
     for row in range(case.batch):
         starts = [t for t in range(case.seq) if pos[row, t] == 0] + [case.seq]
         for lo, hi in itertools.pairwise(starts):
@@ -89,6 +90,8 @@ def test_packed_and_padded_rows_match_hf_per_document():
                 row,
                 lo,
             )
+            compared += hi - lo
+    assert compared == (pos >= 0).sum()  # every real position
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +127,7 @@ def test_shared_fixture_logits_and_hidden_states(fixture_model):
         return streams, final.unwrap("batch", "seq", "embedding"), logits
 
     streams, final, logits = residuals(model, tokens, segment_pos)
+    assert len(streams) == model.config.num_hidden_layers
     assert max_relative_error(logits, expected["logits_norescale"]) <= 1e-5
     assert max_relative_error(logits, expected["logits"]) <= 2e-3  # HF eval (rescaled)
     for i, got in enumerate(streams):
@@ -185,7 +189,8 @@ def test_generate_greedy_follows_the_full_forward():
     model = our_model(case)
     prompts = [[1, 5, 7, 2, 9], [3, 4]]
     out = generate(model, prompts, max_new_tokens=4)
-    for prompt, tokens in zip(prompts, out.tokens):
+    assert [len(tokens) for tokens in out.tokens] == [4, 4]
+    for prompt, tokens in zip(prompts, out.tokens, strict=True):
         sequence = np.asarray([prompt + tokens], np.int32)
         logits = logits_of(model, sequence)[0]
         for j, token in enumerate(tokens):
@@ -243,13 +248,17 @@ def test_100k_tokens_with_large_keys_stay_finite(fresh_model):
     """Keys far beyond 88 (exp overflows float32) over a 100k-token sequence."""
     noise = jax.random.normal(jax.random.key(2), (10, 12))
 
+    changed = []
+
     def large_keys(param):
         if not param.label.endswith("attention.key.weights"):
             return param
+        changed.append(param.label)
         value = pz.nx.wrap(40.0 * noise).tag("wkv", "embedding")  # |k| up to ~500
         return pz.Parameter(label=param.label, value=value.order_like(param.value))
 
     model = pz.select(fresh_model).at_instances_of(pz.Parameter).apply(large_keys)
+    assert len(changed) == fresh_model.config.num_hidden_layers
     ids = np.random.default_rng(0).integers(0, 11, (1, 100_000)).astype(np.int32)
     logits = np.asarray(recurrent_lm.jit_forward(model)(ids))
     assert np.isfinite(logits).all()

@@ -65,6 +65,7 @@ def test_logprobs_are_the_models_log_probabilities(model):
 
     prompt = ragged_prompts(model.config.vocab_size)[1]
     out = generate(model, [prompt], max_new_tokens=5, return_logprobs=True)
+    assert len(out.tokens[0]) == len(out.logprobs[0]) == 5
     ids = jnp.asarray([prompt + out.tokens[0]], jnp.int32)
     logits = model(pz.nx.wrap(ids).tag("batch", "seq")).unwrap("batch", "seq", "vocabulary")[0]
     expected = [jax.nn.log_softmax(logits[len(prompt) - 1 + i])[t] for i, t in enumerate(out.tokens[0])]
@@ -109,21 +110,31 @@ def test_top_k_and_top_p_filters():
     np.testing.assert_allclose(counts, [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=0.04)
 
 
+def first_end(tokens, stop) -> int | None:
+    """Length of `tokens` up to and including the first occurrence of `stop`."""
+    for end in range(len(stop), len(tokens) + 1):
+        if tokens[end - len(stop) : end] == stop:
+            return end
+    return None
+
+
 def test_eos_and_stop_sequences_end_rows(model):
+    """Every row is the greedy continuation cut where it first generates the
+    EOS id / the stop sequence, or runs to the length limit."""
     prompts = ragged_prompts(model.config.vocab_size)
     greedy = generate(model, prompts, max_new_tokens=12)
-    eos = greedy.tokens[0][4]
-    out = generate(model, prompts, max_new_tokens=12, eos_id=eos)
-    first = out.tokens[0]
-    assert first == greedy.tokens[0][: greedy.tokens[0].index(eos) + 1]
-    assert out.finish_reasons[0] == "eos"
-    stop = greedy.tokens[1][5:7]
-    out = generate(model, prompts, max_new_tokens=12, stop_sequences=[stop])
-    assert out.tokens[1][-2:] == stop and out.finish_reasons[1] == "stop_sequence"
-    assert out.tokens[1] == greedy.tokens[1][: len(out.tokens[1])]
-    for row, reason in enumerate(out.finish_reasons):
-        if reason == "length":
-            assert out.tokens[row] == greedy.tokens[row]
+    assert all(len(row) == 12 for row in greedy.tokens)
+    for end_on, reason in (([greedy.tokens[0][4]], "eos"), (greedy.tokens[1][5:7], "stop_sequence")):
+        if reason == "eos":
+            out = generate(model, prompts, max_new_tokens=12, eos_id=end_on[0])
+        else:
+            out = generate(model, prompts, max_new_tokens=12, stop_sequences=[end_on])
+        ends = [first_end(row, end_on) for row in greedy.tokens]
+        assert ends[0 if reason == "eos" else 1] is not None
+        assert out.finish_reasons == ["length" if end is None else reason for end in ends]
+        assert out.tokens == [row[:end] for row, end in zip(greedy.tokens, ends, strict=True)]
+    # Both kinds of row occur: some rows end early, some run to the limit.
+    assert "length" in out.finish_reasons and "stop_sequence" in out.finish_reasons
 
 
 def test_stream_yields_the_generated_tokens(model):
@@ -180,4 +191,4 @@ def test_bad_inputs_raise_clear_errors(model, kwargs, error, message):
 def test_generation_output_is_plain_data(model):
     out = generate(model, [[1, 2]], max_new_tokens=3, return_logprobs=True)
     assert dataclasses.asdict(out)["finish_reasons"] == ["length"]
-    assert all(isinstance(t, int) for t in out.tokens[0])
+    assert len(out.tokens[0]) == 3 and all(isinstance(t, int) for t in out.tokens[0])

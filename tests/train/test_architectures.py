@@ -21,6 +21,7 @@ def test_a_few_steps_lower_the_loss(setup, model, tmp_path):
     )
     result = train(config)
     losses = [result.losses[step] for step in sorted(result.losses)]
+    assert len(losses) == 4
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]
     assert type(result.model.config).__module__.endswith(model)

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 from integrity_helpers import flip_middle, largest_file
-from train_setup import STEPS
+from train_setup import STEPS, reference_learning_rate
 
 from recurrent_lm import tokenizer as tokenizer_lib
 from recurrent_lm.train import checkpointing, cli, data, train
@@ -28,6 +28,9 @@ def test_reference_run_learns_and_writes_metrics(setup):
     for r in records:
         assert {"step", "loss", "tokens_per_s", "grad_norm", "learning_rate"} <= set(r)
         assert r["tokens_per_s"] > 0 and np.isfinite(r["loss"])
+        # Step n's record shows the rate of update n - 1 (0-based): the one it used.
+        expected_lr = reference_learning_rate(setup.config, r["step"] - 1)
+        assert r["learning_rate"] == pytest.approx(expected_lr, rel=1e-6)
     assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
     # on_step_end saw every step, after its record (eval loss included) was complete.
     assert setup.reference_hook_calls == [(r["step"], r) for r in records]

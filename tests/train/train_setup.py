@@ -6,12 +6,32 @@ shared (`steps._step_functions` is cached) and each test pays no compilation.
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 
 from recurrent_lm.train import TrainConfig, TrainResult
 
 STEPS = 6
+
+
+def reference_learning_rate(cfg: TrainConfig, update: int) -> float:
+    """The learning rate of optimiser update `update` (0-based), as the settings
+    define it: a linear warmup whose ``warmup_steps`` updates end at the peak
+    (lr * (update + 1) / warmup), then a decay from the peak at update
+    ``warmup_steps`` to ``lr * min_lr_ratio`` at ``total_decay_steps``, held after.
+    """
+    lr, end = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+    total = cfg.total_decay_steps
+    warmup = min(cfg.warmup_steps, total)
+    if update < warmup:
+        return lr * (update + 1) / warmup
+    if cfg.lr_schedule == "constant":
+        return lr
+    done = min((update - warmup) / max(total - warmup, 1), 1.0)
+    if cfg.lr_schedule == "linear":
+        return lr + (end - lr) * done
+    return end + (lr - end) * 0.5 * (1 + math.cos(math.pi * done))
 
 
 def write_corpus(path, documents: int = 120, seed: int = 0):
