@@ -22,7 +22,7 @@ from safetensors.numpy import load_file
 
 from checkpoints_conversion import h3 as convert
 from recurrent_lm.core.context import DocumentContext
-from recurrent_lm.layers import LearnedPositions
+from recurrent_lm.layers import EmbeddingLookup, LearnedPositions
 from recurrent_lm.models import h3
 from recurrent_lm.sampling import to_sampling_mode
 
@@ -172,7 +172,7 @@ def test_position_embeddings_are_added_as_gpt2_does():
     """The embedder's output is word + position embedding rows (independent NumPy)."""
     _, state_dict, model = unseen("positions_adjacent_attention_zoh")
     embedder = model.embedder
-    assert [type(layer) for layer in embedder.sublayers][:2] == [pz.nn.EmbeddingLookup,
+    assert [type(layer) for layer in embedder.sublayers][:2] == [EmbeddingLookup,
                                                                  LearnedPositions]
     got = embedder(tokens(IDS), context=DocumentContext.build(tokens(PACKED)))
     words = state_dict["backbone.embeddings.word_embeddings.weight"][IDS]
