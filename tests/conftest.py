@@ -11,6 +11,13 @@ os.environ.setdefault(
     str(pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax_compilation"),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# The suite's programs are tiny and compiled far more often than they run (eager penzai
+# calls compile op by op): XLA:CPU without its backend optimisations and fusion emitters
+# compiles about 2.5x faster (60 -> 25 ms per op here). Numerics stay IEEE float32;
+# parity bounds are unchanged. Appended so that a caller's flags are kept.
+TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -7,7 +7,9 @@
 
 Prompts of different lengths are left-padded (segment position -1) to a common
 bucketed length, so each row starts its own document and gets exactly what it
-would get alone; bucketing bounds recompiles across prompt lengths. The decode
+would get alone; bucketing bounds recompiles across prompt lengths, and across
+``max_new_tokens`` (a multiple of 32 holds the output). Temperature, top-k,
+top-p, the EOS id and the seed are traced: changing them recompiles nothing. The decode
 loop carries the model state, a fixed output buffer and the per-row stop
 bookkeeping, so memory does not grow with the number of generated tokens and
 no token makes a host round trip. `stream` runs the same loop a few steps per
@@ -52,15 +54,15 @@ class GenerationOutput:
     logprobs: list[list[float]] | None = None
 
 
+# The output buffer holds max_new_tokens rounded up to this: nearby lengths share a compile.
+NEW_TOKENS_BUCKET = 32
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeSettings:
-    """Static (compile-time) settings of a decode loop."""
+    """Static (compile-time) settings of a decode loop: they set shapes."""
 
-    max_new_tokens: int
-    temperature: float
-    top_k: int | None
-    top_p: float | None
-    eos_id: int | None
+    buffer_length: int  # max_new_tokens rounded up to NEW_TOKENS_BUCKET
     stop_sequences: tuple[tuple[int, ...], ...]
     pad_id: int
     vocab_limit: int | None = None
@@ -68,6 +70,16 @@ class DecodeSettings:
     @property
     def stop_window(self) -> int:
         return max((len(s) for s in self.stop_sequences), default=1)
+
+
+class SamplingParams(NamedTuple):
+    """Traced settings of a decode loop (scalars): any value, one compile."""
+
+    max_new_tokens: jax.Array  # int32
+    temperature: jax.Array  # float32; 0 = greedy
+    top_k: jax.Array  # int32; the vocabulary size = no top-k
+    top_p: jax.Array  # float32; 1 = no top-p
+    eos_id: jax.Array  # int32; -1 = none
 
 
 class _Carry(NamedTuple):
@@ -81,22 +93,20 @@ class _Carry(NamedTuple):
     key: jax.Array
 
 
-def _record(carry: _Carry, logits, settings: DecodeSettings) -> _Carry:
+def _record(carry: _Carry, logits, settings: DecodeSettings, params: SamplingParams) -> _Carry:
     """Chooses the next token of every row from `logits` [batch, vocab]."""
     logits = logits.astype(jnp.float32)
     if settings.vocab_limit is not None:  # ids past it exist only in the padded table
         logits = logits[:, : settings.vocab_limit]
     token = strategies.choose_tokens(
         logits, jax.random.fold_in(carry.key, carry.step),
-        temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
     )
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
     running = carry.reason == _RUNNING
     token = jnp.where(running, token, settings.pad_id)
     recent = jnp.concatenate([carry.recent[:, 1:], token[:, None]], axis=1)
-    reason = carry.reason
-    if settings.eos_id is not None:
-        reason = jnp.where(running & (token == settings.eos_id), _EOS, reason)
+    reason = jnp.where(running & (token == params.eos_id), _EOS, carry.reason)
     for stop in settings.stop_sequences:
         tail = recent[:, recent.shape[1] - len(stop):]
         hit = jnp.all(tail == jnp.asarray(stop, jnp.int32), axis=1)
@@ -113,8 +123,8 @@ def _record(carry: _Carry, logits, settings: DecodeSettings) -> _Carry:
 
 
 @functools.partial(jax.jit, static_argnames=("settings", "chunk_size"))
-def _prefill(skeleton, params, state, ids, segment_pos, key, settings: DecodeSettings,
-             chunk_size: int | None) -> _Carry:
+def _prefill(skeleton, params, state, ids, segment_pos, key, sampling: SamplingParams,
+             settings: DecodeSettings, chunk_size: int | None) -> _Carry:
     batch, length = ids.shape
     if chunk_size is None or chunk_size >= length:
         logits, state = functional.call(skeleton, params, state, ids, segment_pos, last_position_only=True,
@@ -131,19 +141,20 @@ def _prefill(skeleton, params, state, ids, segment_pos, key, settings: DecodeSet
         logits = logits[-1]
     carry = _Carry(
         state=state,
-        tokens=jnp.full((batch, settings.max_new_tokens), settings.pad_id, jnp.int32),
-        logprobs=jnp.zeros((batch, settings.max_new_tokens), jnp.float32),
+        tokens=jnp.full((batch, settings.buffer_length), settings.pad_id, jnp.int32),
+        logprobs=jnp.zeros((batch, settings.buffer_length), jnp.float32),
         step=jnp.zeros((), jnp.int32),
         reason=jnp.zeros((batch,), jnp.int32),
         length=jnp.zeros((batch,), jnp.int32),
         recent=jnp.full((batch, settings.stop_window), -1, jnp.int32),
         key=key,
     )
-    return _record(carry, logits[:, -1], settings)
+    return _record(carry, logits[:, -1], settings, sampling)
 
 
 @functools.partial(jax.jit, static_argnames=("settings",), donate_argnames=("carry",))
-def _decode(skeleton, params, carry: _Carry, until, settings: DecodeSettings) -> _Carry:
+def _decode(skeleton, params, carry: _Carry, until, sampling: SamplingParams,
+            settings: DecodeSettings) -> _Carry:
     """One-token steps while ``step < until`` and some row is still running."""
 
     def cond(carry):
@@ -152,7 +163,7 @@ def _decode(skeleton, params, carry: _Carry, until, settings: DecodeSettings) ->
     def body(carry):
         last = jax.lax.dynamic_slice_in_dim(carry.tokens, carry.step - 1, 1, axis=1)
         logits, state = functional.call(skeleton, params, carry.state, last)
-        return _record(carry._replace(state=state), logits[:, 0], settings)
+        return _record(carry._replace(state=state), logits[:, 0], settings, sampling)
 
     return jax.lax.while_loop(cond, body, carry)
 
@@ -174,7 +185,7 @@ def _check_ids(ids, vocab_size: int, what: str) -> list[int]:
 
 
 def _settings(vocab_size, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_id=None,
-              stop_sequences=None, pad_id=0, vocab_limit=None) -> DecodeSettings:
+              stop_sequences=None, pad_id=0, vocab_limit=None) -> tuple[DecodeSettings, SamplingParams]:
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
     if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature >= 0):
@@ -198,9 +209,16 @@ def _settings(vocab_size, max_new_tokens, temperature=0.0, top_k=None, top_p=Non
         if not stop:
             raise ValueError(f"stop_sequences[{i}] is empty.")
         stops.append(tuple(stop))
-    return DecodeSettings(int(max_new_tokens), float(temperature), None if top_k is None else int(top_k),
-                          None if top_p is None else float(top_p), eos_id, tuple(stops), pad_id,
-                          None if vocab_limit is None else int(vocab_limit))
+    settings = DecodeSettings(-(-int(max_new_tokens) // NEW_TOKENS_BUCKET) * NEW_TOKENS_BUCKET,
+                              tuple(stops), pad_id, None if vocab_limit is None else int(vocab_limit))
+    sampling = SamplingParams(
+        max_new_tokens=jnp.asarray(max_new_tokens, jnp.int32),
+        temperature=jnp.asarray(temperature, jnp.float32),
+        top_k=jnp.asarray(vocab_size if top_k is None else top_k, jnp.int32),
+        top_p=jnp.asarray(1.0 if top_p is None else top_p, jnp.float32),
+        eos_id=jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32),
+    )
+    return settings, sampling
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], batch_size: int, *, pad_id: int, bucket: int,
@@ -239,15 +257,15 @@ def _prepare(model, prompts, settings_kwargs, prompt_bucket, prefill_chunk_size)
     empty = [i for i, p in enumerate(prompts) if not p]
     if empty:
         raise ValueError(f"prompt {empty[0]} is empty; every prompt needs at least one token.")
-    settings = _settings(vocab_size, **settings_kwargs)
+    settings, sampling = _settings(vocab_size, **settings_kwargs)
     if prompt_bucket < 1:
         raise ValueError(f"prompt_bucket must be a positive integer, got {prompt_bucket!r}.")
     if prefill_chunk_size is not None and prefill_chunk_size < 1:
         raise ValueError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size!r}.")
     ids, pos = pad_prompts(prompts, batch_size, pad_id=settings.pad_id, bucket=prompt_bucket,
                            multiple_of=prefill_chunk_size or 1)
-    skeleton, params, state = _split_sampler(stateless, batch_size, ids.shape[1] + settings.max_new_tokens)
-    return skeleton, params, state, ids, pos, settings, len(prompts)
+    skeleton, params, state = _split_sampler(stateless, batch_size, ids.shape[1] + settings.buffer_length)
+    return skeleton, params, state, ids, pos, settings, sampling, len(prompts)
 
 
 # Building the sampling mode walks the whole model with selectors (tens of ms
@@ -323,15 +341,15 @@ def generate(
         original's ``generate(vocab_size=...)``); logprobs are then over those
         ids. None = every id of the model.
     """
-    skeleton, params, state, ids, pos, settings, count = _prepare(
+    skeleton, params, state, ids, pos, settings, sampling, count = _prepare(
         model, prompts,
         dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
              eos_id=eos_id, stop_sequences=stop_sequences, pad_id=pad_id, vocab_limit=vocab_limit),
         prompt_bucket, prefill_chunk_size,
     )
-    carry = _prefill(skeleton, params, state, ids, pos, jax.random.key(seed), settings,
+    carry = _prefill(skeleton, params, state, ids, pos, jax.random.key(seed), sampling, settings,
                      prefill_chunk_size)
-    carry = _decode(skeleton, params, carry, settings.max_new_tokens, settings)
+    carry = _decode(skeleton, params, carry, sampling.max_new_tokens, sampling, settings)
     return _results(carry, count, return_logprobs)
 
 
@@ -356,10 +374,11 @@ def stream(
     seed = kwargs.pop("seed", 0)
     prompt_bucket = kwargs.pop("prompt_bucket", 64)
     prefill_chunk_size = kwargs.pop("prefill_chunk_size", None)
-    skeleton, params, state, ids, pos, settings, count = _prepare(
+    skeleton, params, state, ids, pos, settings, sampling, count = _prepare(
         model, prompts, kwargs, prompt_bucket, prefill_chunk_size
     )
-    carry = _prefill(skeleton, params, state, ids, pos, jax.random.key(seed), settings,
+    max_new_tokens = int(kwargs["max_new_tokens"])
+    carry = _prefill(skeleton, params, state, ids, pos, jax.random.key(seed), sampling, settings,
                      prefill_chunk_size)
     emitted = [0] * count
     while True:
@@ -367,7 +386,7 @@ def stream(
         yield [tokens[emitted[row]:] for row, tokens in enumerate(result.tokens)]
         emitted = [len(tokens) for tokens in result.tokens]
         step = int(carry.step)
-        if step >= settings.max_new_tokens or all(r != "length" for r in result.finish_reasons):
+        if step >= max_new_tokens or all(r != "length" for r in result.finish_reasons):
             return
-        carry = _decode(skeleton, params, carry, min(step + steps_per_call, settings.max_new_tokens),
-                        settings)
+        carry = _decode(skeleton, params, carry, jnp.asarray(min(step + steps_per_call, max_new_tokens), jnp.int32),
+                        sampling, settings)

@@ -66,7 +66,8 @@ def test_site_names_and_shapes(model, tokens, clean):
     # The state site sees the RG-LRU output, which is what the block gates.
     gate = cache["blocks.0.temporal_block.rg_lru.input_gate_value"]
     assert np.all((values(gate) > 0) & (values(gate) < 1))
-    np.testing.assert_array_equal(logits_array(logits), logits_array(model(tokens)))
+    # Two compiled programs (capturing and plain): equal up to how XLA fuses each.
+    np.testing.assert_allclose(logits_array(logits), logits_array(model(tokens)), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -17,15 +17,16 @@ STATE_PATCH_AT = 3
 
 def perturbed(model, seed=0, scale=0.2):
     """Random offsets on every parameter (zero-initialised projections too)."""
-    keys = iter(jax.random.split(jax.random.key(seed), 10_000))
+    rng = np.random.default_rng(seed)  # NumPy: eager jax.random compiles once per shape
     done = {}  # a tied parameter appears twice: perturb it once
 
     def perturb(param):
         if param.label not in done:
             value = param.value
-            noise = jax.random.normal(next(keys), value.unwrap(*value.named_shape).shape)
-            noise = pz.nx.wrap(scale * noise).tag(*value.named_shape).astype(value.dtype)
-            done[param.label] = pz.Parameter(value=value + noise, label=param.label)
+            names = tuple(value.named_shape)
+            array = np.asarray(value.unwrap(*names))
+            array = array + scale * rng.standard_normal(array.shape).astype(array.dtype)
+            done[param.label] = pz.Parameter(value=pz.nx.wrap(jnp.asarray(array)).tag(*names), label=param.label)
         return done[param.label]
 
     return pz.select(model).at_instances_of(pz.Parameter).apply(perturb)

@@ -98,6 +98,20 @@ def test_seed_determinism_and_top_k_one_is_greedy(model):
     assert generate(model, prompts, max_new_tokens=10, temperature=0.7, top_p=1e-6, seed=9).tokens == greedy.tokens
 
 
+def test_changing_sampling_settings_compiles_nothing(model):
+    """Temperature, top-k, top-p, EOS, seed and max_new_tokens within one bucket are traced."""
+    from recurrent_lm.sampling import decode
+
+    prompts = ragged_prompts(model.config.vocab_size)
+    generate(model, prompts, max_new_tokens=10)
+    compiled = (decode._prefill._cache_size(), decode._decode._cache_size())
+    for settings in (dict(temperature=0.7, top_k=3, seed=1), dict(temperature=1.3, top_p=0.5, eos_id=5),
+                     dict(temperature=0.5, top_k=2, top_p=0.9, max_new_tokens=decode.NEW_TOKENS_BUCKET)):
+        out = generate(model, prompts, **{"max_new_tokens": 7, **settings})
+        assert all(len(row) <= settings.get("max_new_tokens", 7) for row in out.tokens)
+    assert (decode._prefill._cache_size(), decode._decode._cache_size()) == compiled
+
+
 def test_top_k_and_top_p_filters():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     floor = jnp.finfo(jnp.float32).min

@@ -235,7 +235,7 @@ def test_grad_accumulation_and_sharding_match_one_device(setup):
     arguments = json.dumps({"settings": settings, "model_dir": setup.model_dir})
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
         JAX_PLATFORMS="cpu",
     )
     proc = subprocess.run(
