@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -106,16 +109,32 @@ def perturb(params, seed: int, scale: float = 0.1):
     )
 
 
+# The official init compiles a whole forward (seconds per case); the xdist workers
+# and test files share one result per case through this directory.
+_PARAMS_CACHE = pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "official_griffin"
+
+
 @functools.cache
 def official_params(case: OfficialCase):
+    import recurrentgemma
     import recurrentgemma.jax as rg
+    from flax import traverse_util
 
+    key = hashlib.sha256(repr((case, recurrentgemma.__version__, jax.__version__)).encode()).hexdigest()[:16]
+    path = _PARAMS_CACHE / f"{case.name}-{key}.npz"
+    if path.exists():
+        with np.load(path) as stored:
+            return traverse_util.unflatten_dict({tuple(k.split("/")): stored[k] for k in stored.files})
     ids = jnp.zeros((1, 2), jnp.int32)
     pos = jnp.arange(2)[None]
     # Under jit: flax's eager init dispatches op by op (about 10x slower on CPU).
     init = jax.jit(lambda key: rg.Griffin(case.official_config()).init(key, ids, pos)["params"])
-    params = init(jax.random.key(case.seed))
-    return jax.device_get(perturb(params, case.seed))
+    params = perturb(init(jax.random.key(case.seed)), case.seed)
+    _PARAMS_CACHE.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.npz")
+    np.savez(partial, **{"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()})
+    os.replace(partial, path)  # atomic: another worker reads a whole file or none
+    return params
 
 
 @functools.cache
