@@ -318,6 +318,9 @@ def hf_config_dict(config: griffin.GriffinConfig) -> dict[str, Any]:
             "rope_theta": config.rope_theta,
             "partial_rotary_factor": config.partial_rotary_factor,
         },
+        # Also at the top level: transformers 4.x reads them there (5.x accepts both).
+        "rope_theta": config.rope_theta,
+        "partial_rotary_factor": config.partial_rotary_factor,
         "hidden_activation": "gelu_pytorch_tanh",
         "attention_bias": False,
         "tie_word_embeddings": True,
