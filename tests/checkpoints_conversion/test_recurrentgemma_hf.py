@@ -269,6 +269,28 @@ def test_missing_and_misshaped_are_listed_together(hf_checkpoint, tmp_path):
     assert "mis-shaped  model.layers.2.temporal_block.k_proj.weight: expected (24, 48), found (7, 48)" in message
 
 
+def test_tensors_are_read_lazily_once_each(hf_checkpoint, tmp_path, monkeypatch):
+    """Shapes are checked from the headers before any read; each tensor is then
+    read once (a conversion holds one source tensor at a time)."""
+    _, hf, path = hf_checkpoint("hybrid")
+    reads = []
+    read = common.LazyTensor.__array__
+    monkeypatch.setattr(common.LazyTensor, "__array__",
+                        lambda self, *a, **k: reads.append(self.offset) or read(self, *a, **k))
+    model = convert.load_hf_checkpoint(path)
+    assert sorted(reads) == sorted(t.offset for t in common.read_hf_weights(path).values())
+    reads.clear()
+    shutil.copytree(path, tmp_path / "bad")
+    with open(tmp_path / "bad" / "config.json") as f:
+        config = json.load(f)
+    with open(tmp_path / "bad" / "config.json", "w") as f:
+        json.dump({**config, "lru_width": 32}, f)
+    with pytest.raises(CheckpointMismatchError, match="rg_lru.recurrent_param: expected \\(32,\\)"):
+        convert.load_hf_checkpoint(tmp_path / "bad")
+    assert not reads
+    assert model.config.lru_width == 64
+
+
 def test_truncated_file(hf_checkpoint, tmp_path):
     _, _, path = hf_checkpoint("hybrid")
     shutil.copytree(path, tmp_path / "cut")
