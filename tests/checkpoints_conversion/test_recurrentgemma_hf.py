@@ -40,21 +40,21 @@ class HFCase:
 
 CASES = {
     # GQA, lru_width != hidden, a RoPE base and eps of its own, window == seq.
-    "hybrid": HFCase("hybrid", dict(
-        vocab_size=61, hidden_size=48, num_attention_heads=4, lru_width=64, intermediate_size=72,
-        num_hidden_layers=3, block_types=[R, R, A], attention_window_size=12, num_key_value_heads=2,
-        rope_parameters={"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.5},
-        rms_norm_eps=1e-5, logits_soft_cap=30.0), seq=12),
+    "hybrid": HFCase("hybrid", {
+        "vocab_size": 61, "hidden_size": 48, "num_attention_heads": 4, "lru_width": 64, "intermediate_size": 72,
+        "num_hidden_layers": 3, "block_types": [R, R, A], "attention_window_size": 12, "num_key_value_heads": 2,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.5},
+        "rms_norm_eps": 1e-5, "logits_soft_cap": 30.0}, seq=12),
     # attention first, pattern cycled over 5 layers, MHA by HF's default, odd head count,
     # conv width 3, a small soft cap.
-    "attention_first": HFCase("attention_first", dict(
-        vocab_size=37, hidden_size=36, num_attention_heads=3, intermediate_size=44,
-        num_hidden_layers=5, block_types=[A, R], attention_window_size=10, conv1d_width=3,
-        logits_soft_cap=10.0), seq=9, seed=1),
+    "attention_first": HFCase("attention_first", {
+        "vocab_size": 37, "hidden_size": 36, "num_attention_heads": 3, "intermediate_size": 44,
+        "num_hidden_layers": 5, "block_types": [A, R], "attention_window_size": 10, "conv1d_width": 3,
+        "logits_soft_cap": 10.0}, seq=9, seed=1),
     # Hawk: recurrent only, odd widths.
-    "hawk": HFCase("hawk", dict(
-        vocab_size=29, hidden_size=30, num_attention_heads=3, lru_width=21, intermediate_size=26,
-        num_hidden_layers=2, block_types=[R], attention_window_size=8), seq=11, seed=2),
+    "hawk": HFCase("hawk", {
+        "vocab_size": 29, "hidden_size": 30, "num_attention_heads": 3, "lru_width": 21, "intermediate_size": 26,
+        "num_hidden_layers": 2, "block_types": [R], "attention_window_size": 8}, seq=11, seed=2),
 }
 
 
@@ -122,7 +122,7 @@ def test_load_matches_transformers(hf_checkpoint, name):
 
 
 def test_sharded_and_bfloat16_directories(hf_checkpoint, tmp_path):
-    case, hf, path = hf_checkpoint("hybrid")
+    _case, hf, _path = hf_checkpoint("hybrid")
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert os.path.isfile(tmp_path / "sharded" / common.HF_INDEX)
     assert len([f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors")]) > 2
@@ -154,11 +154,11 @@ LONG = OfficialCase("hf_long", 32, 2, 40, 24, (R, A, R, A), 4, 30.0, True, 43, 1
 
 def test_beyond_the_window_matches_official_not_hf(tmp_path):
     case = LONG
-    hf = random_hf_model(HFCase(case.name, dict(
-        vocab_size=case.vocab, hidden_size=case.width, num_attention_heads=case.heads,
-        lru_width=case.lru_width, intermediate_size=2 * case.mlp,
-        num_hidden_layers=len(case.blocks), block_types=list(case.blocks),
-        attention_window_size=case.window, num_key_value_heads=1), seq=case.seq, seed=case.seed))
+    hf = random_hf_model(HFCase(case.name, {
+        "vocab_size": case.vocab, "hidden_size": case.width, "num_attention_heads": case.heads,
+        "lru_width": case.lru_width, "intermediate_size": 2 * case.mlp,
+        "num_hidden_layers": len(case.blocks), "block_types": list(case.blocks),
+        "attention_window_size": case.window, "num_key_value_heads": 1}, seq=case.seq, seed=case.seed))
     hf.save_pretrained(tmp_path / "hf")
     model = convert.load_hf_checkpoint(tmp_path / "hf")
     ids = random_ids(case.vocab, case.batch, case.seq, 3)
@@ -252,7 +252,7 @@ def test_not_hf_or_another_model_type(tmp_path):
 
 
 def test_missing_and_misshaped_are_listed_together(hf_checkpoint, tmp_path):
-    case, hf, path = hf_checkpoint("hybrid")
+    _case, hf, path = hf_checkpoint("hybrid")
     from safetensors.numpy import save_file
 
     state = hf_state(hf)
@@ -272,7 +272,7 @@ def test_missing_and_misshaped_are_listed_together(hf_checkpoint, tmp_path):
 def test_tensors_are_read_lazily_once_each(hf_checkpoint, tmp_path, monkeypatch):
     """Shapes are checked from the headers before any read; each tensor is then
     read once (a conversion holds one source tensor at a time)."""
-    _, hf, path = hf_checkpoint("hybrid")
+    _, _hf, path = hf_checkpoint("hybrid")
     reads = []
     read = common.LazyTensor.__array__
     monkeypatch.setattr(common.LazyTensor, "__array__",
@@ -306,11 +306,11 @@ def test_truncated_file(hf_checkpoint, tmp_path):
 
 
 def test_config_4x_layout_and_unsupported_keys():
-    old = dict(
-        model_type="recurrent_gemma", vocab_size=11, hidden_size=8, num_attention_heads=2,
-        intermediate_size=24, num_hidden_layers=4, _block_types=[R, R, A], rope_theta=77.0,
-        partial_rotary_factor=0.5, num_key_value_heads=1, attention_window_size=5,
-    )
+    old = {
+        "model_type": "recurrent_gemma", "vocab_size": 11, "hidden_size": 8, "num_attention_heads": 2,
+        "intermediate_size": 24, "num_hidden_layers": 4, "_block_types": [R, R, A], "rope_theta": 77.0,
+        "partial_rotary_factor": 0.5, "num_key_value_heads": 1, "attention_window_size": 5,
+    }
     config = convert.config_from_hf(old)
     assert config.block_types == (R, R, A, R)
     assert (config.rope_theta, config.intermediate_size, config.num_key_value_heads) == (77.0, 12, 1)
@@ -320,7 +320,7 @@ def test_config_4x_layout_and_unsupported_keys():
 
 
 def test_cli_converts_an_hf_directory(hf_checkpoint, tmp_path, capsys):
-    case, hf, path = hf_checkpoint("hawk")
+    _case, hf, path = hf_checkpoint("hawk")
     assert convert.main(["convert", str(path), str(tmp_path / "ours")]) == 0
     assert "converted" in capsys.readouterr().out
     model = recurrent_lm.load(tmp_path / "ours")
