@@ -358,8 +358,9 @@ def load_hf_checkpoint(directory: str | os.PathLike, **config_overrides):
       directory: holds ``config.json`` and ``model.safetensors`` (or a sharded
         ``model.safetensors.index.json``; ``pytorch_model.bin`` also works).
       **config_overrides: `GriffinConfig` fields; ``param_dtype`` defaults to
-        the stored dtype (bfloat16 stays bfloat16; ``param_dtype="float32"``
-        casts), e.g. ``scan_method`` picks the RG-LRU scan.
+        the stored dtype (bfloat16 stays bfloat16; ``param_dtype="float32"``,
+        or HF's name ``dtype="float32"``, casts); ``scan_method`` picks the
+        RG-LRU scan.
 
     Raises:
       FileNotFoundError / ValueError: not an HF directory, another model_type,
@@ -367,6 +368,10 @@ def load_hf_checkpoint(directory: str | os.PathLike, **config_overrides):
       CheckpointMismatchError: every missing, unexpected or mis-shaped tensor.
     """
     directory = os.fspath(directory)
+    if "dtype" in config_overrides:  # HF's name for it
+        dtype = config_overrides.pop("dtype")
+        if config_overrides.setdefault("param_dtype", dtype) != dtype:
+            raise ValueError(f"dtype {dtype!r} and param_dtype {config_overrides['param_dtype']!r} differ.")
     values = common.read_hf_config(directory, HF_MODEL_TYPE)
     state = common.read_hf_weights(directory)
     if "param_dtype" not in config_overrides and "model.embed_tokens.weight" in state:

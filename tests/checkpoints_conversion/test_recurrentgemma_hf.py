@@ -139,6 +139,7 @@ def test_sharded_and_bfloat16_directories(hf_checkpoint, tmp_path):
     assert_same_state(convert.to_hf_state_dict(bf16), stored)
     as_f32 = convert.load_hf_checkpoint(tmp_path / "bf16", param_dtype="float32")
     assert as_f32.config.param_dtype == "float32"
+    assert convert.load_hf_checkpoint(tmp_path / "bf16", dtype="float32").config.param_dtype == "float32"
     assert_same_state(
         convert.to_hf_state_dict(as_f32), {k: v.astype(np.float32) for k, v in stored.items()}
     )
