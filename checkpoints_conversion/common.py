@@ -493,3 +493,221 @@ def run_convert(
     print(f"converted {src} -> {dst}")
     print(f"config: {dataclasses.asdict(model.config)}")
     return 0
+
+
+# ---------------------------------------------------------------------------
+# HF model directories: config.json + (sharded) safetensors, read lazily.
+# ---------------------------------------------------------------------------
+
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+# safetensors dtype codes -> numpy dtypes (bfloat16 as ml_dtypes', via jnp).
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_SAFETENSORS_CODES = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+    """One tensor of a safetensors file, read only when converted to an array
+    (``np.asarray`` / ``jnp.asarray``): ``shape`` and ``dtype`` cost nothing,
+    so a whole checkpoint can be checked before any tensor is read, and a
+    conversion holds one source tensor at a time."""
+
+    path: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        array = np.fromfile(self.path, self.dtype, self.size, offset=self.offset)
+        array = array.reshape(self.shape)
+        return array if dtype is None else array.astype(dtype)
+
+
+def open_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
+    """``{name: LazyTensor}`` of one ``.safetensors`` file, from its header.
+
+    Raises ValueError naming the file when it is not safetensors, uses a dtype
+    we do not read, or is shorter than its header says (a truncated download).
+    """
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if header_len < 0 or 8 + header_len > size:
+            raise ValueError(
+                f"{path} is truncated or not a safetensors file ({size} bytes, shorter than"
+                " its header); download it again."
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError:
+            raise ValueError(f"{path}: unreadable safetensors header; download it again.") from None
+    header.pop("__metadata__", None)
+    start = 8 + header_len
+    tensors, end = {}, start
+    for name, info in header.items():
+        code = info.get("dtype")
+        if code not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {code}, which we do not read.")
+        begin, stop = info["data_offsets"]
+        tensors[name] = LazyTensor(
+            path, start + begin, tuple(info["shape"]), np.dtype(_SAFETENSORS_DTYPES[code])
+        )
+        end = max(end, start + stop)
+    if end > size:
+        raise ValueError(
+            f"{path} is truncated: its header needs {end} bytes, the file has {size};"
+            " download it again."
+        )
+    return tensors
+
+
+def read_hf_config(directory: str | os.PathLike, model_type: str) -> dict[str, Any]:
+    """The ``config.json`` of an HF model directory, checked to be `model_type`."""
+    directory = os.fspath(directory)
+    path = os.path.join(directory, HF_CONFIG)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} is not a directory: not an HF checkpoint.")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} has no {HF_CONFIG}: not an HF checkpoint directory.")
+    with open(path) as f:
+        try:
+            config = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    found = config.get("model_type") if isinstance(config, dict) else None
+    if found != model_type:
+        raise ValueError(
+            f"{path} has model_type {found!r}, not {model_type!r}: use the converter of that"
+            " model type."
+        )
+    return config
+
+
+def is_hf_directory(path: str | os.PathLike, model_type: str) -> bool:
+    """Whether `path` is a directory whose config.json says `model_type`."""
+    try:
+        read_hf_config(path, model_type)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def read_hf_weights(directory: str | os.PathLike) -> dict[str, Any]:
+    """``{name: LazyTensor}`` of an HF directory's ``model.safetensors`` or of
+    every shard its ``model.safetensors.index.json`` names (a missing shard, or
+    a tensor the index places in a shard that lacks it, is an error);
+    ``pytorch_model.bin`` (read whole; needs torch) as a last resort."""
+    directory = os.fspath(directory)
+    single, index = os.path.join(directory, HF_WEIGHTS), os.path.join(directory, HF_INDEX)
+    if os.path.isfile(single):
+        return open_safetensors(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        tensors: dict[str, Any] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = os.path.join(directory, shard)
+            if not os.path.isfile(shard_path):
+                raise FileNotFoundError(f"{shard_path}, named by {index}, does not exist.")
+            tensors.update(open_safetensors(shard_path))
+        absent = sorted(n for n, shard in weight_map.items() if n not in tensors)
+        if absent:
+            raise ValueError(f"{index} lists tensors no shard holds: {absent[:5]}.")
+        return tensors
+    legacy = os.path.join(directory, "pytorch_model.bin")
+    if os.path.isfile(legacy):
+        return read_torch(legacy)
+    raise FileNotFoundError(f"{directory} has no {HF_WEIGHTS}, {HF_INDEX} or pytorch_model.bin.")
+
+
+def stored_dtype(value) -> str:
+    """The dtype name of a stored tensor (LazyTensor, numpy array, torch tensor)."""
+    return jnp.dtype(to_numpy(value).dtype).name
+
+
+def _shards(sizes: Mapping[str, int], max_shard_bytes: int | None) -> list[list[str]]:
+    """Names in order, cut greedily into shards of at most `max_shard_bytes`
+    (a tensor larger than that gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    total = 0
+    for name, size in sizes.items():
+        if max_shard_bytes is not None and shards[-1] and total + size > max_shard_bytes:
+            shards.append([])
+            total = 0
+        shards[-1].append(name)
+        total += size
+    return shards
+
+
+def write_hf_directory(
+    directory: str | os.PathLike,
+    tensors: Mapping[str, Callable[[], Any]],
+    config: Mapping[str, Any],
+    *,
+    max_shard_bytes: int | None = None,
+) -> None:
+    """Writes an HF model directory atomically (`integrity.atomic_directory`).
+
+    Args:
+      directory: the new directory (must not exist).
+      tensors: ``{name: () -> jax array}``, called one shard at a time, so a
+        shard's arrays are the only copies made.
+      config: the ``config.json`` contents.
+      max_shard_bytes: None writes one ``model.safetensors``; otherwise shards
+        ``model-0000i-of-0000n.safetensors`` of at most that many bytes each
+        (one larger tensor gets its own) and ``model.safetensors.index.json``.
+    """
+    from safetensors.numpy import save_file
+
+    from recurrent_lm.integrity import atomic_directory
+
+    sizes = {}
+    for name, make in tensors.items():
+        abstract = jax.eval_shape(make)  # traces, computes nothing
+        sizes[name] = math.prod(abstract.shape) * np.dtype(abstract.dtype).itemsize
+    shards = _shards(sizes, max_shard_bytes)
+    with atomic_directory(os.fspath(directory)) as partial:
+        weight_map = {}
+        for i, names in enumerate(shards):
+            file = HF_WEIGHTS if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            arrays = {name: np.ascontiguousarray(np.asarray(tensors[name]())) for name in names}
+            for name, array in arrays.items():
+                if array.dtype not in _SAFETENSORS_CODES:
+                    raise ValueError(f"{name}: cannot store dtype {array.dtype} in safetensors.")
+            save_file(arrays, os.path.join(partial, file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(names, file))
+            del arrays
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+            with open(os.path.join(partial, HF_INDEX), "w") as f:
+                json.dump(index, f, indent=2)
+        with open(os.path.join(partial, HF_CONFIG), "w") as f:
+            json.dump(dict(config), f, indent=2)
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """A shard size in bytes: an int, or HF's strings ("5GB", "200MB", "1GiB")."""
+    if size is None or isinstance(size, int):
+        if isinstance(size, int) and size <= 0:
+            raise ValueError(f"max shard size must be positive, got {size}.")
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
+    if not match:
+        raise ValueError(f"cannot read the size {size!r}: use bytes or e.g. '5GB', '200MB'.")
+    return parse_size(int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""]))

@@ -134,8 +134,8 @@ class GriffinConfig(Config):
         if self.num_attention_heads % self.num_key_value_heads:
             yield (f"num_key_value_heads {self.num_key_value_heads} does not divide"
                    f" num_attention_heads {self.num_attention_heads}")
-        elif not self.hidden_size % self.num_attention_heads:
-            try:
+        elif not self.hidden_size % self.num_attention_heads and ATTENTION in self.block_types:
+            try:  # only attention uses RoPE (a Hawk config may have any head width)
                 rope.rotary_dims(self.head_dim, self.partial_rotary_factor)
             except ValueError as e:
                 yield f"partial_rotary_factor: {e}"
