@@ -17,6 +17,9 @@ $(BASE_STAMP): pyproject.toml
 # After the base: a changed pyproject.toml re-installs both.
 $(DEV_STAMP): $(BASE_STAMP)
 	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	# keras-hub (the KerasHub Gemma oracle) without its tensorflow-text requirement;
+	# its real dependencies (keras, h5py, kagglehub, regex, rich) are in the dev extra.
+	$(VENV)/bin/pip install --quiet --no-deps "keras-hub==0.32.0"
 	touch $(DEV_STAMP)
 
 demo: $(BASE_STAMP)

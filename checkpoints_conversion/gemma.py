@@ -20,14 +20,32 @@ scaling) comes from the released preset with the same shapes, else from the
 Gemma 1 / Gemma 2 defaults (post norms present = Gemma 2), and can be
 overridden with keyword arguments.
 
+KerasHub presets (`load_keras_preset` / `save_keras_preset`): a directory
+with ``config.json`` (``GemmaBackbone`` and its arguments, which are our config
+fields) and ``model.weights.h5`` (Keras 3 layout, read with h5py only: no
+Keras or TensorFlow at load time). Arrays sit under ``layers/<layer>/.../vars/0``
+with layers named by class, not index: ``reversible_embedding`` [V, D],
+``rms_normalization`` (final norm) [D], ``gemma_decoder_block``,
+``gemma_decoder_block_1``, ... each with ``attention/{query,key,value}_dense``
+[H|KV, D, hd], ``attention/output_dense`` [H, hd, D], ``gating_ffw`` (gate)
+and ``gating_ffw_2`` (up) [D, F], ``ffw_linear`` [F, D] and the norms [D]
+(zero-centred, as ours). Query scaling follows the config's
+``query_head_dim_normalize`` (the official model and HF); KerasHub 0.32's
+decoder block ignores it (always ``head_dim ** -0.5``): pass
+``query_head_dim_normalize=True`` to reproduce KerasHub's own numbers.
+
 CLI::
 
     python -m checkpoints_conversion.gemma convert SRC DST [--sliding-window-size N ...]
+    # SRC: an official orbax checkpoint directory or a KerasHub preset directory
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import json
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -279,9 +297,185 @@ def load_official_checkpoint(
     )
 
 
+# ---------------------------------------------------------------------------
+# KerasHub presets.
+# ---------------------------------------------------------------------------
+
+KERAS_SOURCE = "KerasHub Gemma preset"
+KERAS_CONFIG, KERAS_WEIGHTS = "config.json", "model.weights.h5"
+_KERAS_CLASS = "GemmaBackbone"
+# GemmaConfig fields that are GemmaBackbone arguments (all but our own options).
+_KERAS_FIELDS = _SHAPE_FIELDS + (
+    "query_head_dim_normalize", "attention_logit_soft_cap", "final_logit_soft_cap",
+    "use_sliding_window_attention", "sliding_window_size", "layer_norm_epsilon", "dropout",
+)
+# Keras' layer names inside a decoder block (the "name" attribute of each vars group).
+_KERAS_LAYER_NAMES = {
+    "attention/query_dense": "query", "attention/key_dense": "key",
+    "attention/value_dense": "value", "attention/output_dense": "attention_output",
+    "gating_ffw": "ffw_gating", "gating_ffw_2": "ffw_gating_2", "ffw_linear": "ffw_linear",
+}
+
+
+def _keras_block(i: int) -> str:
+    return "layers/gemma_decoder_block" + (f"_{i}" if i else "")
+
+
+def keras_leaf_layouts(config: gemma.GemmaConfig) -> list[LeafLayout]:
+    """Every array of a KerasHub ``model.weights.h5`` for `config`, by h5 path."""
+    layouts = [
+        LeafLayout("layers/reversible_embedding/vars/0", ("embedder.embeddings",), (V, E)),
+        LeafLayout("layers/rms_normalization/vars/0", ("final_norm.scale",), (E,)),
+    ]
+    for i in range(config.num_layers):
+        block, name = _keras_block(i), f"layer_{i}"
+        leaf = lambda path, label, dims, block=block, name=name: layouts.append(
+            LeafLayout(f"{block}/{path}/vars/0", (f"{name}.{label}",), dims))
+        norms = ["pre_attention_norm", "pre_ffw_norm"]
+        norms += ["post_attention_norm"] * config.use_post_attention_norm
+        norms += ["post_ffw_norm"] * config.use_post_ffw_norm
+        for norm in norms:
+            leaf(norm, f"{norm}.scale", (E,))
+        leaf("attention/query_dense", "attn.query.weights", (H, E, P))
+        leaf("attention/key_dense", "attn.key.weights", (KV, E, P))
+        leaf("attention/value_dense", "attn.value.weights", (KV, E, P))
+        leaf("attention/output_dense", "attn.output.weights", (H, P, E))
+        leaf("gating_ffw", "mlp.gate.weights", (E, M))
+        leaf("gating_ffw_2", "mlp.up.weights", (E, M))
+        leaf("ffw_linear", "mlp.down.weights", (M, E))
+    return layouts
+
+
+def read_keras_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """``{h5 path: array}`` of every dataset in a Keras 3 ``.weights.h5`` (h5py only)."""
+    import h5py
+
+    path = os.fspath(path)
+    arrays: dict[str, np.ndarray] = {}
+
+    def visit(name, item):
+        if isinstance(item, h5py.Dataset):
+            arrays[name] = item[()]
+
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(visit)
+    except OSError as e:
+        raise ValueError(f"{path} is not a readable HDF5 weights file: {e}") from e
+    return arrays
+
+
+def _read_keras_config(directory: str) -> dict[str, Any]:
+    config_file = os.path.join(directory, KERAS_CONFIG)
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{config_file} not found: not a KerasHub preset directory.")
+    with open(config_file) as f:
+        values = json.load(f)
+    class_name = values.get("class_name") if isinstance(values, dict) else None
+    if class_name != _KERAS_CLASS or not isinstance(values.get("config"), dict):
+        raise ValueError(
+            f"{config_file} describes {class_name!r}, not a KerasHub {_KERAS_CLASS}."
+        )
+    return values["config"]
+
+
+def is_keras_preset(path: str | os.PathLike) -> bool:
+    """A directory holding KerasHub's ``config.json`` and ``model.weights.h5``."""
+    path = os.fspath(path)
+    return os.path.isfile(os.path.join(path, KERAS_CONFIG)) and os.path.isfile(
+        os.path.join(path, KERAS_WEIGHTS))
+
+
+def load_keras_preset(path: str | os.PathLike, **config_overrides):
+    """Loads a KerasHub ``GemmaBackbone`` preset directory (Gemma 1 or 2) with h5py.
+
+    The config is the backbone's arguments from ``config.json``;
+    ``param_dtype`` defaults to the stored embeddings' dtype. Any `GemmaConfig`
+    field can be overridden (e.g. ``query_head_dim_normalize=True`` to match
+    KerasHub 0.32's own forward for a 27B-style config, or
+    ``upcast_activations_to_float32``).
+
+    Raises:
+      CheckpointMismatchError: listing every missing, unexpected or mis-shaped
+        array (h5 path, expected and found shapes).
+    """
+    directory = os.fspath(path)
+    keras_config = _read_keras_config(directory)
+    weights = os.path.join(directory, KERAS_WEIGHTS)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{weights} not found: the preset has no weights.")
+    arrays = read_keras_weights(weights)
+    fields = {k: keras_config[k] for k in _KERAS_FIELDS if k in keras_config}
+    embedding = arrays.get("layers/reversible_embedding/vars/0")
+    if "param_dtype" not in config_overrides and embedding is not None:
+        config_overrides["param_dtype"] = jnp.dtype(embedding.dtype).name
+    config = dataclasses.replace(gemma.GemmaConfig(), **{**fields, **config_overrides})
+    return common.load_model(arrays, keras_leaf_layouts(config), config, gemma.build_model,
+                             source=f"{KERAS_SOURCE} {directory}")
+
+
+def to_keras_weights(model) -> dict[str, np.ndarray]:
+    """Our Gemma -> ``{h5 path: array}`` of a KerasHub ``model.weights.h5``."""
+    config = common.config_of(model, gemma.GemmaConfig, "a Gemma model")
+    leaves = common.export_leaves(model, keras_leaf_layouts(config))
+    return {path: np.asarray(leaf) for path, leaf in leaves.items()}
+
+
+def save_keras_preset(model, path: str | os.PathLike) -> None:
+    """Writes `model` as a KerasHub preset directory (``config.json``,
+    ``metadata.json``, ``model.weights.h5``) that
+    ``keras_hub.models.GemmaBackbone.from_preset(path)`` loads. Needs h5py only."""
+    import h5py
+
+    directory = os.fspath(path)
+    if os.path.exists(directory):
+        raise FileExistsError(f"{directory} already exists; choose a new directory.")
+    config = common.config_of(model, gemma.GemmaConfig, "a Gemma model")
+    arrays = to_keras_weights(model)
+    os.makedirs(directory)
+    with h5py.File(os.path.join(directory, KERAS_WEIGHTS), "w") as f:
+        for name, array in arrays.items():
+            f.create_dataset(name, data=array)
+        for name in arrays:  # Keras names each vars group after its layer
+            group = name.removesuffix("/vars/0")
+            layer = group.rsplit("/", 1)[-1]
+            for path, keras_name in _KERAS_LAYER_NAMES.items():
+                if group.endswith("/" + path):
+                    layer = keras_name
+            f[group + "/vars"].attrs["name"] = layer
+    backbone = {
+        "name": "gemma_backbone",
+        "trainable": True,
+        "dtype": {"module": "keras", "class_name": "DTypePolicy",
+                  "config": {"name": config.param_dtype}, "registered_name": None},
+        **{k: getattr(config, k) for k in _KERAS_FIELDS if k not in (
+            "use_post_ffw_norm", "use_post_attention_norm")},
+        "use_post_ffw_norm": config.use_post_ffw_norm,
+        "use_post_attention_norm": config.use_post_attention_norm,
+    }
+    with open(os.path.join(directory, KERAS_CONFIG), "w") as f:
+        json.dump({"module": "keras_hub.src.models.gemma.gemma_backbone",
+                   "class_name": _KERAS_CLASS, "config": backbone,
+                   "registered_name": f"keras_hub>{_KERAS_CLASS}"}, f, indent=4)
+    parameters = int(sum(a.size for a in arrays.values()))
+    with open(os.path.join(directory, "metadata.json"), "w") as f:
+        json.dump({"keras_version": "3.15.1", "keras_hub_version": "0.32.0",
+                   "parameter_count": parameters,
+                   "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
+                   "tasks": ["CausalLM"]}, f, indent=4)
+
+
+def load_checkpoint(path: str | os.PathLike, **config_overrides):
+    """A KerasHub preset directory or an official orbax checkpoint, told apart
+    by the directory's contents."""
+    if is_keras_preset(path):
+        return load_keras_preset(path, **config_overrides)
+    return load_official_checkpoint(os.fspath(path), **config_overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, convert = common.convert_parser(
-        "gemma", __doc__, source="official orbax checkpoint directory"
+        "gemma", __doc__, source="official orbax checkpoint directory or KerasHub preset directory"
     )
     common.add_config_flags(
         convert,
@@ -291,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         + ["param_dtype"],
         param_dtype=PARAM_DTYPES,
     )
-    return common.run_convert(parser, argv, load_official_checkpoint)
+    return common.run_convert(parser, argv, load_checkpoint)
 
 
 if __name__ == "__main__":

@@ -310,8 +310,17 @@ def load_blinkdl_checkpoint(
 
 
 def save_blinkdl_checkpoint(model, path: str | os.PathLike) -> None:
-    """Writes `model` as BlinkDL's ``.pth`` (needs torch)."""
-    common.write_weights(hf_to_blinkdl_names(to_hf_state_dict(model)), path)
+    """Writes `model` as BlinkDL's ``.pth`` (needs torch), loadable by his
+    runtime (PyPI ``rwkv``: ``RWKV(path_without_pth, "cpu fp32")``).
+
+    BlinkDL files have no tying: a tied model is written with ``head.weight``
+    a copy of the embeddings (his runtime requires it), so it loads back untied
+    with the same numbers.
+    """
+    state = to_hf_state_dict(model)
+    if "head.weight" not in state:
+        state["head.weight"] = state["rwkv.embeddings.weight"]
+    common.write_weights(hf_to_blinkdl_names(state), path)
 
 
 # ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from recurrent_lm.train import data
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 DEV_MODULES = ("torch", "transformers", "recurrentgemma", "matplotlib", "nbclient", "nbformat",
-               "ipykernel")
+               "ipykernel", "rwkv", "keras", "h5py", "kagglehub")
 """The modules of the dev extras (`make test`), which `make demo` does not install."""
 
 
