@@ -18,7 +18,7 @@ $(BASE_STAMP): pyproject.toml
 $(DEV_STAMP): $(BASE_STAMP)
 	$(VENV)/bin/pip install --quiet -e ".[dev]"
 	# keras-hub (the KerasHub Gemma oracle) without its tensorflow-text requirement;
-	# its real dependencies (keras, h5py, kagglehub, regex, rich) are in the dev extra.
+	# its real dependencies are in the dev extra (keras, h5py, kagglehub) or come with it (regex, rich).
 	$(VENV)/bin/pip install --quiet --no-deps "keras-hub==0.32.0"
 	touch $(DEV_STAMP)
 
