@@ -36,8 +36,11 @@ def feed_in_chunks(sampler, tokens, segment_pos, chunk):
     return np.concatenate(pieces, axis=1)
 
 
-@pytest.mark.parametrize("case_name", ["hybrid", "attention_first", "hawk"])
-@pytest.mark.parametrize("chunk", [1, 3, 7])
+# Token by token, chunks that do and do not divide the length, a chunk longer than
+# the window: each on another block pattern (each pair costs two compiles).
+@pytest.mark.parametrize(
+    "case_name, chunk", [("hybrid", 1), ("hybrid", 7), ("attention_first", 3), ("hawk", 4), ("hawk", 1)]
+)
 def test_chunks_equal_the_full_forward(case_name, chunk):
     """Plain, packed and left-padded rows; window (5) shorter than the sequence (17)."""
     case = CASES[case_name]
