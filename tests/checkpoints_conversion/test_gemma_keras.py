@@ -17,8 +17,8 @@ from griffin_cases import max_relative_error, named_tokens
 from penzai import pz
 
 os.environ["KERAS_BACKEND"] = "jax"  # before keras is imported (here or by keras_hub)
-keras = pytest.importorskip("keras")
-keras_hub = pytest.importorskip("keras_hub")
+import keras  # noqa: E402
+import keras_hub  # noqa: E402
 
 from checkpoints_conversion import gemma as convert  # noqa: E402
 from recurrent_lm.params import CheckpointMismatchError  # noqa: E402
@@ -78,14 +78,23 @@ def case_ids(case: Case, batch: int = 2) -> np.ndarray:
     return rng.integers(0, case.arguments["vocabulary_size"], (batch, SEQ)).astype(np.int32)
 
 
+_PRESETS = {}
+
+
+def saved_preset(name, tmp_path_factory):
+    """(case, preset directory, KerasHub's logits on case_ids), built once per case."""
+    if name not in _PRESETS:
+        case = CASES[name]
+        backbone = random_backbone(case)
+        path = tmp_path_factory.mktemp(name) / "preset"
+        backbone.save_to_preset(str(path))
+        _PRESETS[name] = case, path, keras_logits(backbone, case_ids(case))
+    return _PRESETS[name]
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def preset(request, tmp_path_factory):
-    """(case, preset directory, KerasHub's logits on case_ids)."""
-    case = CASES[request.param]
-    backbone = random_backbone(case)
-    path = tmp_path_factory.mktemp(request.param) / "preset"
-    backbone.save_to_preset(str(path))
-    return case, path, keras_logits(backbone, case_ids(case))
+    return saved_preset(request.param, tmp_path_factory)
 
 
 def test_logits_match_kerashub(preset):
@@ -130,12 +139,10 @@ def test_query_scaling_by_hidden_over_heads(tmp_path):
     assert max_relative_error(our_logits(as_keras, ids), expected) <= TOLERANCE
 
 
-def test_bad_presets_list_every_problem(preset, tmp_path):
+def test_bad_presets_list_every_problem(tmp_path_factory, tmp_path):
     import h5py
 
-    case, path, _ = preset
-    if case.arguments["num_layers"] != 3:
-        pytest.skip("one case is enough")
+    case, path, _ = saved_preset("gemma2", tmp_path_factory)
     arrays = convert.read_keras_weights(path / convert.KERAS_WEIGHTS)
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -171,12 +178,10 @@ def test_bad_presets_list_every_problem(preset, tmp_path):
         convert.load_keras_preset(tmp_path / "nothing")
 
 
-def test_cli_detects_a_keras_preset(preset, tmp_path, capsys):
+def test_cli_detects_a_keras_preset(tmp_path_factory, tmp_path, capsys):
     import recurrent_lm
 
-    case, path, expected = preset
-    if case.arguments["num_key_value_heads"] != 1:
-        pytest.skip("one case is enough")
+    case, path, expected = saved_preset("gemma1_mqa", tmp_path_factory)
     assert convert.main(["convert", str(path), str(tmp_path / "ours")]) == 0
     assert "converted" in capsys.readouterr().out
     loaded = recurrent_lm.load(tmp_path / "ours")

@@ -24,8 +24,8 @@ from checkpoints_conversion import common
 from checkpoints_conversion import recurrentgemma as convert
 from recurrent_lm.params import CheckpointMismatchError
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 R, A = "recurrent", "attention"
 
