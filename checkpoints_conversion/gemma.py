@@ -34,10 +34,24 @@ and ``gating_ffw_2`` (up) [D, F], ``ffw_linear`` [F, D] and the norms [D]
 decoder block ignores it (always ``head_dim ** -0.5``): pass
 ``query_head_dim_normalize=True`` to reproduce KerasHub's own numbers.
 
+HF transformers (`load_hf_checkpoint` / `save_hf_checkpoint`): ``config.json``
+(model_type ``gemma`` -> ``GemmaForCausalLM``, ``gemma2`` ->
+``Gemma2ForCausalLM``) + ``model.safetensors`` or a sharded index, read
+lazily. Names ``model.layers.N.self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,
+down}_proj`` ([out, in]: q_proj [H*hd, D], o_proj [D, H*hd]; HF's
+``intermediate_size`` is one branch), norms zero-centred (``1 + w``) as ours:
+Gemma 1 ``input_layernorm`` / ``post_attention_layernorm`` (the pre-MLP norm!),
+Gemma 2 ``input_layernorm``, ``post_attention_layernorm``,
+``pre_feedforward_layernorm``, ``post_feedforward_layernorm``; the head tied
+(no ``lm_head.weight``). HF's ``sliding_window`` W masks ``k > q - W`` (W keys
+including the current one), which is our ``sliding_window_size`` unchanged;
+its embedding scale is ``sqrt(hidden)`` cast to the weights' dtype, as ours.
+
 CLI::
 
     python -m checkpoints_conversion.gemma convert SRC DST [--sliding-window-size N ...]
-    # SRC: an official orbax checkpoint directory or a KerasHub preset directory
+    # SRC: an official orbax checkpoint directory, a KerasHub preset directory
+    # or an HF Gemma / Gemma 2 directory
 """
 
 from __future__ import annotations
@@ -432,6 +446,10 @@ def save_keras_preset(model, path: str | os.PathLike) -> None:
     if os.path.exists(directory):
         raise FileExistsError(f"{directory} already exists; choose a new directory.")
     config = common.config_of(model, gemma.GemmaConfig, "a Gemma model")
+    if config.query_pre_attn_scalar is not None:
+        raise ValueError(
+            f"cannot save in KerasHub format: query_pre_attn_scalar={config.query_pre_attn_scalar}"
+            " (GemmaBackbone scales queries by head_dim or hidden_dim / num_query_heads only).")
     arrays = to_keras_weights(model)
     os.makedirs(directory)
     with h5py.File(os.path.join(directory, KERAS_WEIGHTS), "w") as f:
@@ -749,7 +767,8 @@ def main(argv: list[str] | None = None) -> int:
         convert,
         gemma.GemmaConfig,
         ["sliding_window_size", "attention_logit_soft_cap", "final_logit_soft_cap"]
-        + ["layer_norm_epsilon", "query_head_dim_normalize", "use_sliding_window_attention"]
+        + ["layer_norm_epsilon", "query_head_dim_normalize", "query_pre_attn_scalar"]
+        + ["use_sliding_window_attention"]
         + ["param_dtype"],
         param_dtype=PARAM_DTYPES,
     )
