@@ -34,16 +34,31 @@ and ``gating_ffw_2`` (up) [D, F], ``ffw_linear`` [F, D] and the norms [D]
 decoder block ignores it (always ``head_dim ** -0.5``): pass
 ``query_head_dim_normalize=True`` to reproduce KerasHub's own numbers.
 
+HF transformers (`load_hf_checkpoint` / `save_hf_checkpoint`): ``config.json``
+(model_type ``gemma`` -> ``GemmaForCausalLM``, ``gemma2`` ->
+``Gemma2ForCausalLM``) + ``model.safetensors`` or a sharded index, read
+lazily. Names ``model.layers.N.self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,
+down}_proj`` ([out, in]: q_proj [H*hd, D], o_proj [D, H*hd]; HF's
+``intermediate_size`` is one branch), norms zero-centred (``1 + w``) as ours:
+Gemma 1 ``input_layernorm`` / ``post_attention_layernorm`` (the pre-MLP norm!),
+Gemma 2 ``input_layernorm``, ``post_attention_layernorm``,
+``pre_feedforward_layernorm``, ``post_feedforward_layernorm``; the head tied
+(no ``lm_head.weight``). HF's ``sliding_window`` W masks ``k > q - W`` (W keys
+including the current one), which is our ``sliding_window_size`` unchanged;
+its embedding scale is ``sqrt(hidden)`` cast to the weights' dtype, as ours.
+
 CLI::
 
     python -m checkpoints_conversion.gemma convert SRC DST [--sliding-window-size N ...]
-    # SRC: an official orbax checkpoint directory or a KerasHub preset directory
+    # SRC: an official orbax checkpoint directory, a KerasHub preset directory
+    # or an HF Gemma / Gemma 2 directory
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import re
@@ -60,7 +75,7 @@ from checkpoints_conversion.common import LeafLayout, flatten, unflatten
 from recurrent_lm import axes
 from recurrent_lm.core.config import PARAM_DTYPES
 from recurrent_lm.models import gemma
-from recurrent_lm.params import CheckpointMismatchError
+from recurrent_lm.params import CheckpointMismatchError, parameter_values
 
 E, V, M = axes.EMBEDDING, axes.VOCABULARY, axes.MLP
 H, KV, P = axes.HEADS, axes.KV_HEADS, axes.PROJECTION
@@ -431,6 +446,10 @@ def save_keras_preset(model, path: str | os.PathLike) -> None:
     if os.path.exists(directory):
         raise FileExistsError(f"{directory} already exists; choose a new directory.")
     config = common.config_of(model, gemma.GemmaConfig, "a Gemma model")
+    if config.query_pre_attn_scalar is not None:
+        raise ValueError(
+            f"cannot save in KerasHub format: query_pre_attn_scalar={config.query_pre_attn_scalar}"
+            " (GemmaBackbone scales queries by head_dim or hidden_dim / num_query_heads only).")
     arrays = to_keras_weights(model)
     os.makedirs(directory)
     with h5py.File(os.path.join(directory, KERAS_WEIGHTS), "w") as f:
@@ -465,9 +484,276 @@ def save_keras_preset(model, path: str | os.PathLike) -> None:
                    "tasks": ["CausalLM"]}, f, indent=4)
 
 
+# ---------------------------------------------------------------------------
+# HF transformers (GemmaForCausalLM, Gemma2ForCausalLM).
+# ---------------------------------------------------------------------------
+
+HF_SOURCE = "HF Gemma checkpoint"
+HF_MODEL_TYPES = ("gemma", "gemma2")
+_HF_ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
+# HF's tanh-approximated GELUs ("gelu" is the Gemma 1 releases' legacy name for
+# it, which transformers itself rewrites to gelu_pytorch_tanh).
+_HF_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu")
+_SLIDING, _FULL = "sliding_attention", "full_attention"
+# The defaults of transformers 5.24's GemmaConfig / Gemma2Config for keys a config.json may omit.
+_HF_DEFAULTS = {
+    "gemma": dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=16, head_dim=256, rms_norm_eps=1e-6),
+    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6,
+                   query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0,
+                   attn_logit_softcapping=50.0),
+}
+
+
+def hf_leaf_layouts(config: gemma.GemmaConfig) -> list[LeafLayout]:
+    """Every tensor of HF's ``GemmaForCausalLM`` / ``Gemma2ForCausalLM``
+    state dict for `config` (the tied ``lm_head.weight`` aside), with our
+    labels. A config with post norms is Gemma 2, whose norm names differ:
+    Gemma 1's ``post_attention_layernorm`` is the norm BEFORE the MLP."""
+    gemma2 = config.use_post_attention_norm or config.use_post_ffw_norm
+    layouts = [
+        LeafLayout("model.embed_tokens.weight", ("embedder.embeddings",), (V, E)),
+        LeafLayout("model.norm.weight", ("final_norm.scale",), (E,)),
+    ]
+    norms = {"input_layernorm": "pre_attention_norm"}
+    if gemma2:
+        norms["pre_feedforward_layernorm"] = "pre_ffw_norm"
+        if config.use_post_attention_norm:
+            norms["post_attention_layernorm"] = "post_attention_norm"
+        if config.use_post_ffw_norm:
+            norms["post_feedforward_layernorm"] = "post_ffw_norm"
+    else:
+        norms["post_attention_layernorm"] = "pre_ffw_norm"
+    for i in range(config.num_layers):
+        def leaf(path, label, dims, i=i):
+            layouts.append(LeafLayout(f"model.layers.{i}.{path}", (f"layer_{i}.{label}",), dims))
+
+        for hf_norm, ours in norms.items():
+            leaf(f"{hf_norm}.weight", f"{ours}.scale", (E,))
+        leaf("self_attn.q_proj.weight", "attn.query.weights", ((H, P), E))
+        leaf("self_attn.k_proj.weight", "attn.key.weights", ((KV, P), E))
+        leaf("self_attn.v_proj.weight", "attn.value.weights", ((KV, P), E))
+        leaf("self_attn.o_proj.weight", "attn.output.weights", (E, (H, P)))
+        leaf("mlp.gate_proj.weight", "mlp.gate.weights", (M, E))
+        leaf("mlp.up_proj.weight", "mlp.up.weights", (M, E))
+        leaf("mlp.down_proj.weight", "mlp.down.weights", (E, M))
+    return layouts
+
+
+def config_from_hf(values: Mapping[str, Any], **overrides) -> gemma.GemmaConfig:
+    """A `GemmaConfig` from HF's config.json contents (model_type ``gemma`` or
+    ``gemma2``), plus `overrides`; HF's defaults fill absent keys.
+
+    HF's ``intermediate_size`` is one MLP branch (our ``intermediate_dim`` is
+    both). HF's sliding window (``k > q - sliding_window``: W keys including
+    the current one) is our ``sliding_window_size`` unchanged. Gemma 2's
+    ``query_pre_attn_scalar`` becomes ``query_head_dim_normalize`` when it is
+    head_dim (True) or hidden / heads (False), else our
+    ``query_pre_attn_scalar``. What our Gemma cannot compute (biases, another
+    activation or RoPE, an untied head, a layer_types pattern other than
+    alternating sliding/full from layer 0) is an error naming the key.
+    """
+    model_type = values.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"HF config.json: model_type {model_type!r} is not one of {HF_MODEL_TYPES}.")
+    get = lambda key: values[key] if values.get(key) is not None else _HF_DEFAULTS[model_type].get(key)
+    problems = []
+    if values.get("attention_bias"):
+        problems.append("attention_bias is true (q/k/v/o biases), which Gemma does not have")
+    if values.get("use_bidirectional_attention"):
+        problems.append("use_bidirectional_attention is true; our Gemma is causal")
+    if values.get("tie_word_embeddings", True) is False:
+        problems.append("tie_word_embeddings is false; Gemma's head is the embedding matrix")
+    activation_key = "hidden_act" if model_type == "gemma" else "hidden_activation"
+    activation = values.get(activation_key) or values.get("hidden_activation") or _HF_ACTIVATIONS[0]
+    if activation not in _HF_ACTIVATIONS:
+        problems.append(f"{activation_key} {activation!r} is not one of {_HF_ACTIVATIONS}")
+    rope_parameters = values.get("rope_parameters") or {}
+    if rope_parameters.get("rope_type", "default") != "default":
+        problems.append(f"rope_parameters.rope_type {rope_parameters['rope_type']!r} is not 'default'")
+    theta = rope_parameters.get("rope_theta", values.get("rope_theta", gemma.ROPE_MAX_WAVELENGTH))
+    if theta != gemma.ROPE_MAX_WAVELENGTH:
+        problems.append(f"rope_theta {theta} is not {gemma.ROPE_MAX_WAVELENGTH:g} (fixed in our Gemma)")
+    fields: dict[str, Any] = dict(
+        vocabulary_size=get("vocab_size"), hidden_dim=get("hidden_size"),
+        intermediate_dim=2 * get("intermediate_size"), num_layers=get("num_hidden_layers"),
+        num_query_heads=get("num_attention_heads"), head_dim=get("head_dim"),
+        layer_norm_epsilon=get("rms_norm_eps"),
+    )
+    kv_heads = values.get("num_key_value_heads")  # absent: HF falls back to MHA
+    fields["num_key_value_heads"] = kv_heads if kv_heads is not None else fields["num_query_heads"]
+    if model_type == "gemma2":
+        fields.update(use_post_attention_norm=True, use_post_ffw_norm=True)
+        # An explicit null turns a cap off (HF's `if ... is not None`); absent keys take HF's default.
+        for hf_key, ours in (("attn_logit_softcapping", "attention_logit_soft_cap"),
+                             ("final_logit_softcapping", "final_logit_soft_cap")):
+            fields[ours] = values[hf_key] if hf_key in values else _HF_DEFAULTS["gemma2"][hf_key]
+        scalar = get("query_pre_attn_scalar")
+        if scalar == fields["head_dim"]:
+            fields["query_head_dim_normalize"] = True
+        elif scalar == fields["hidden_dim"] // fields["num_query_heads"]:
+            fields["query_head_dim_normalize"] = False
+        else:
+            fields["query_pre_attn_scalar"] = scalar
+        layers = fields["num_layers"]
+        types = values.get("layer_types") or [
+            _SLIDING if (i + 1) % 2 else _FULL for i in range(layers)]  # HF's default
+        window = values["sliding_window"] if "sliding_window" in values else get("sliding_window")
+        alternating = [_SLIDING if i % 2 == 0 else _FULL for i in range(layers)]
+        if window is None or list(types) == [_FULL] * layers:
+            fields["use_sliding_window_attention"] = False
+        elif list(types) == alternating:
+            fields["use_sliding_window_attention"] = True
+            fields["sliding_window_size"] = window
+        else:
+            problems.append(f"layer_types {list(types)} is not the alternating pattern (sliding on even"
+                            " layers, as released) nor all full_attention")
+    if problems:
+        raise ValueError("HF config.json: " + "; ".join(problems) + ".")
+    return dataclasses.replace(gemma.GemmaConfig(), **{**fields, **overrides})
+
+
+def hf_config_dict(config: gemma.GemmaConfig) -> dict[str, Any]:
+    """HF's config.json contents for `config`: Gemma 1 (``gemma``) when it has
+    no post norms, soft caps, sliding window or special query scale, else
+    Gemma 2 (``gemma2``); ValueError if neither can compute it."""
+    gemma2 = (config.use_post_attention_norm or config.use_post_ffw_norm
+              or config.attention_logit_soft_cap or config.final_logit_soft_cap
+              or config.use_sliding_window_attention or config.query_scale != config.head_dim**-0.5)
+    if gemma2 and not (config.use_post_attention_norm and config.use_post_ffw_norm):
+        raise ValueError(
+            "cannot save in HF format: HF Gemma 2 has both post norms and Gemma 1 neither;"
+            f" this model has use_post_attention_norm={config.use_post_attention_norm},"
+            f" use_post_ffw_norm={config.use_post_ffw_norm}."
+        )
+    model_type = "gemma2" if gemma2 else "gemma"
+    values = {
+        "architectures": [_HF_ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "vocab_size": config.vocabulary_size,
+        "hidden_size": config.hidden_dim,
+        "intermediate_size": config.mlp_width,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_query_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "rms_norm_eps": config.layer_norm_epsilon,
+        "rope_parameters": {"rope_type": "default", "rope_theta": gemma.ROPE_MAX_WAVELENGTH},
+        "rope_theta": gemma.ROPE_MAX_WAVELENGTH,  # transformers 4.x reads it here
+        ("hidden_activation" if gemma2 else "hidden_act"): "gelu_pytorch_tanh",
+        "attention_bias": False,
+        "tie_word_embeddings": True,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "bos_token_id": 2,
+        "dtype": config.param_dtype,
+    }
+    if gemma2:
+        scalar = config.query_pre_attn_scalar
+        values.update(
+            # HF's config class wants an int: the released values are.
+            query_pre_attn_scalar=int(scalar) if float(scalar or 0).is_integer() else scalar,
+            attn_logit_softcapping=config.attention_logit_soft_cap,
+            final_logit_softcapping=config.final_logit_soft_cap,
+            sliding_window=config.sliding_window_size,
+            layer_types=[_SLIDING if config.is_sliding(i) else _FULL for i in range(config.num_layers)],
+        )
+        if config.query_pre_attn_scalar is None:  # exact integers, as HF's own configs have them
+            width = config.head_dim if config.query_head_dim_normalize else (
+                config.hidden_dim // config.num_query_heads)
+            values["query_pre_attn_scalar"] = width
+    return values
+
+
+def from_hf_state_dict(state_dict: Mapping[str, Any], config: gemma.GemmaConfig, *,
+                       source: str = HF_SOURCE):
+    """An HF state dict (tensors, arrays or `common.LazyTensor`s) -> our Gemma.
+
+    Raises:
+      CheckpointMismatchError: listing every missing, unexpected or mis-shaped
+        tensor, with expected and found shapes.
+    """
+    leaves = dict(state_dict)
+    leaves.pop("lm_head.weight", None)  # tied: the embeddings
+    return common.load_model(leaves, hf_leaf_layouts(config), config, gemma.build_model,
+                             source=source)
+
+
+def to_hf_state_dict(model) -> dict[str, np.ndarray]:
+    """Our Gemma -> HF's state dict as numpy arrays (the exact inverse of loading)."""
+    config = common.config_of(model, gemma.GemmaConfig, "a Gemma model")
+    return {k: np.asarray(v) for k, v in common.export_leaves(model, hf_leaf_layouts(config)).items()}
+
+
+def _hf_model_type(directory: str) -> str:
+    for model_type in HF_MODEL_TYPES:
+        if common.is_hf_directory(directory, model_type):
+            return model_type
+    common.read_hf_config(directory, "gemma or gemma2")  # raises, naming what it found
+    raise AssertionError("unreachable")
+
+
+def is_hf_directory(path: str | os.PathLike) -> bool:
+    """A directory whose config.json says model_type gemma or gemma2."""
+    return any(common.is_hf_directory(path, t) for t in HF_MODEL_TYPES)
+
+
+def load_hf_checkpoint(directory: str | os.PathLike, **config_overrides):
+    """Loads an HF ``GemmaForCausalLM`` or ``Gemma2ForCausalLM`` directory
+    (config.json's ``model_type`` decides).
+
+    Args:
+      directory: holds ``config.json`` and ``model.safetensors`` (or a sharded
+        ``model.safetensors.index.json``; ``pytorch_model.bin`` also works).
+      **config_overrides: `GemmaConfig` fields; ``param_dtype`` defaults to
+        the stored dtype (bfloat16 stays bfloat16; ``param_dtype="float32"``,
+        or HF's name ``dtype="float32"``, casts).
+
+    Raises:
+      FileNotFoundError / ValueError: not an HF directory, another model_type,
+        a truncated file, a config our Gemma cannot compute.
+      CheckpointMismatchError: every missing, unexpected or mis-shaped tensor.
+    """
+    directory = os.fspath(directory)
+    if "dtype" in config_overrides:  # HF's name for it
+        dtype = config_overrides.pop("dtype")
+        if config_overrides.setdefault("param_dtype", dtype) != dtype:
+            raise ValueError(f"dtype {dtype!r} and param_dtype {config_overrides['param_dtype']!r} differ.")
+    values = common.read_hf_config(directory, _hf_model_type(directory))
+    state = common.read_hf_weights(directory)
+    if "param_dtype" not in config_overrides and "model.embed_tokens.weight" in state:
+        config_overrides["param_dtype"] = common.stored_dtype(state["model.embed_tokens.weight"])
+    config = config_from_hf(values, **config_overrides)
+    return from_hf_state_dict(state, config, source=f"{HF_SOURCE} {directory}")
+
+
+def save_hf_checkpoint(model, directory: str | os.PathLike, *,
+                       max_shard_size: int | str | None = None) -> None:
+    """Writes `model` as an HF directory that ``GemmaForCausalLM`` (no post
+    norms, caps, window) or ``Gemma2ForCausalLM`` ``.from_pretrained`` loads.
+
+    Args:
+      model: our Gemma; tensors keep its ``param_dtype``.
+      directory: the new directory (must not exist; written atomically).
+      max_shard_size: None for one ``model.safetensors``; else bytes or HF's
+        strings ("5GB") per shard, with ``model.safetensors.index.json``.
+    """
+    config = common.config_of(model, gemma.GemmaConfig, "a Gemma model")
+    hf_config = hf_config_dict(config)
+    values = parameter_values(model)
+    tensors = {layout.path: functools.partial(layout.from_named, values)
+               for layout in hf_leaf_layouts(config)}
+    common.write_hf_directory(directory, tensors, hf_config,
+                              max_shard_bytes=common.parse_size(max_shard_size))
+
+
 def load_checkpoint(path: str | os.PathLike, **config_overrides):
-    """A KerasHub preset directory or an official orbax checkpoint, told apart
-    by the directory's contents."""
+    """An HF directory (config.json with model_type gemma / gemma2), a KerasHub
+    preset directory or an official orbax checkpoint, told apart by the
+    directory's contents."""
+    if is_hf_directory(path):
+        return load_hf_checkpoint(path, **config_overrides)
     if is_keras_preset(path):
         return load_keras_preset(path, **config_overrides)
     return load_official_checkpoint(os.fspath(path), **config_overrides)
@@ -475,13 +761,14 @@ def load_checkpoint(path: str | os.PathLike, **config_overrides):
 
 def main(argv: list[str] | None = None) -> int:
     parser, convert = common.convert_parser(
-        "gemma", __doc__, source="official orbax checkpoint directory or KerasHub preset directory"
+        "gemma", __doc__, source="official orbax checkpoint directory, KerasHub preset or HF Gemma / Gemma 2 directory"
     )
     common.add_config_flags(
         convert,
         gemma.GemmaConfig,
         ["sliding_window_size", "attention_logit_soft_cap", "final_logit_soft_cap"]
-        + ["layer_norm_epsilon", "query_head_dim_normalize", "use_sliding_window_attention"]
+        + ["layer_norm_epsilon", "query_head_dim_normalize", "query_pre_attn_scalar"]
+        + ["use_sliding_window_attention"]
         + ["param_dtype"],
         param_dtype=PARAM_DTYPES,
     )

@@ -38,6 +38,7 @@ from recurrent_lm.layers import (
 )
 
 SOFT_CAP = rules.Rule(lambda v: v is None or rules.POSITIVE.test(v), "None (off) or > 0")
+OPTIONAL_POSITIVE = rules.Rule(lambda v: v is None or rules.POSITIVE.test(v), "None or > 0")
 NO_DROPOUT = rules.Rule(lambda v: v == 0, "0: recurrent_lm models have no dropout layers (the field exists"
                   " for Keras compatibility)")
 ROPE_MAX_WAVELENGTH = 10_000.0
@@ -97,6 +98,10 @@ class GemmaConfig(Config):
       head_dim: per-head width ("projection").
       query_head_dim_normalize: scale queries by ``head_dim ** -0.5``; if
         False by ``(hidden_dim // num_query_heads) ** -0.5`` (Gemma 2 27B).
+      query_pre_attn_scalar: HF Gemma 2's name: when set, queries are scaled
+        by ``query_pre_attn_scalar ** -0.5`` instead (any positive number;
+        ``query_head_dim_normalize`` is then ignored). None for the two
+        released choices above.
       use_post_ffw_norm: RMSNorm on the MLP branch before the residual add.
       use_post_attention_norm: RMSNorm on the attention branch before the add.
       attention_logit_soft_cap: ``cap * tanh(logits / cap)`` on the attention
@@ -128,6 +133,7 @@ class GemmaConfig(Config):
     intermediate_dim: int = field(32_768, rules.POSITIVE_INT)
     head_dim: int = field(256, rules.POSITIVE_INT)
     query_head_dim_normalize: bool = field(True, rules.BOOL)
+    query_pre_attn_scalar: float | None = field(None, OPTIONAL_POSITIVE)
     use_post_ffw_norm: bool = field(False, rules.BOOL)
     use_post_attention_norm: bool = field(False, rules.BOOL)
     attention_logit_soft_cap: float | None = field(None, SOFT_CAP)
@@ -148,7 +154,8 @@ class GemmaConfig(Config):
                    " intermediate_dim // 2 units)")
         if self.head_dim % 2:
             yield f"head_dim {self.head_dim} must be even (RoPE rotates feature pairs)"
-        if not self.query_head_dim_normalize and self.hidden_dim < self.num_query_heads:
+        if (self.query_pre_attn_scalar is None and not self.query_head_dim_normalize
+                and self.hidden_dim < self.num_query_heads):
             yield (f"hidden_dim {self.hidden_dim} // num_query_heads {self.num_query_heads} is 0:"
                    " no query scale (query_head_dim_normalize=False)")
 
@@ -164,6 +171,8 @@ class GemmaConfig(Config):
 
     @property
     def query_scale(self) -> float:
+        if self.query_pre_attn_scalar is not None:
+            return self.query_pre_attn_scalar**-0.5
         width = self.head_dim if self.query_head_dim_normalize else self.hidden_dim // self.num_query_heads
         return width**-0.5
 
