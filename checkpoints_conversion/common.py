@@ -360,6 +360,28 @@ def read_weights(path: str | os.PathLike, *, weights_only: bool = True) -> dict[
     )
 
 
+def weight_names(path: str | os.PathLike) -> set[str] | None:
+    """The tensor names of a weights file (a Lightning ``state_dict`` unwrapped),
+    read without loading the tensors (safetensors header; torch's mmap), or None
+    when `path` is no readable safetensors / torch weights file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return None
+    try:
+        if path.endswith(".safetensors"):
+            return set(open_safetensors(path))
+        if not path.endswith(TORCH_SUFFIXES):
+            return None
+        import torch
+
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 -- unreadable: not this kind of file
+        return None
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    return set(state) if isinstance(state, Mapping) else None
+
+
 def write_weights(
     state: Mapping[str, Any],
     path: str | os.PathLike,

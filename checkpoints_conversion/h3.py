@@ -551,6 +551,14 @@ def load_checkpoint(
     )
 
 
+def is_original_checkpoint(path: str | os.PathLike) -> bool:
+    """A released H3 weights file: its names hold the original's
+    ``backbone.embeddings.word_embeddings.weight`` (optionally under ``model.``
+    or a Lightning ``state_dict``)."""
+    names = common.weight_names(path)
+    return names is not None and any(n.endswith(EMBEDDING) for n in names)
+
+
 def to_original_state_dict(
     model, *, include_lm_head: bool = True
 ) -> dict[str, np.ndarray]:

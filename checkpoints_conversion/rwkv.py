@@ -309,6 +309,13 @@ def load_blinkdl_checkpoint(
     )
 
 
+def is_blinkdl_checkpoint(path: str | os.PathLike) -> bool:
+    """A file (``.pth`` or ``.safetensors``) with BlinkDL's names (``emb.weight``,
+    ``blocks.0.att.time_decay``), read from its index only (torch's mmap)."""
+    names = common.weight_names(path)
+    return names is not None and {"emb.weight", "blocks.0.att.time_decay"} <= names
+
+
 def save_blinkdl_checkpoint(model, path: str | os.PathLike) -> None:
     """Writes `model` as BlinkDL's ``.pth`` (needs torch), loadable by his
     runtime (PyPI ``rwkv``: ``RWKV(path_without_pth, "cpu fp32")``).
