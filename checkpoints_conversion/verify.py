@@ -184,6 +184,7 @@ def _official_recurrentgemma_reference(path: str, model, ids: np.ndarray) -> np.
     from recurrentgemma import common as rg_common
 
     import jax
+    import jax.numpy as jnp
 
     c = model.config
     if c.num_key_value_heads != 1:
@@ -199,9 +200,12 @@ def _official_recurrentgemma_reference(path: str, model, ids: np.ndarray) -> np.
     )
     params = common.restore_orbax_tree(path)
     params = params.get("params", params)
-    params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-    pos = np.tile(np.arange(ids.shape[1], dtype=np.int32), (ids.shape[0], 1))
-    logits, _ = rg.Griffin(config).apply({"params": params}, ids, pos, return_cache=False)
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    pos = jnp.tile(jnp.arange(ids.shape[1], dtype=jnp.int32), (ids.shape[0], 1))
+    griffin = rg.Griffin(config)
+    forward = jax.jit(lambda params, ids, pos: griffin.apply(
+        {"params": params}, ids, pos, return_cache=False)[0])  # eager flax runs op by op
+    logits = forward(params, jnp.asarray(ids, jnp.int32), pos)
     return np.asarray(logits, np.float32)
 
 
@@ -241,8 +245,8 @@ def _official_gemma_reference(path: str, model, ids: np.ndarray) -> np.ndarray:
         del pz_gemma._GEMMA_PRESETS[name], pz_gemma._NEEDS_GATING_TRANSPOSE[name]
     tokens = pz.nx.wrap(jnp.asarray(ids)).tag("batch", "seq")
     pos = pz.nx.wrap(jnp.tile(jnp.arange(ids.shape[1]), (ids.shape[0], 1))).tag("batch", "seq")
-    return np.asarray(reference(tokens, token_positions=pos).unwrap("batch", "seq", "vocabulary"),
-                      np.float32)
+    forward = pz.variable_jit(lambda model, tokens, pos: model(tokens, token_positions=pos))
+    return np.asarray(forward(reference, tokens, pos).unwrap("batch", "seq", "vocabulary"), np.float32)
 
 
 def _blinkdl_reference(path: str, model, ids: np.ndarray) -> np.ndarray:
@@ -316,11 +320,9 @@ def detect(path: str) -> Format:
 
 
 def our_logits(model, ids: np.ndarray) -> np.ndarray:
-    import jax.numpy as jnp
-    from penzai import pz
+    from recurrent_lm import jit_forward  # compiled: eager penzai runs op by op
 
-    tokens = pz.nx.wrap(jnp.asarray(ids, jnp.int32)).tag("batch", "seq")
-    return np.asarray(model(tokens).unwrap("batch", "seq", "vocabulary"), np.float32)
+    return np.asarray(jit_forward(model)(ids), np.float32)
 
 
 def max_relative_error(actual, expected) -> float:
@@ -354,9 +356,7 @@ def verify(path: str, *, seq: int = 16, batch: int = 2, seed: int = 0) -> Result
     limit = fmt.max_seq(model)
     if limit is not None:
         seq = min(seq, limit)
-    config = model.config  # Gemma calls the vocabulary size by its Keras name
-    vocab = getattr(config, type(config).aliases.get("vocab_size", "vocab_size"))
-    ids = np.random.default_rng(seed).integers(0, vocab, (batch, seq)).astype(np.int32)
+    ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, seq)).astype(np.int32)
     expected = fmt.reference(path, model, ids)
     actual = our_logits(model, ids)
     if actual.shape != expected.shape:

@@ -1,0 +1,134 @@
+"""``python -m checkpoints_conversion.verify SRC``: format detection and our logits
+against each installed reference, on tiny random checkpoints written in the real
+formats (HF ``save_pretrained``, BlinkDL ``.pth``, official orbax, KerasHub preset).
+
+Not covered here: HF Gemma / Gemma 2 directories (their loader,
+``gemma.load_hf_checkpoint``, comes with the HF Gemma converter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from gemma_cases import CASES as GEMMA_CASES
+from gemma_cases import official_params as gemma_official_params
+
+from checkpoints_conversion import gemma, recurrentgemma, rwkv, verify
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+LINE = re.compile(r"^(\S+): max relative logit error (\S+) vs (.+) \(batch (\d+), seq (\d+)\)$")
+
+
+def perturbed(model, seed: int):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """{format name: path}, each a tiny random checkpoint in that format."""
+    root = tmp_path_factory.mktemp("verify")
+    paths = {}
+    rg_config = transformers.RecurrentGemmaConfig(
+        vocab_size=41, hidden_size=32, num_attention_heads=2, lru_width=32, intermediate_size=48,
+        num_hidden_layers=3, block_types=["recurrent", "recurrent", "attention"],
+        attention_window_size=12, num_key_value_heads=1)
+    perturbed(transformers.RecurrentGemmaForCausalLM(rg_config), 0).save_pretrained(root / "hf_rg")
+    paths["hf-recurrentgemma"] = root / "hf_rg"
+    rwkv_config = transformers.RwkvConfig(vocab_size=37, hidden_size=16, num_hidden_layers=2,
+                                          attention_hidden_size=16, intermediate_size=48,
+                                          context_length=64)
+    perturbed(transformers.RwkvForCausalLM(rwkv_config), 1).save_pretrained(root / "hf_rwkv")
+    paths["hf-rwkv"] = root / "hf_rwkv"
+    # Through our converters' save paths: BlinkDL .pth, official RecurrentGemma orbax.
+    rwkv.save_blinkdl_checkpoint(rwkv.load_hf_checkpoint(root / "hf_rwkv"), root / "blinkdl.pth")
+    paths["blinkdl-rwkv"] = root / "blinkdl.pth"
+    griffin = recurrentgemma.load_hf_checkpoint(root / "hf_rg")
+    official = jax.tree.map(jnp.asarray, recurrentgemma.to_official_params(griffin))
+    ocp.PyTreeCheckpointer().save(str(root / "official_rg"), official)
+    paths["official-recurrentgemma"] = root / "official_rg"
+    case = GEMMA_CASES["gemma1_mqa"]
+    params = gemma_official_params(case)
+    ocp.PyTreeCheckpointer().save(str(root / "official_gemma"), jax.tree.map(jnp.asarray, params))
+    paths["official-gemma"] = root / "official_gemma"
+    gemma.save_keras_preset(gemma.from_official_params(params), root / "keras")
+    paths["keras-gemma"] = root / "keras"
+    torch.save({"backbone.embeddings.word_embeddings.weight": torch.zeros(8, 4)}, root / "h3.pt")
+    paths["h3"] = root / "h3.pt"
+    return {name: str(path) for name, path in paths.items()}
+
+
+def run(capsys, *argv):
+    status = verify.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_detects_every_format(checkpoints):
+    for name, path in checkpoints.items():
+        assert verify.detect(path).name == name, path
+
+
+@pytest.mark.parametrize("name", [
+    "hf-recurrentgemma", "hf-rwkv", "blinkdl-rwkv", "official-recurrentgemma", "official-gemma",
+    "keras-gemma",
+])
+def test_logits_match_the_reference(checkpoints, capsys, name):
+    status, out, err = run(capsys, checkpoints[name], "--seq", 13, "--batch", 2)
+    assert status == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out
+    match = LINE.match(lines[0])
+    assert match and match.group(1) == name, lines[0]
+    assert float(match.group(2)) < 1e-5, lines[0]
+    # HF RecurrentGemma: cut to its attention window (12), where HF is right.
+    assert (match.group(4), match.group(5)) == ("2", "12" if name == "hf-recurrentgemma" else "13")
+
+
+def test_h3_has_no_reference(checkpoints, capsys):
+    status, out, err = run(capsys, checkpoints["h3"])
+    assert status == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("error: ") and "no installed reference" in err
+
+
+def test_unknown_directory_and_other_model_type(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    other = tmp_path / "llama"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    for path in (tmp_path / "empty", other, tmp_path / "missing"):
+        status, out, err = run(capsys, path)
+        assert status == 2 and out == "", err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert "unknown checkpoint format" in err or "does not exist" in err
+
+
+def test_missing_reference_package_names_it(checkpoints, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "rwkv", None)  # import rwkv.model -> ImportError
+    monkeypatch.setitem(sys.modules, "rwkv.model", None)
+    status, out, err = run(capsys, checkpoints["blinkdl-rwkv"])
+    assert status == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert "pip install rwkv" in err
+
+
+def test_every_format_is_in_the_table():
+    names = [f.name for f in verify.FORMATS]
+    assert len(names) == len(set(names))
+    assert {"hf-gemma", "hf-gemma2", "hf-recurrentgemma", "hf-rwkv", "keras-gemma",
+            "official-recurrentgemma", "official-gemma", "blinkdl-rwkv", "h3"} == set(names)
+    assert os.path.basename(verify.__file__) == "verify.py"
