@@ -114,7 +114,8 @@ class LeafLayout:
         parts = [array[i] for i in range(len(self.labels))] if len(self.labels) > 1 else [array]
         unmerged = tuple(named_shape[n] for n in self.axis_names)
         return {
-            label: pz.nx.wrap(jnp.asarray(part).reshape(unmerged)).tag(*self.axis_names)
+            # Reshaped before it becomes a jax array: a numpy view, not a copy.
+            label: pz.nx.wrap(jnp.asarray(part.reshape(unmerged))).tag(*self.axis_names)
             for label, part in zip(self.labels, parts)
         }
 
@@ -181,10 +182,18 @@ def convert_leaves(
     values = {}
     for layout in layouts:
         named_shape = layout_named_shape(layout, expected_named)
-        array = jnp.asarray(found[layout.path])
+        leaf = found[layout.path]
+        # A lazy leaf is read once into numpy (which jax on CPU then aliases):
+        # `jnp.asarray` of it would hold the read and a copy at once.
+        array = leaf if isinstance(leaf, (np.ndarray, jax.Array)) else np.asarray(leaf)
         if array.dtype != dtype:
             array = array.astype(dtype)
-        values.update(layout.to_named(array, named_shape))
+        # Each leaf in its final axis order now, while its source is the only other
+        # copy: binding would otherwise transpose every value with all of them alive
+        # (two full copies of the model at the peak).
+        for label, value in layout.to_named(array, named_shape).items():
+            values[label] = value.order_as(*expected_named[label].named_shape)
+        del array
     return values
 
 
