@@ -542,6 +542,9 @@ _SAFETENSORS_DTYPES = {
 _SAFETENSORS_CODES = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
 
 
+_ALIGN = 64  # bytes: the alignment XLA:CPU needs to use a host buffer in place
+
+
 @dataclasses.dataclass(frozen=True)
 class LazyTensor:
     """One tensor of a safetensors file, read only when converted to an array
@@ -559,8 +562,18 @@ class LazyTensor:
         return math.prod(self.shape)
 
     def __array__(self, dtype=None, copy=None):
-        array = np.fromfile(self.path, self.dtype, self.size, offset=self.offset)
-        array = array.reshape(self.shape)
+        # Read into a 64-byte-aligned buffer: jax on CPU then adopts it without a
+        # copy (an unaligned one, e.g. np.fromfile's, is copied: a transient second
+        # copy of the largest tensor, half of a model with a large vocabulary).
+        nbytes = self.size * self.dtype.itemsize
+        raw = np.empty(nbytes + _ALIGN, np.uint8)
+        start = -raw.ctypes.data % _ALIGN
+        buffer = raw[start:start + nbytes]
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            if f.readinto(memoryview(buffer)) != nbytes:
+                raise ValueError(f"{self.path} is truncated; download it again.")
+        array = buffer.view(self.dtype).reshape(self.shape)
         return array if dtype is None else array.astype(dtype)
 
 
