@@ -190,7 +190,7 @@ def main(argv=None) -> int:
               f" {len(os.listdir(src)) - 2} shards")
         results = {name: run_step(code, src, dst) for name, code in STEPS.items()}
         raw = results["read all bytes (64 MiB chunks)"][0]
-        print(f"| step | time (s) | x raw read | peak RSS (GB) | peak RSS / checkpoint |")
+        print("| step | time (s) | x raw read | peak RSS (GB) | peak RSS / checkpoint |")
         print("|---|---|---|---|---|")
         for name, (seconds, rss) in results.items():
             print(f"| {name} | {seconds:.2f} | {seconds / raw:.1f} | {rss / 1e9:.2f} | {rss / nbytes:.2f} |")

@@ -181,10 +181,9 @@ def _keras_overrides(model) -> dict:
 
 def _official_recurrentgemma_reference(path: str, model, ids: np.ndarray) -> np.ndarray:
     rg = _require("recurrentgemma.jax", "recurrentgemma", "an official RecurrentGemma checkpoint")
-    from recurrentgemma import common as rg_common
-
     import jax
     import jax.numpy as jnp
+    from recurrentgemma import common as rg_common
 
     c = model.config
     if c.num_key_value_heads != 1:
@@ -218,12 +217,13 @@ def _official_gemma_reference(path: str, model, ids: np.ndarray) -> np.ndarray:
     from penzai.models.transformer.variants import llamalike_common as lc
 
     c = model.config
-    preset = dict(
-        num_decoder_blocks=c.num_layers, vocab_size=c.vocabulary_size,
-        num_kv_heads=c.num_key_value_heads,
-        query_head_multiplier=c.num_query_heads // c.num_key_value_heads,
-        embedding_dim=c.hidden_dim, projection_dim=c.head_dim, mlp_hidden_dim=c.intermediate_dim // 2,
-    )
+    preset = {
+        "num_decoder_blocks": c.num_layers, "vocab_size": c.vocabulary_size,
+        "num_kv_heads": c.num_key_value_heads,
+        "query_head_multiplier": c.num_query_heads // c.num_key_value_heads,
+        "embedding_dim": c.hidden_dim, "projection_dim": c.head_dim,
+        "mlp_hidden_dim": c.intermediate_dim // 2,
+    }
     if not c.query_head_dim_normalize:
         preset["query_scaling_factor"] = (c.hidden_dim // c.num_query_heads) ** -0.5
     if c.use_post_ffw_norm or c.use_sliding_window_attention:
@@ -348,14 +348,16 @@ def verify(path: str, *, seq: int = 16, batch: int = 2, seed: int = 0) -> Result
     path = os.fspath(path)
     fmt = detect(path)
     if fmt.reference is None:
-        raise ReferenceUnavailable(f"{path} is a {fmt.name} checkpoint: {fmt.reference_name}.")
+        raise ReferenceUnavailable(f"{path} ({fmt.name} format): {fmt.reference_name}.")
     model = fmt.load(path, param_dtype="float32")
     extra = fmt.overrides(model)
     if extra:
         model = fmt.load(path, param_dtype="float32", **extra)
     limit = fmt.max_seq(model)
-    if limit is not None:
-        seq = min(seq, limit)
+    if limit is not None and seq > limit:
+        print(f"note: {fmt.name}: sequence cut from {seq} to {limit}, the longest the"
+              " reference computes as ours does.", file=sys.stderr)
+        seq = limit
     ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, seq)).astype(np.int32)
     expected = fmt.reference(path, model, ids)
     actual = our_logits(model, ids)

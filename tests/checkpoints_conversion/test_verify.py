@@ -9,13 +9,11 @@ Not covered here: HF Gemma / Gemma 2 directories (their loader,
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from gemma_cases import CASES as GEMMA_CASES
@@ -64,6 +62,10 @@ def checkpoints(tmp_path_factory):
     params = gemma_official_params(case)
     ocp.PyTreeCheckpointer().save(str(root / "official_gemma"), jax.tree.map(jnp.asarray, params))
     paths["official-gemma"] = root / "official_gemma"
+    # Gemma 2: GQA, soft caps, sliding window 4 < seq, the transposed gating layout.
+    ocp.PyTreeCheckpointer().save(str(root / "official_gemma2"),
+                                  jax.tree.map(jnp.asarray, gemma_official_params(GEMMA_CASES["gemma2_gqa"])))
+    paths["official-gemma2"] = root / "official_gemma2"
     gemma.save_keras_preset(gemma.from_official_params(params), root / "keras")
     paths["keras-gemma"] = root / "keras"
     torch.save({"backbone.embeddings.word_embeddings.weight": torch.zeros(8, 4)}, root / "h3.pt")
@@ -79,12 +81,12 @@ def run(capsys, *argv):
 
 def test_detects_every_format(checkpoints):
     for name, path in checkpoints.items():
-        assert verify.detect(path).name == name, path
+        assert verify.detect(path).name == name.removesuffix("2"), path
 
 
 @pytest.mark.parametrize("name", [
     "hf-recurrentgemma", "hf-rwkv", "blinkdl-rwkv", "official-recurrentgemma", "official-gemma",
-    "keras-gemma",
+    "official-gemma2", "keras-gemma",
 ])
 def test_logits_match_the_reference(checkpoints, capsys, name):
     status, out, err = run(capsys, checkpoints[name], "--seq", 13, "--batch", 2)
@@ -92,7 +94,7 @@ def test_logits_match_the_reference(checkpoints, capsys, name):
     lines = out.strip().splitlines()
     assert len(lines) == 1, out
     match = LINE.match(lines[0])
-    assert match and match.group(1) == name, lines[0]
+    assert match and match.group(1) == name.removesuffix("2"), lines[0]
     assert float(match.group(2)) < 1e-5, lines[0]
     # HF RecurrentGemma: cut to its attention window (12), where HF is right.
     assert (match.group(4), match.group(5)) == ("2", "12" if name == "hf-recurrentgemma" else "13")
@@ -102,7 +104,7 @@ def test_h3_has_no_reference(checkpoints, capsys):
     status, out, err = run(capsys, checkpoints["h3"])
     assert status == 2 and out == ""
     assert len(err.strip().splitlines()) == 1
-    assert err.startswith("error: ") and "no installed reference" in err
+    assert err.startswith("error: ") and "no installed reference" in err and "H3" in err
 
 
 def test_unknown_directory_and_other_model_type(tmp_path, capsys):
@@ -126,9 +128,15 @@ def test_missing_reference_package_names_it(checkpoints, capsys, monkeypatch):
     assert "pip install rwkv" in err
 
 
+def test_hf_gemma_directories_are_detected_by_model_type(tmp_path):
+    for model_type in ("gemma", "gemma2"):
+        (tmp_path / model_type).mkdir()
+        (tmp_path / model_type / "config.json").write_text(json.dumps({"model_type": model_type}))
+        assert verify.detect(str(tmp_path / model_type)).name == f"hf-{model_type}"
+
+
 def test_every_format_is_in_the_table():
     names = [f.name for f in verify.FORMATS]
     assert len(names) == len(set(names))
     assert {"hf-gemma", "hf-gemma2", "hf-recurrentgemma", "hf-rwkv", "keras-gemma",
             "official-recurrentgemma", "official-gemma", "blinkdl-rwkv", "h3"} == set(names)
-    assert os.path.basename(verify.__file__) == "verify.py"
