@@ -152,8 +152,9 @@ def _transformers_reference(class_name: str) -> Callable:
     def run(path: str, model, ids: np.ndarray) -> np.ndarray:
         torch = _require("torch", "torch", class_name)
         transformers = _require("transformers", "transformers", class_name)
+        # Eager attention: the only one computing Gemma 2's attention soft cap.
         hf_model = getattr(transformers, class_name).from_pretrained(
-            path, torch_dtype=torch.float32).eval()
+            path, dtype=torch.float32, attn_implementation="eager").eval()
         with torch.no_grad():
             out = hf_model(torch.as_tensor(ids, dtype=torch.long), use_cache=False)
         return out.logits.float().numpy()
@@ -274,19 +275,13 @@ def _blinkdl_reference(path: str, model, ids: np.ndarray) -> np.ndarray:
     return np.stack(rows).astype(np.float32)
 
 
-def _load_hf_gemma(path: str, **overrides):
-    # HF Gemma directories are read by `gemma.load_hf_checkpoint` (added with the HF
-    # Gemma converter); a missing loader is an error, never a silent fallback.
-    return gemma.load_hf_checkpoint(path, **overrides)
-
-
 FORMATS: tuple[Format, ...] = (
     Format("hf-recurrentgemma", _hf(recurrentgemma.HF_MODEL_TYPE), recurrentgemma.load_hf_checkpoint,
            _transformers_reference("RecurrentGemmaForCausalLM"),
            "transformers RecurrentGemmaForCausalLM", max_seq=_recurrentgemma_window),
-    Format("hf-gemma", _hf("gemma"), _load_hf_gemma, _transformers_reference("GemmaForCausalLM"),
+    Format("hf-gemma", _hf("gemma"), gemma.load_hf_checkpoint, _transformers_reference("GemmaForCausalLM"),
            "transformers GemmaForCausalLM"),
-    Format("hf-gemma2", _hf("gemma2"), _load_hf_gemma, _transformers_reference("Gemma2ForCausalLM"),
+    Format("hf-gemma2", _hf("gemma2"), gemma.load_hf_checkpoint, _transformers_reference("Gemma2ForCausalLM"),
            "transformers Gemma2ForCausalLM"),
     Format("hf-rwkv", _hf("rwkv"), rwkv.load_hf_checkpoint, _transformers_reference("RwkvForCausalLM"),
            "transformers RwkvForCausalLM"),

@@ -1,9 +1,6 @@
 """``python -m checkpoints_conversion.verify SRC``: format detection and our logits
 against each installed reference, on tiny random checkpoints written in the real
 formats (HF ``save_pretrained``, BlinkDL ``.pth``, official orbax, KerasHub preset).
-
-Not covered here: HF Gemma / Gemma 2 directories (their loader,
-``gemma.load_hf_checkpoint``, comes with the HF Gemma converter).
 """
 
 from __future__ import annotations
@@ -51,6 +48,18 @@ def checkpoints(tmp_path_factory):
                                           context_length=64)
     perturbed(transformers.RwkvForCausalLM(rwkv_config), 1).save_pretrained(root / "hf_rwkv")
     paths["hf-rwkv"] = root / "hf_rwkv"
+    gemma_config = transformers.GemmaConfig(
+        vocab_size=53, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=12, attn_implementation="eager")
+    perturbed(transformers.GemmaForCausalLM(gemma_config), 2).save_pretrained(root / "hf_gemma")
+    paths["hf-gemma"] = root / "hf_gemma"
+    # Gemma 2: GQA, sliding window 3 < seq, soft caps, query_pre_attn_scalar of its own.
+    gemma2_config = transformers.Gemma2Config(
+        vocab_size=61, hidden_size=40, intermediate_size=56, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=7, sliding_window=3,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0, attn_implementation="eager")
+    perturbed(transformers.Gemma2ForCausalLM(gemma2_config), 3).save_pretrained(root / "hf_gemma2")
+    paths["hf-gemma2"] = root / "hf_gemma2"
     # Through our converters' save paths: BlinkDL .pth, official RecurrentGemma orbax.
     rwkv.save_blinkdl_checkpoint(rwkv.load_hf_checkpoint(root / "hf_rwkv"), root / "blinkdl.pth")
     paths["blinkdl-rwkv"] = root / "blinkdl.pth"
@@ -81,12 +90,12 @@ def run(capsys, *argv):
 
 def test_detects_every_format(checkpoints):
     for name, path in checkpoints.items():
-        assert verify.detect(path).name == name.removesuffix("2"), path
+        assert verify.detect(path).name == name.replace("official-gemma2", "official-gemma"), path
 
 
 @pytest.mark.parametrize("name", [
-    "hf-recurrentgemma", "hf-rwkv", "blinkdl-rwkv", "official-recurrentgemma", "official-gemma",
-    "official-gemma2", "keras-gemma",
+    "hf-recurrentgemma", "hf-gemma", "hf-gemma2", "hf-rwkv", "blinkdl-rwkv", "official-recurrentgemma",
+    "official-gemma2", "keras-gemma",  # official-gemma (Gemma 1): detection only, same reference
 ])
 def test_logits_match_the_reference(checkpoints, capsys, name):
     status, out, err = run(capsys, checkpoints[name], "--seq", 13, "--batch", 2)
@@ -94,7 +103,7 @@ def test_logits_match_the_reference(checkpoints, capsys, name):
     lines = out.strip().splitlines()
     assert len(lines) == 1, out
     match = LINE.match(lines[0])
-    assert match and match.group(1) == name.removesuffix("2"), lines[0]
+    assert match and match.group(1) == name.replace("official-gemma2", "official-gemma"), lines[0]
     assert float(match.group(2)) < 1e-5, lines[0]
     # HF RecurrentGemma: cut to its attention window (12), where HF is right.
     assert (match.group(4), match.group(5)) == ("2", "12" if name == "hf-recurrentgemma" else "13")
