@@ -53,8 +53,6 @@ CASES = {
     "odd": Case(vocab=37, hidden=23, layers=3, attention=23, intermediate=51, seq=11, batch=2, seed=0),
     # narrower WKV than the residual stream (his sequence mode cannot run it), two blocks.
     "narrow": Case(vocab=50, hidden=32, layers=2, attention=18, intermediate=72, seq=9, batch=2, seed=1),
-    # square, four blocks.
-    "square": Case(vocab=29, hidden=16, layers=4, attention=16, intermediate=64, seq=13, batch=1, seed=2),
 }
 
 
