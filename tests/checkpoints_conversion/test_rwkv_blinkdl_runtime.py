@@ -143,28 +143,13 @@ def case_ids(case: Case) -> np.ndarray:
     return rng.integers(0, case.vocab, (case.batch, case.seq)).astype(np.int32)
 
 
-_LOADED = {}
-
-
-def load_case(name, tmp_path_factory):
-    """(case, .pth path, our model loaded from it, his runtime on it), once per case."""
-    if name not in _LOADED:
-        case = CASES[name]
-        path = tmp_path_factory.mktemp(f"blinkdl_{name}") / "RWKV-4-random.pth"
-        save_pth(blinkdl_state_dict(case), path)
-        _LOADED[name] = case, path, convert.load_blinkdl_checkpoint(path), his_runtime(path)
-    return _LOADED[name]
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def loaded(request, tmp_path_factory):
-    return load_case(request.param, tmp_path_factory)
-
-
-# Each chunk length compiles anew: the two- and three-block cases.
-@pytest.fixture(scope="module", params=["narrow", "odd"])
-def loaded_shallow(request, tmp_path_factory):
-    return load_case(request.param, tmp_path_factory)
+    """(case, .pth path, our model loaded from it, his runtime on it)."""
+    case = CASES[request.param]
+    path = tmp_path_factory.mktemp(f"blinkdl_{request.param}") / "RWKV-4-random.pth"
+    save_pth(blinkdl_state_dict(case), path)
+    return case, path, convert.load_blinkdl_checkpoint(path), his_runtime(path)
 
 
 def test_inferred_config(loaded):
@@ -222,10 +207,10 @@ def his_states(state, layers):
     return out
 
 
-def test_chunked_state_passing_on_both_sides(loaded_shallow, lengths=(4, 1)):
+def test_chunked_state_passing_on_both_sides(loaded, lengths=(4, 1)):
     """Uneven chunks (the rest of the sequence last) carrying state in ours and his:
     every chunk's logits equal the whole forward's, and the states agree."""
-    case, _, model, runtime = loaded_shallow
+    case, _, model, runtime = loaded
     ids = case_ids(case)[:1]
     full = our_logits(model, ids)[0]
     bounds = np.cumsum((0, *lengths, case.seq - sum(lengths)))
