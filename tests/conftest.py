@@ -19,9 +19,9 @@ TEST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization
 if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
-from griffin_cases import CASES, OfficialCase  # noqa: E402
+import jax
+import pytest
+from griffin_cases import CASES, OfficialCase
 
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update(

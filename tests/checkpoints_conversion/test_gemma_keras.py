@@ -17,11 +17,10 @@ from griffin_cases import max_relative_error, named_tokens
 from penzai import pz
 
 os.environ["KERAS_BACKEND"] = "jax"  # before keras is imported (here or by keras_hub)
-import keras  # noqa: E402
-import keras_hub  # noqa: E402
+import keras_hub
 
-from checkpoints_conversion import gemma as convert  # noqa: E402
-from recurrent_lm.params import CheckpointMismatchError  # noqa: E402
+from checkpoints_conversion import gemma as convert
+from recurrent_lm.params import CheckpointMismatchError
 
 TOLERANCE = 1e-5
 SEQ = 9

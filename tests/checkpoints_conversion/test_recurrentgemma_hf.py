@@ -17,15 +17,14 @@ import shutil
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
 from griffin_cases import OfficialCase, max_relative_error, official_apply
 
 import recurrent_lm
 from checkpoints_conversion import common
 from checkpoints_conversion import recurrentgemma as convert
 from recurrent_lm.params import CheckpointMismatchError
-
-import torch  # noqa: E402
-import transformers  # noqa: E402
 
 R, A = "recurrent", "attention"
 

@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from griffin_cases import max_relative_error, named_tokens
 from penzai import pz
 
@@ -22,16 +23,14 @@ from checkpoints_conversion import rwkv as convert
 from recurrent_lm.core.state import Stateful
 from recurrent_lm.layers.channel_mix import ChannelMix
 from recurrent_lm.layers.wkv import TimeMix
-from recurrent_lm.models import rwkv
 from recurrent_lm.sampling import to_sampling_mode
 
-import torch  # noqa: E402
 # His module reads these at import time; fp32 on CPU means no rescaling.
 os.environ["RWKV_JIT_ON"] = "0"
 os.environ["RWKV_CUDA_ON"] = "0"
 os.environ.pop("RWKV_V7_ON", None)
 os.environ.pop("RWKV_RESCALE_LAYER", None)
-import rwkv.model as blinkdl  # noqa: E402
+import rwkv.model as blinkdl
 
 TOLERANCE = 1e-5
 
