@@ -755,3 +755,20 @@ def parse_size(size: int | str | None) -> int | None:
     if not match:
         raise ValueError(f"cannot read the size {size!r}: use bytes or e.g. '5GB', '200MB'.")
     return parse_size(int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""]))
+
+
+def read_hf_checkpoint(directory: str, model_type: str, config_overrides: Mapping[str, Any], *,
+                       embedding: str = "model.embed_tokens.weight"):
+    """``(config.json values, lazy weights, overrides)`` of an HF directory, with
+    ``param_dtype`` settled: HF's name ``dtype`` is accepted for it, and by
+    default it is the stored dtype of `embedding` (bfloat16 stays bfloat16)."""
+    overrides = dict(config_overrides)
+    if "dtype" in overrides:  # HF's name for it
+        dtype = overrides.pop("dtype")
+        if overrides.setdefault("param_dtype", dtype) != dtype:
+            raise ValueError(f"dtype {dtype!r} and param_dtype {overrides['param_dtype']!r} differ.")
+    values = read_hf_config(directory, model_type)
+    state = read_hf_weights(directory)
+    if "param_dtype" not in overrides and embedding in state:
+        overrides["param_dtype"] = stored_dtype(state[embedding])
+    return values, state, overrides

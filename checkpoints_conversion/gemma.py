@@ -716,16 +716,8 @@ def load_hf_checkpoint(directory: str | os.PathLike, **config_overrides):
       CheckpointMismatchError: every missing, unexpected or mis-shaped tensor.
     """
     directory = os.fspath(directory)
-    if "dtype" in config_overrides:  # HF's name for it
-        dtype = config_overrides.pop("dtype")
-        if config_overrides.setdefault("param_dtype", dtype) != dtype:
-            raise ValueError(f"dtype {dtype!r} and param_dtype {config_overrides['param_dtype']!r} differ.")
-    values = common.read_hf_config(directory, _hf_model_type(directory))
-    state = common.read_hf_weights(directory)
-    if "param_dtype" not in config_overrides and "model.embed_tokens.weight" in state:
-        config_overrides["param_dtype"] = common.stored_dtype(state["model.embed_tokens.weight"])
-    config = config_from_hf(values, **config_overrides)
-    return from_hf_state_dict(state, config, source=f"{HF_SOURCE} {directory}")
+    values, state, overrides = common.read_hf_checkpoint(directory, _hf_model_type(directory), config_overrides)
+    return from_hf_state_dict(state, config_from_hf(values, **overrides), source=f"{HF_SOURCE} {directory}")
 
 
 def save_hf_checkpoint(model, directory: str | os.PathLike, *,
