@@ -18,6 +18,7 @@ import pytest
 import torch
 from griffin_cases import max_relative_error, named_tokens
 from penzai import pz
+from rwkv_cases import HFCase as Case
 
 from checkpoints_conversion import rwkv as convert
 from recurrent_lm.core.state import Stateful
@@ -35,23 +36,11 @@ import rwkv.model as blinkdl
 TOLERANCE = 1e-5
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    vocab: int
-    hidden: int
-    layers: int
-    attention: int
-    intermediate: int
-    seq: int
-    batch: int
-    seed: int
-
-
 CASES = {
     # odd widths, three blocks.
-    "odd": Case(vocab=37, hidden=23, layers=3, attention=23, intermediate=51, seq=11, batch=2, seed=0),
+    "odd": Case("odd", vocab=37, hidden=23, layers=3, attention=23, intermediate=51, seq=11, batch=2, seed=0),
     # narrower WKV than the residual stream (his sequence mode cannot run it), two blocks.
-    "narrow": Case(vocab=50, hidden=32, layers=2, attention=18, intermediate=72, seq=9, batch=2, seed=1),
+    "narrow": Case("narrow", vocab=50, hidden=32, layers=2, attention=18, intermediate=72, seq=9, batch=2, seed=1),
 }
 
 
