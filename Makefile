@@ -26,7 +26,7 @@ demo: $(BASE_STAMP)
 	$(VENV)/bin/python -m recurrent_lm.demo
 
 test: $(DEV_STAMP)
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 benchmark: $(DEV_STAMP)
 	$(VENV)/bin/python benchmarks/scan_methods.py
