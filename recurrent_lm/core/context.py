@@ -115,6 +115,18 @@ class DocumentContext(pz.Struct):
     def steps(self) -> int:
         return self.segment_pos.named_shape[axes.SEQ]
 
+    def positions(self, start, size: int) -> DocumentContext:
+        """The context of positions ``start .. start + size - 1`` (`start` may be
+        traced: a loss that applies the head a chunk of positions at a time)."""
+
+        def take(x):
+            return pz.nx.nmap(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size))(
+                x.untag(axes.SEQ)
+            ).tag(axes.SEQ)
+
+        fields = ("segment_pos", "starts", "since_start", "document_id", "stream_pos")
+        return dataclasses.replace(self, **{f: take(getattr(self, f)) for f in fields})
+
 
 def require_context(context, layer: str) -> DocumentContext:
     """`context`, or a clear error for a layer called without one."""

@@ -129,14 +129,27 @@ class DecoderLM(pz.nn.Layer):
             random_stream: pz.RandomStream | None = None):
         """Embed, blocks, norm, head; every layer reads the side input `context`
         (and ``random_stream`` when given)."""
-        side = {"context": context}
-        if random_stream is not None:
-            side["random_stream"] = random_stream
-        x = self.embeddings(self.embedder(tokens, **side))
-        x = self.blocks(x, **side)
+        x = self.final_hidden(tokens, context, random_stream)
         if last_position_only:
             x = x[{axes.SEQ: pz.slice[-1:]}]
-        return self.head(self.final_norm(x, **side), **side)
+            context = context.positions(context.steps - 1, 1)
+        return self.head(x, **_side_inputs(context, random_stream))
+
+    def final_hidden(self, tokens, context: DocumentContext,
+                     random_stream: pz.RandomStream | None = None):
+        """Embed, blocks, norm: what `head` reads, {"batch", "seq", "embedding"}.
+        (A loss over a large vocabulary applies the head a chunk at a time.)"""
+        side = _side_inputs(context, random_stream)
+        x = self.embeddings(self.embedder(tokens, **side))
+        x = self.blocks(x, **side)
+        return self.final_norm(x, **side)
+
+
+def _side_inputs(context, random_stream) -> dict[str, Any]:
+    side = {"context": context}
+    if random_stream is not None:
+        side["random_stream"] = random_stream
+    return side
 
 
 def sync_config(model, **options):

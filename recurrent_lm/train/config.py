@@ -40,6 +40,7 @@ _POSITIVE = (
     "batch_size",
     "seq_len",
     "grad_accum",
+    "loss_chunk_size",
     "keep_checkpoints",
     "checkpoint_interval",
     "eval_batches",
@@ -157,6 +158,12 @@ class TrainConfig:
     grad_clip: float | None = setting(1.0, "global norm; 0: off", group="optimisation")
     grad_accum: int = setting(
         1, "microbatches per step (same global batch)", group="optimisation"
+    )
+    loss_chunk_size: int = setting(
+        256,
+        "positions per chunk of the head and cross-entropy (the whole"
+        " [tokens, vocabulary] logits are never formed)",
+        group="optimisation",
     )
     # evaluation, checkpoints, output
     eval_interval: int = setting(

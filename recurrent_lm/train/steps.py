@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import optax
 from penzai import pz
 
+from recurrent_lm import axes
 from recurrent_lm.core import functional
+from recurrent_lm.core.context import DocumentContext
 from recurrent_lm.train import data, sharding
 from recurrent_lm.train.config import OPTIMIZER_FIELDS, TrainConfig
 from recurrent_lm.train.optimizer import make_optimizer
@@ -93,13 +95,59 @@ def token_losses(logits, tokens, segment_pos):
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def make_loss_sum(param_axes, compute_dtype: str):
+def chunked_token_losses(model, tokens, segment_pos, chunk_size: int):
+    """`token_losses` of `model` on `tokens`, the head applied `chunk_size`
+    positions at a time: the [batch, seq, vocabulary] logits never exist whole
+    (8 x 8192 positions over a 256k vocabulary would be 67 GB in float32).
+
+    Each chunk's head and cross-entropy run under `jax.checkpoint`, so the
+    backward pass recomputes one chunk's logits instead of keeping them all.
+    The last chunk starts early enough to fit (no padding) and counts only its
+    new positions. One chunk (``seq <= chunk_size``) is the plain form.
+    """
+    ids, pos = functional.to_tokens(tokens), functional.to_tokens(segment_pos)
+    context = DocumentContext.build(pos)
+    hidden = model.final_hidden(ids, context)
+    steps = tokens.shape[1]
+    if steps <= chunk_size:
+        logits = model.head(hidden, context=context)
+        return token_losses(logits.unwrap(*axes.TOKEN_AXES, axes.VOCABULARY), tokens, segment_pos)
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+    mask = jnp.pad(data.loss_mask(segment_pos), ((0, 0), (0, 1))).astype(jnp.float32)
+
+    @jax.checkpoint
+    def chunk_loss(first):
+        start = jnp.minimum(first, steps - chunk_size)
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk_size, axis=1)
+        h = pz.nx.nmap(lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk_size))(
+            hidden.untag(axes.SEQ)
+        ).tag(axes.SEQ)
+        logits = model.head(h, context=context.positions(start, chunk_size))
+        logp = jax.nn.log_softmax(
+            logits.unwrap(*axes.TOKEN_AXES, axes.VOCABULARY).astype(jnp.float32)
+        )
+        nll = -jnp.take_along_axis(logp, take(targets)[..., None], axis=-1)[..., 0]
+        new = (start + jnp.arange(chunk_size) >= first).astype(jnp.float32)
+        weight = take(mask) * new
+        return jnp.sum(nll * weight), jnp.sum(weight)
+
+    def add_chunk(carry, first):
+        total, count = carry
+        loss, n = chunk_loss(first)
+        return (total + loss, count + n), None
+
+    firsts = jnp.arange(0, steps, chunk_size)
+    zero = jnp.zeros((), jnp.float32)
+    return jax.lax.scan(add_chunk, (zero, zero), firsts)[0]
+
+
+def make_loss_sum(param_axes, compute_dtype: str, loss_chunk_size: int):
     """loss_sum(params, skeleton, tokens, pos) -> (NLL sum, target count)."""
 
     def loss_sum(params, skeleton, tokens, pos):
         named = named_params(param_axes, params, compute_dtype)
-        logits, _ = functional.call(skeleton, named, {}, tokens, pos)
-        return token_losses(logits, tokens, pos)
+        model, _ = functional.bind(skeleton, named, {})
+        return chunked_token_losses(model, tokens, pos, loss_chunk_size)
 
     return loss_sum
 
@@ -152,7 +200,7 @@ def _step_functions(cfg_key: tuple, param_axes_items: tuple) -> StepFunctions:
     """Compiled step functions, cached so repeated runs in a process reuse them."""
     cfg = TrainConfig(**dict(cfg_key))
     optimizer = make_optimizer(cfg)
-    loss_sum = make_loss_sum(dict(param_axes_items), cfg.compute_dtype)
+    loss_sum = make_loss_sum(dict(param_axes_items), cfg.compute_dtype, cfg.loss_chunk_size)
     return StepFunctions(
         train_step=jax.jit(make_train_step(loss_sum, optimizer), donate_argnums=(0, 1)),
         eval_step=jax.jit(loss_sum),
@@ -164,6 +212,6 @@ def step_functions(
     cfg: TrainConfig, param_axes: dict[str, tuple[str, ...]]
 ) -> StepFunctions:
     """The jitted steps of a run with these settings and parameters."""
-    keys = (*OPTIMIZER_FIELDS, "decay_steps", "steps", "compute_dtype")
+    keys = (*OPTIMIZER_FIELDS, "decay_steps", "steps", "compute_dtype", "loss_chunk_size")
     cfg_key = tuple((k, getattr(cfg, k)) for k in keys)
     return _step_functions(cfg_key, tuple(sorted(param_axes.items())))

@@ -19,7 +19,7 @@ EVERY_FLAG = """
 --batch-size 16 --eval-fraction 0.2
 --steps 7 --seed 3 --lr 1e-3 --lr-schedule linear --warmup-steps 5 --decay-steps 9
 --min-lr-ratio 0.2 --weight-decay 0.01 --adam-b1 0.8 --adam-b2 0.99 --adam-eps 1e-6
---grad-clip 0.5 --grad-accum 2
+--grad-clip 0.5 --grad-accum 2 --loss-chunk-size 64
 --eval-interval 50 --eval-batches 4 --checkpoint-dir run/ --checkpoint-interval 10
 --keep-checkpoints 2 --no-async-checkpoints --resume --metrics-file m.jsonl
 --save-model out/ --save-adapters adapters/ --stop-after 5 --no-progress
@@ -55,6 +55,7 @@ EVERY_FIELD = TrainConfig(
     adam_eps=1e-6,
     grad_clip=0.5,
     grad_accum=2,
+    loss_chunk_size=64,
     eval_interval=50,
     eval_batches=4,
     checkpoint_dir="run/",

@@ -320,3 +320,27 @@ def test_a_token_id_outside_the_vocabulary_stops_training(tiny):
     state = TrainState.initial(cfg, fns.optimizer, {k: jnp.array(v) for k, v in params.items()}, mesh)
     with pytest.raises(FloatingPointError, match="loss became nan at step 1"):
         loop.train_step(state)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 8])
+def test_chunked_loss_equals_the_whole_logits_form(tiny, chunk_size):
+    """The head and cross-entropy a chunk of positions at a time (under remat;
+    3 does not divide the 8 positions, 8 is one chunk): the reference's loss and
+    gradients, which form the whole logits."""
+    skeleton, params, param_axes, _, reference = tiny
+    loss_sum = steps.make_loss_sum(param_axes, "float32", chunk_size)
+
+    @jax.jit
+    def chunked(values):
+        (total, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(
+            values, skeleton, jnp.asarray(TOKENS), jnp.asarray(SEGMENT_POS)
+        )
+        return total / count, count, jax.tree.map(lambda g: g / count, grads)
+
+    loss, count, grads = chunked(params)
+    expected_loss, (expected_grads, _) = reference(params)
+    assert int(count) == TARGETS.sum()
+    np.testing.assert_allclose(float(loss), float(expected_loss), rtol=1e-6)
+    for label, expected in expected_grads.items():
+        scale = np.abs(np.asarray(expected)).max()
+        np.testing.assert_allclose(grads[label], expected, rtol=0, atol=1e-6 * scale, err_msg=label)
