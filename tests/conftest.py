@@ -12,6 +12,9 @@ os.environ.setdefault(
     str(pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax_compilation"),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# The suite runs on CPU. libtpu (the dev extra, for --compile-only) would otherwise make
+# every process, subprocesses and notebook kernels included, probe for a TPU (~2 s, warnings).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite's programs are tiny and compiled far more often than they run (eager penzai
 # calls compile op by op): XLA:CPU without its backend optimisations and fusion emitters
 # compiles about 2.5x faster (60 -> 25 ms per op here). Numerics stay IEEE float32;

@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--num-processes", type=int, help="processes in the run")
     g.add_argument("--process-id", type=int, help="this process's index")
+    g.add_argument(
+        "--compile-only",
+        metavar="TOPOLOGY",
+        help="compile the training step for a TPU slice (e.g. v5e:4x4) with libtpu, report"
+        " memory, flops and collectives, and exit (no data, no training)",
+    )
+    g.add_argument("--report", metavar="FILE", help="--compile-only: write the report as JSON")
     return p
 
 
@@ -126,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     sharding.maybe_initialize_distributed(
         args.coordinator_address, args.num_processes, args.process_id
     )
+    if args.report and not args.compile_only:
+        raise ValueError("--report needs --compile-only TOPOLOGY.")
+    if args.compile_only:
+        from recurrent_lm.train import compile_only
+
+        compile_only.run(config_from_args(args), args.compile_only, args.report)
+        return 0
     result = loop.train(config_from_args(args))
     last = result.losses.get(result.final_step)
     summary = f"done: step {result.final_step}"
