@@ -2,7 +2,6 @@
 the real TPU compiler (libtpu, the dev extra) on this CPU host."""
 
 import json
-import math
 
 import jax
 import pytest
