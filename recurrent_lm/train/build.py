@@ -7,6 +7,7 @@ optionally with LoRA adapters (only they train).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -113,12 +114,8 @@ def initial_model(cfg: TrainConfig, vocab_size: int, mesh, rules_override):
         return _fine_tuned_model(cfg, vocab_size, mesh, rules_override)
     model_type, config = model_config(cfg, vocab_size)
     rules = sharding.rules_for(model_type.name, rules_override)
-    # Built eagerly (compiling one jit of every initialiser costs ~30 s on CPU
-    # even for a tiny model); `split_trainable` then places each parameter on
-    # the mesh. Models too large for one host: save once, then `load_sharded`
-    # (--init-checkpoint) reads each shard where it belongs.
-    model = model_type.build_model(config, jax.random.key(cfg.seed))
-    return model, rules
+    build = functools.partial(model_type.build_model, config)
+    return sharding.init_sharded(build, jax.random.key(cfg.seed), mesh, rules), rules
 
 
 def save_model(model, tokenizer_path: str, directory: str) -> None:

@@ -34,7 +34,12 @@ from recurrent_lm.train import build, checkpointing, data, sharding
 from recurrent_lm.train.config import TrainConfig
 from recurrent_lm.train.metrics import MetricsWriter, progress_bar
 from recurrent_lm.train.optimizer import init_optimizer_state, learning_rate_schedule
-from recurrent_lm.train.steps import StepFunctions, bind_parameters, split_trainable, step_functions
+from recurrent_lm.train.steps import (
+    StepFunctions,
+    bind_parameters,
+    split_trainable,
+    step_functions,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from penzai import pz
 
 from recurrent_lm import axes
 
@@ -182,6 +183,39 @@ def batch_sharding(
     spec = [None] * ndim
     spec[batch_dim] = BATCH_MESH_AXES
     return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def sharded_initializer(build, mesh: jax.sharding.Mesh, rules: Rules):
+    """``(init, abstract)``: ``init(key) -> {label: array}`` compiled with every
+    output in its sharding (each device computes only its shards), and
+    ``{label: abstract NamedArray}`` of the parameters that ``build(key)`` makes."""
+    from recurrent_lm import params as params_lib
+
+    abstract = params_lib.abstract_parameters(build)
+    names = {label: tuple(value.named_shape) for label, value in abstract.items()}
+    shapes = {label: tuple(value.named_shape.values()) for label, value in abstract.items()}
+    shardings = parameter_shardings(names, shapes, mesh, rules)
+
+    def init(key):
+        values = params_lib.parameter_values(build(key))
+        return {label: values[label].unwrap(*names[label]) for label in names}
+
+    return jax.jit(init, out_shardings=shardings), abstract
+
+
+def init_sharded(build, key: jax.Array, mesh: jax.sharding.Mesh, rules: Rules):
+    """``build(key)`` (a model builder: ``build(None)`` gives its skeleton) with every
+    parameter created directly in its sharding by one compiled initialiser: no
+    parameter is ever whole on one device or host, so a model larger than one
+    chip's memory can start."""
+    from recurrent_lm import params as params_lib
+
+    init, abstract = sharded_initializer(build, mesh, rules)
+    arrays = init(key)
+    values = {
+        label: pz.nx.wrap(arrays[label]).tag(*abstract[label].named_shape) for label in abstract
+    }
+    return params_lib.bind_parameters(build(None), values, abstract, source="initialisation")
 
 
 def load_sharded(
