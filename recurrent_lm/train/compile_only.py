@@ -172,7 +172,16 @@ def compile_report(cfg: TrainConfig, topology: str) -> dict[str, Any]:
     )
     start = time.perf_counter()
     lowered = fns.train_step.lower(params, opt_state, skeleton, batch, batch)
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        detail = str(error).split("RESOURCE_EXHAUSTED:")[-1].strip().splitlines()[0]
+        raise ValueError(
+            f"the training step does not fit a {topology} chip: {detail} Lower the rows per"
+            " chip (--batch-size, --grad-accum), --seq-len or --loss-chunk-size, or use more chips."
+        ) from None
     compile_seconds = time.perf_counter() - start
 
     memory = compiled.memory_analysis()

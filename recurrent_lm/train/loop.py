@@ -72,7 +72,11 @@ class TrainState:
     @classmethod
     def initial(cls, cfg: TrainConfig, optimizer, params, mesh) -> TrainState:
         opt_state = init_optimizer_state(optimizer, params, mesh)
-        return cls(params, opt_state, jax.random.key_data(jax.random.key(cfg.seed)))
+        # Replicated on the mesh (not on one device): every process holds it, and
+        # a multi-process checkpoint can save it.
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        rng = jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)), replicated)
+        return cls(params, opt_state, rng)
 
     def checkpoint_tree(self) -> dict[str, Any]:
         return {

@@ -258,3 +258,49 @@ def test_grad_accumulation_and_sharding_match_one_device(setup):
     )
     assert out["table"] == "P('model', 'fsdp')"  # {vocabulary, embedding}
     assert out["loaded"] == "P('model', 'fsdp')"  # {mlp, embedding}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(setup):
+    """`jax.distributed` on this machine: 2 processes of 2 CPU devices each (a
+    coordinator on 127.0.0.1), mesh data=4, each process feeding only its own
+    rows (`BatchIterator`'s per-process slice): the single-process losses, and
+    one checkpoint written together."""
+    port = _free_port()
+    directory = setup.directory / "two_processes"
+    flags = [*setup.cli_flags("two_processes"), "--mesh", "data=4", "--stop-after", "3",
+             "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "recurrent_lm.train", *flags, "--process-id", str(i)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    losses = setup.metrics_losses("two_processes")
+    assert sorted(losses) == [1, 2, 3]
+    np.testing.assert_allclose(
+        [losses[s] for s in (1, 2, 3)], [setup.reference.losses[s] for s in (1, 2, 3)], rtol=2e-5
+    )
+    assert {"2", "3"} <= set(os.listdir(directory))
