@@ -7,7 +7,9 @@
 DIR is a directory written by `recurrent_lm.save` (convert official checkpoints
 first, e.g. ``python -m checkpoints_conversion.recurrentgemma convert``). With
 one prompt the continuation is printed as it comes; with several, each
-continuation is printed when generation ends.
+continuation is printed when generation ends. The tokenizer is a SentencePiece
+model or an RWKV World vocabulary ``.txt`` (`recurrent_lm.tokenizer.load`); a
+World tokenizer's bos and eos are both its end-of-text id 0.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from recurrent_lm.user_errors import reports_user_errors
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m recurrent_lm.sample", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="directory written by recurrent_lm.save")
-    parser.add_argument("--tokenizer", required=True, help="SentencePiece tokenizer.model")
+    parser.add_argument("--tokenizer", required=True,
+                        help="SentencePiece tokenizer.model, or RWKV World vocabulary (.txt)")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
     out = out or sys.stdout
     args = build_parser().parse_args(argv)
     model = checkpoint.load(args.checkpoint)
-    tokenizer = tokenizer_lib.Tokenizer.load(args.tokenizer)
+    tokenizer = tokenizer_lib.load(args.tokenizer)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary is"
@@ -70,10 +73,12 @@ def main(argv: list[str] | None = None, out=None) -> int:
         print(args.prompt[0], end="", file=out, flush=True)
         for pieces in stream(model, prompts, steps_per_call=args.steps_per_call, **options):
             generated += pieces[0]
-            text = tokenizer.decode(generated)
+            # A character split across tokens decodes as U+FFFD until its last
+            # byte comes: held back, not printed.
+            text = tokenizer.decode(generated).rstrip("\ufffd")
             print(text[len(printed):], end="", file=out, flush=True)
             printed = text
-        print(file=out)
+        print(tokenizer.decode(generated)[len(printed):], file=out)
     else:
         result = generate(model, prompts, **options)
         for text, tokens, reason in zip(args.prompt, result.tokens, result.finish_reasons):

@@ -1,4 +1,11 @@
-"""SentencePiece tokenizer wrapper (the Gemma-family `tokenizer.model`)."""
+"""Tokenizers: the SentencePiece wrapper (the Gemma-family `tokenizer.model`)
+and, through `load`, the RWKV World vocabulary (`recurrent_lm.world_tokenizer`).
+
+`load` tells them apart by the file name: a ``.txt`` file is a World vocabulary
+(``rwkv_vocab_v20230424.txt``), anything else a SentencePiece model. Both have
+``encode`` / ``encode_batch`` / ``decode`` / ``id_to_piece`` and the special
+ids ``vocab_size``, ``eos_id``, ``bos_id``, ``pad_id``, ``unk_id``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ from collections.abc import Iterator, Sequence
 import sentencepiece as spm
 
 from recurrent_lm.user_errors import reports_user_errors
+from recurrent_lm.world_tokenizer import WorldTokenizer
 
 
 class Tokenizer:
@@ -58,6 +66,10 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` of each text, without special tokens."""
+        return [list(ids) for ids in self.processor.EncodeAsIds(list(texts))]
+
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
@@ -67,6 +79,28 @@ class Tokenizer:
 
     def id_to_piece(self, token_id: int) -> str:
         return self.processor.IdToPiece(int(token_id))
+
+
+WORLD_VOCAB_SUFFIX = ".txt"
+
+
+def is_world_vocab(path: str | os.PathLike) -> bool:
+    """Whether `load` reads `path` as an RWKV World vocabulary (a ``.txt`` file)."""
+    return os.fspath(path).endswith(WORLD_VOCAB_SUFFIX)
+
+
+def load(path: str | os.PathLike) -> Tokenizer | WorldTokenizer:
+    """The tokenizer of `path`: a World vocabulary if it is a ``.txt`` file, else
+    a SentencePiece model."""
+    if is_world_vocab(path):
+        return WorldTokenizer.load(path)
+    return Tokenizer.load(path)
+
+
+def file_name(path: str | os.PathLike) -> str:
+    """The name a copy of the tokenizer `path` takes next to a saved model:
+    ``tokenizer.txt`` for a World vocabulary, else ``tokenizer.model``."""
+    return "tokenizer.txt" if is_world_vocab(path) else "tokenizer.model"
 
 
 MAX_SENTENCE_BYTES = 4192

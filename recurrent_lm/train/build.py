@@ -23,6 +23,9 @@ from recurrent_lm.train.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.model"
+"""The run's own tokenizer (trained on the data). A given one is saved next to
+the model as `tokenizer_lib.file_name` says (``tokenizer.txt`` for an RWKV World
+vocabulary)."""
 
 
 def file_digest(path: str) -> str:
@@ -31,9 +34,10 @@ def file_digest(path: str) -> str:
 
 
 def prepare_tokenizer(cfg: TrainConfig) -> tuple[tokenizer_lib.Tokenizer, str]:
-    """The given tokenizer, or the run's own (trained on the data at a fresh start)."""
+    """The given tokenizer (`tokenizer_lib.load`: SentencePiece, or a World
+    vocabulary ``.txt``), or the run's own (trained on the data at a fresh start)."""
     if cfg.tokenizer:
-        return tokenizer_lib.Tokenizer.load(cfg.tokenizer), cfg.tokenizer
+        return tokenizer_lib.load(cfg.tokenizer), cfg.tokenizer
     if not cfg.checkpoint_dir:
         raise ValueError(
             "no tokenizer: pass --tokenizer FILE, or --checkpoint-dir so that one is trained on"
@@ -119,8 +123,11 @@ def initial_model(cfg: TrainConfig, vocab_size: int, mesh, rules_override):
 
 
 def save_model(model, tokenizer_path: str, directory: str) -> None:
-    """`recurrent_lm.save` of the model plus its tokenizer.model (every process calls it)."""
-    checkpoint.save(model, directory, extra_files={TOKENIZER_FILE: tokenizer_path})
+    """`recurrent_lm.save` of the model plus its tokenizer (``tokenizer.model``, or
+    ``tokenizer.txt`` for a World vocabulary; every process calls it)."""
+    checkpoint.save(
+        model, directory, extra_files={tokenizer_lib.file_name(tokenizer_path): tokenizer_path}
+    )
 
 
 def finish_model(cfg: TrainConfig, model, tokenizer_path: str):

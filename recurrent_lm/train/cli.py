@@ -4,8 +4,9 @@
         --steps 1000 --batch-size 16 --seq-len 256 --checkpoint-dir run/ \\
         --metrics-file run/metrics.jsonl [--resume] [--tokenizer tokenizer.model]
 
-Without --tokenizer, a SentencePiece tokenizer is trained on the data and kept
-in the checkpoint directory. Multi-host: pass --coordinator-address,
+--tokenizer is a SentencePiece model or an RWKV World vocabulary ``.txt``;
+without it, a SentencePiece tokenizer is trained on the data and kept in the
+checkpoint directory. Multi-host: pass --coordinator-address,
 --num-processes and --process-id (or set JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID) and run the same command on every host.
 

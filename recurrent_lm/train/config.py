@@ -118,7 +118,9 @@ class TrainConfig:
         metavar="PATH",
     )
     tokenizer: str | None = setting(
-        None, "SentencePiece model (default: train one on the data)", group="data"
+        None,
+        "SentencePiece model, or RWKV World vocabulary (.txt) (default: train one on the data)",
+        group="data",
     )
     tokenizer_vocab_size: int = setting(
         1024, "pieces of the tokenizer trained when none is given", group="data"
@@ -192,7 +194,7 @@ class TrainConfig:
     )
     save_model: str | None = setting(
         None,
-        "write the final model (recurrent_lm.save) and tokenizer.model here",
+        "write the final model (recurrent_lm.save) and its tokenizer here",
         group="output",
         metavar="DIR",
     )

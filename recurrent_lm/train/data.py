@@ -208,7 +208,7 @@ class PackedRows:
 
 
 def encode_documents(tokenizer, documents: Sequence[str]) -> list[np.ndarray]:
-    bodies = tokenizer.processor.EncodeAsIds(list(documents))
+    bodies = tokenizer.encode_batch(list(documents))
     return [
         np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], np.int32)
         for ids in bodies
