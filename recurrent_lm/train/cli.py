@@ -33,7 +33,9 @@ from recurrent_lm.train.config import GROUPS, TrainConfig
 from recurrent_lm.user_errors import reports_user_errors
 
 DISTRIBUTED_ARGS = ("coordinator_address", "num_processes", "process_id")
-"""The flags that are not TrainConfig fields (jax.distributed.initialize)."""
+"""Flags that are not TrainConfig fields: jax.distributed.initialize's."""
+COMPILE_ONLY_ARGS = ("compile_only", "report")
+"""Flags that are not TrainConfig fields: `compile_only` instead of a run."""
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
