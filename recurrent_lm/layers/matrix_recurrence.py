@@ -65,6 +65,7 @@ in JAX 0.10 it lowers to `reduce_window`, which XLA:CPU runs in O(T^2)
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -76,14 +77,24 @@ from recurrent_lm.layers.recurrence import accumulation_dtype
 MATRIX_SCAN_METHODS: tuple[str, ...] = ("sequential", "chunked")
 DEFAULT_CHUNK_SIZE = 64
 
-# Measured per backend (benchmarks/matrix_scan.py).
-_DEFAULT_METHOD_BY_BACKEND: dict[str, str] = {}
+# Measured per backend (benchmarks/matrix_scan.py; see the module docstring).
+# On XLA:CPU the per-step scan wins: the chunked form's small batched products
+# and its per-pair decay tensors run far below the machine's matmul rate. On
+# accelerators the chunked form is the parallel one (matrix products over all
+# chunks at once, a scan of T / C steps); not yet measured there.
+_DEFAULT_METHOD_BY_BACKEND = {
+    "cpu": "sequential",
+    "gpu": "chunked",
+    "cuda": "chunked",
+    "rocm": "chunked",
+    "tpu": "chunked",
+}
 
 
 def default_matrix_scan_method(backend: str | None = None) -> str:
     """The `matrix_scan` form used when none is chosen, for `backend`."""
     backend = backend or jax.default_backend()
-    return _DEFAULT_METHOD_BY_BACKEND.get(backend, "sequential")
+    return _DEFAULT_METHOD_BY_BACKEND.get(backend, "chunked")
 
 
 # ---------------------------------------------------------------------------
@@ -120,10 +131,260 @@ def _positional_matrix_scan(r, log_decay, k, v, a, b, h0, reset, *, method, chun
     return _chunked(r, log_decay, k, v, a, b, h0, reset, dtype, chunk_size)
 
 
+# Chunked form. Positions inside a chunk are split into blocks of at most
+# _SUB_BLOCK positions: pairs within a block take their decay factors from a
+# [block, block, N] tensor; pairs across blocks factor through the end of the
+# earlier block (both factors <= 1), so their scores are matrix products.
+_SUB_BLOCK = 8
+# Log-decays are clamped here: exp(-60) ~ 1e-26 is 0 next to float32 rounding
+# of any state term, and the clamp keeps -inf (and -1e30) out of the sums,
+# whose differences would be NaN (or cancel catastrophically).
+_LOG_DECAY_FLOOR = -60.0
+_einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+
+
+def _shift(x, axis: int, down: bool):
+    """Shifts `x` by one along `axis`, filling with 0: ``down`` turns an
+    inclusive prefix sum into an exclusive one, ``not down`` a suffix sum."""
+    axis = axis % x.ndim
+    size = x.shape[axis]
+    if down:
+        kept, pad = jax.lax.slice_in_dim(x, 0, size - 1, axis=axis), (1, 0)
+    else:
+        kept, pad = jax.lax.slice_in_dim(x, 1, size, axis=axis), (0, 1)
+    return jnp.pad(kept, [pad if i == axis else (0, 0) for i in range(x.ndim)])
+
+
+def _cumsum(x, axis: int, reverse: bool = False):
+    """Inclusive cumulative sum along a short axis (a block, or the blocks of
+    a chunk: never the sequence, where `jnp.cumsum` is O(T^2) on XLA:CPU)."""
+    if reverse:
+        return jnp.flip(jnp.cumsum(jnp.flip(x, axis), axis), axis)
+    return jnp.cumsum(x, axis)
+
+
+class _Decays:
+    """Decay factors inside chunks, for `_chunked`.
+
+    `log_decay` is [..., C, N'] (N' = N, or 1 for a scalar decay), split into
+    `blocks` blocks of ``c = C // blocks`` positions; `segment` [..., C] (or
+    None) counts the resets up to each position of its chunk. Sums of
+    log-decays (<= 0) over the positions named:
+
+      from_start:   (chunk start, t]    [..., C, N']  (S_0's weight at t)
+      from_start_x: (chunk start, t-1]  [..., C, N']  (S_0's weight in S_{t-1})
+      to_end:       (s, chunk end]      [..., C, N']  (s's weight at the end)
+      total:        the whole chunk     [..., N']
+
+    Within a block the sums are differences of prefix sums from the block
+    start (at most c terms, so their rounding stays at the level of the
+    terms); everything that crosses blocks is a sum of the terms in between.
+    """
+
+    def __init__(self, log_decay, blocks: int, segment):
+        *lead, size, width = log_decay.shape
+        self.lead, self.blocks, self.size, self.segment = (
+            tuple(lead),
+            blocks,
+            size,
+            segment,
+        )
+        c = size // blocks
+        x = log_decay.reshape(*lead, blocks, c, width)
+        self.pre = _cumsum(x, -2)  # (block start, t]
+        self.pre_x = _shift(self.pre, -2, down=True)  # (block start, t-1]
+        self.suf = _shift(
+            _cumsum(x, -2, reverse=True), -2, down=False
+        )  # (s, block end]
+        tot = self.pre[..., -1, :]  # [..., blocks, N']
+        before = _shift(_cumsum(tot, -2), -2, down=True)  # blocks before J
+        after = _shift(_cumsum(tot, -2, reverse=True), -2, down=False)  # blocks after I
+        # Blocks strictly between I and J: between[..., J, I, :] (0 unless J > I + 1).
+        later = jnp.arange(blocks)[:, None] > jnp.arange(blocks)[None, :]  # [K, I]
+        terms = jnp.where(later[:, :, None], tot[..., :, None, :], 0)  # [..., K, I, N']
+        self.between = _shift(jnp.cumsum(terms, -3), -3, down=True)
+        self.total = before[..., -1, :] + tot[..., -1, :]
+        flat = lambda y: y.reshape(*lead, size, width)
+        self.from_start = flat(self.pre + before[..., None, :])
+        self.from_start_x = flat(self.pre_x + before[..., None, :])
+        self.to_end = flat(self.suf + after[..., None, :])
+        # Within a block, exp((q, p]) for q <= p: [..., blocks, p, q, N'].
+        pos = jnp.arange(c)
+        self.causal = pos[:, None] >= pos[None, :]
+        diff = self.pre[..., :, :, None, :] - self.pre[..., :, None, :, :]
+        inner = jnp.exp(jnp.minimum(diff, 0))  # <= 1 everywhere
+        self.inner = jnp.where(self.causal[:, :, None], inner, 0)
+
+    def _factors(self, exclusive: bool):
+        """exp((s, t']) on the full [..., C, C] grid (scalar decay only)."""
+        lead, n, size = self.lead, self.blocks, self.size
+        inner = self.inner[..., 0]  # [..., n, p, q]
+        if exclusive:
+            inner = _shift(inner, -2, down=True)
+        if n == 1:
+            return inner.reshape(*lead, size, size)
+        pre = (self.pre_x if exclusive else self.pre)[..., 0]  # [..., J, p]
+        far = (
+            jnp.exp(pre)[..., :, :, None, None]
+            * jnp.exp(self.between)[..., :, None, :, None, 0]
+            * jnp.exp(self.suf)[..., None, None, :, :, 0]
+        )  # [..., J, p, I, q]: each factor <= 1
+        return self._assemble(far, inner)
+
+    def _assemble(self, far, inner):
+        """[..., J, p, I, q] from cross-block and within-block parts."""
+        n = self.blocks
+        block = jnp.arange(n)
+        later = (block[:, None] > block[None, :])[:, None, :, None]  # [J, 1, I, 1]
+        same = (block[:, None] == block[None, :])[:, None, :, None]
+        return jnp.where(later, far, jnp.where(same, inner[..., :, :, None, :], 0))
+
+    def scores(self, q, keys, exclusive: bool):
+        """``out[..., x, t, s] = sum_j q[t, j] keys[x, s, j] exp((s, t'])[j]`` for
+        ``s <= t'`` (and no reset in (s, t]), else 0, where ``t' = t - 1`` if
+        `exclusive` (then only ``s < t``: reads the state before step t) else
+        ``t``. q: [..., C, N]; keys: [..., X, C, N]. Returns [..., X, C, C].
+        """
+        lead, n, size = self.lead, self.blocks, self.size
+        c = size // n
+        if self.inner.shape[-1] == 1:  # scalar decay: plain scores times factors
+            out = _einsum("...tj,...xsj->...xts", q, keys)
+            out = out * self._factors(exclusive).reshape(*lead, 1, size, size)
+        else:
+            qb = q.reshape(*lead, n, c, q.shape[-1])
+            kb = keys.reshape(*lead, keys.shape[-3], n, c, keys.shape[-1])
+            inner = _shift(self.inner, -3, down=True) if exclusive else self.inner
+            weighted = qb[..., :, :, None, :] * inner  # [..., n, p, q, N]
+            near = _einsum("...npqj,...xnqj->...xnpq", weighted, kb)
+            if n == 1:
+                out = near.reshape(*lead, -1, size, size)
+            else:
+                # (s, t'] = (s, end of I] + blocks between + (start of J, t'].
+                pre = self.pre_x if exclusive else self.pre
+                # Each factor is <= 1, so their product is exact (it underflows
+                # only where the true factor does).
+                q_far = (qb * jnp.exp(pre))[..., :, :, None, :] * jnp.exp(self.between)[
+                    ..., :, None, :, :
+                ]  # [..., J, p, I, N]
+                k_far = kb * jnp.exp(self.suf)[..., None, :, :, :]  # [..., X, I, q, N]
+                far = _einsum("...JpIj,...xIqj->...xJpIq", q_far, k_far)
+                out = self._assemble(far, near).reshape(*lead, -1, size, size)
+        if exclusive:
+            pos = jnp.arange(size)
+            out = jnp.where(pos[:, None] > pos[None, :], out, 0)
+        if self.segment is not None:  # no reset between s and t
+            same = self.segment[..., :, None] == self.segment[..., None, :]
+            out = jnp.where(same[..., None, :, :], out, 0)
+        return out
+
+
+def _sub_block(chunk: int) -> int:
+    """The largest divisor of `chunk` that is at most `_SUB_BLOCK`."""
+    return max(d for d in range(1, min(chunk, _SUB_BLOCK) + 1) if chunk % d == 0)
+
+
 def _chunked(r, log_decay, k, v, a, b, h0, reset, dtype, chunk_size):
-    raise NotImplementedError(
-        "the chunked form is not written yet; use method='sequential'."
+    """Chunks of C positions in matrix products, a `lax.scan` across chunks.
+
+    Inside a chunk entered with state S_0, write u_t = S_{t-1} a_t (the
+    rank-one term's read-out). Unrolling the diagonal decays,
+
+      S_t = S_0 D(0,t) + sum_{s<=t} (u_s b_s^T + v_s k_s^T) D(s,t)
+      u_t = S_0 D(0,t-1) a_t + sum_{s<t} u_s (a_t . D(s,t-1) b_s) + v_s (a_t . D(s,t-1) k_s)
+
+    with D(s,t) = diag(exp(sum_{s<u<=t} log w_u)). So (I - A_ab) U = X S_0^T +
+    A_ak V, a unit lower-triangular C x C system (the WY / UT form): solved
+    once per chunk for S_0-independent parts, U = W S_0^T + U_v. Then
+
+      Y   = (R~ + Y_rb W) S_0^T + Y_rb U_v + Y_rk V
+      S_C = S_0 (D(0,C) + W^T B~) + U_v^T B~ + V^T K~
+
+    where R~, B~, K~ carry the decays from the chunk start / to the chunk end.
+    The scan across chunks applies S_C = S_0 A + B; the outputs are one batched
+    product with the states entering each chunk. A reset at t masks every pair
+    (s < t <= t') and S_0's terms after it, and zeroes a_t.
+    """
+    steps, batch_shape = r.shape[0], r.shape[1:-1]
+    n_key, n_value = r.shape[-1], v.shape[-1]
+    groups = math.prod(batch_shape)
+    if log_decay.ndim == r.ndim - 1:  # scalar decay: a key axis of size 1
+        log_decay = log_decay[..., None]
+    sub = _sub_block(chunk_size)
+    chunk = min(chunk_size, -(-steps // sub) * sub)
+    num_chunks = -(-steps // chunk)
+    pad = num_chunks * chunk - steps
+
+    def prep(x):  # [T, *batch, w] -> [G, chunks, C, w]; padded steps change nothing
+        x = x.reshape(steps, groups, x.shape[-1]).swapaxes(0, 1)
+        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+        return x.reshape(groups, num_chunks, chunk, x.shape[-1])
+
+    r, k, v = (prep(x.astype(dtype)) for x in (r, k, v))
+    log_decay = jnp.maximum(prep(log_decay.astype(dtype)), _LOG_DECAY_FLOOR)
+    rank_one = a is not None
+    if rank_one:
+        a, b = prep(a.astype(dtype)), prep(b.astype(dtype))
+    segment = None
+    if reset is not None:  # S_{t-1} := 0: no pair crosses t, S_0 stops at t
+        reset = prep(reset[..., None])[..., 0]  # [G, chunks, C]
+        segment = jnp.cumsum(reset.astype(jnp.int32), -1)  # short axis
+        if rank_one:
+            a = jnp.where(reset[..., None], 0, a)
+
+    decays = _Decays(log_decay, chunk // sub, segment)
+    r_in, k_out = r * jnp.exp(decays.from_start), k * jnp.exp(decays.to_end)
+    end_decay = jnp.exp(decays.total)  # [G, chunks, N']
+    if segment is not None:
+        first = (segment == 0)[..., None]  # S_0 still reaches t
+        last = (segment == segment[..., -1:])[..., None]  # s still reaches the end
+        r_in, k_out = jnp.where(first, r_in, 0), jnp.where(last, k_out, 0)
+        end_decay = jnp.where(segment[..., -1:] == 0, end_decay, 0)
+    if rank_one:
+        keys = jnp.stack([k, b], -3)
+        y_rk, y_rb = jnp.moveaxis(decays.scores(r, keys, exclusive=False), -3, 0)
+        a_ak, a_ab = jnp.moveaxis(decays.scores(a, keys, exclusive=True), -3, 0)
+        a_in = a * jnp.exp(decays.from_start_x)
+        b_out = b * jnp.exp(decays.to_end)
+        if segment is not None:
+            a_in, b_out = jnp.where(first, a_in, 0), jnp.where(last, b_out, 0)
+        rhs = jnp.concatenate([a_in, _einsum("...ts,...si->...ti", a_ak, v)], -1)
+        solved = jax.scipy.linalg.solve_triangular(
+            -a_ab, rhs, lower=True, unit_diagonal=True
+        )
+        w_mat, u_v = solved[..., :n_key], solved[..., n_key:]
+        q_eff = r_in + _einsum("...ts,...sj->...tj", y_rb, w_mat)
+        y_local = _einsum("...ts,...si->...ti", y_rb, u_v) + _einsum(
+            "...ts,...si->...ti", y_rk, v
+        )
+        transition = jnp.eye(n_key, dtype=dtype) * end_decay[..., None, :] + _einsum(
+            "...tj,...tl->...jl", w_mat, b_out
+        )
+        inject = _einsum("...ti,...tj->...ij", u_v, b_out)
+        inject = inject + _einsum("...ti,...tj->...ij", v, k_out)
+    else:
+        y_rk = decays.scores(r, k[..., None, :, :], exclusive=False)[..., 0, :, :]
+        q_eff = r_in
+        y_local = _einsum("...ts,...si->...ti", y_rk, v)
+        transition = end_decay
+        inject = _einsum("...ti,...tj->...ij", v, k_out)
+
+    def step(state, xs):
+        transition_c, inject_c = xs
+        if rank_one:
+            new = _einsum("...ij,...jl->...il", state, transition_c)
+        else:
+            new = state * transition_c[..., None, :]
+        return new + inject_c, state
+
+    h_last, entering = jax.lax.scan(
+        step,
+        h0.reshape(groups, n_value, n_key),
+        (jnp.moveaxis(transition, 1, 0), jnp.moveaxis(inject, 1, 0)),
     )
+    entering = jnp.moveaxis(entering, 0, 1)  # [G, chunks, M, N]
+    y = _einsum("...tj,...ij->...ti", q_eff, entering) + y_local
+    y = y.reshape(groups, num_chunks * chunk, n_value)[:, :steps].swapaxes(0, 1)
+    return y.reshape(steps, *batch_shape, n_value), h_last.reshape(h0.shape)
 
 
 # ---------------------------------------------------------------------------

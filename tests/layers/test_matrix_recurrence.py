@@ -1,10 +1,12 @@
 """The matrix-state recurrence primitive against a float64 NumPy step loop."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from penzai import pz
 
+from recurrent_lm.layers import matrix_recurrence
 from recurrent_lm.layers.matrix_recurrence import matrix_scan
 
 KEYED = ("batch", "seq", "heads", "state")
@@ -208,3 +210,139 @@ def test_bad_arguments_raise_clear_errors():
         matrix_scan(**base | {"r": np.zeros(3)})
     with pytest.raises(ValueError, match="three different names"):
         matrix_scan(**base, key_axis="projection")
+
+
+CHUNK_CASES = [
+    (rank_one, decay, chunk)
+    for rank_one in ("rwkv7", "generic", None)
+    for decay in ("rwkv7", "fast", "scalar")
+    for chunk in ((8, 16, 32, 64) if rank_one == "rwkv7" else (16, 64))
+]
+
+
+@pytest.mark.parametrize("rank_one, decay, chunk_size", CHUNK_CASES)
+def test_chunked_matches_float64_loop(rank_one, decay, chunk_size):
+    # T = 37: chunks of 8, 16, 32 do not divide it; 64 is one padded chunk.
+    inp = random_inputs(4, rank_one=rank_one, decay=decay)
+    y_ref, last_ref = expected(inp)
+    y, last = run(inp, "chunked", chunk_size)
+    assert y.dtype == jnp.float32 and last.dtype == jnp.float32
+    assert_close(y, y_ref)
+    assert_close(last, last_ref)
+
+
+def test_methods_agree_on_a_longer_sequence():
+    """Several chunks of several blocks, resets, h0: state and outputs agree."""
+    inp = random_inputs(5, batch=1, steps=150, heads=2, n=8, m=5)
+    y_seq, last_seq = run(inp, "sequential")
+    y_chunk, last_chunk = run(inp, "chunked", 32)
+    scale = np.max(np.abs(np.asarray(y_seq)))
+    np.testing.assert_allclose(y_chunk, y_seq, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(last_chunk, last_seq, rtol=1e-5, atol=1e-5)
+
+
+def test_long_chunk_with_strong_decays_stays_finite():
+    """C = 128 with decays down to -50 (and a -inf): no 0/0, inf or NaN."""
+    inp = random_inputs(6, batch=2, steps=200, heads=1, rank_one="rwkv7", decay="fast")
+    rng = np.random.default_rng(6)
+    strong = rng.uniform(size=inp["log_decay"].shape) < 0.05
+    log_decay = np.where(strong, -50.0, inp["log_decay"] * 3).astype(np.float32)
+    log_decay[0, 100, 0, 1] = -np.inf
+    inp["log_decay"] = log_decay
+    y_ref, last_ref = expected(inp)
+    for method in ("chunked", "sequential"):
+        y, last = run(inp, method, 128)
+        assert np.isfinite(np.asarray(y)).all() and np.isfinite(np.asarray(last)).all()
+        assert_close(y, y_ref)
+        assert_close(last, last_ref)
+
+
+@pytest.mark.parametrize("method", ["sequential", "chunked"])
+def test_bfloat16_inputs_keep_a_float32_state(method):
+    inp = random_inputs(7, steps=64, resets=False, dtype=np.float32)
+    bf16 = {
+        n: (jnp.asarray(x, jnp.bfloat16) if n not in ("reset", "h0") else x)
+        for n, x in inp.items()
+    }
+    y_ref, last_ref = expected(
+        {
+            n: np.asarray(x, np.float64) if x is not None else None
+            for n, x in bf16.items()
+        }
+    )
+    y, last = run(bf16, method, 16)
+    assert y.dtype == jnp.bfloat16 and last.dtype == jnp.float32
+    assert_close(last, last_ref, rtol=1e-5, atol=1e-5)
+    # Outputs are rounded to bfloat16 once, after float32 accumulation.
+    assert_close(y, y_ref, rtol=2**-8, atol=2**-8 * np.max(np.abs(y_ref)))
+
+
+def test_float64_inputs_run_in_float64():
+    inp = random_inputs(8, dtype=np.float64)
+    y_ref, last_ref = expected(inp)
+    with jax.enable_x64(True):
+        for method in ("sequential", "chunked"):
+            y, last = run(inp, method, 16)
+            assert y.dtype == jnp.float64 and last.dtype == jnp.float64
+            assert_close(y, y_ref, rtol=1e-11, atol=1e-11)
+            assert_close(last, last_ref, rtol=1e-11, atol=1e-11)
+
+
+GRAD_NAMES = ("r", "log_decay", "k", "v", "a", "b", "h0")
+
+
+def loss_fn(method, chunk_size, inp):
+    """A scalar loss of y and h_last, differentiable in every input."""
+    reset = wrap(inp["reset"], ("batch", "seq"))
+    decay_names = KEYED if inp["log_decay"].ndim == 4 else KEYED[:3]
+
+    def loss(r, log_decay, k, v, a, b, h0):
+        y, last = matrix_scan(
+            wrap(r, KEYED),
+            wrap(log_decay, decay_names),
+            wrap(k, KEYED),
+            wrap(v, VALUED),
+            wrap(a, KEYED),
+            wrap(b, KEYED),
+            h0=wrap(h0, STATE),
+            reset=reset,
+            method=method,
+            chunk_size=chunk_size,
+        )
+        y = y.unwrap(*VALUED)
+        weights = jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape)
+        return jnp.sum(y * weights) + jnp.sum(jnp.sin(last.unwrap(*STATE)))
+
+    return loss
+
+
+@pytest.mark.parametrize("decay", ["rwkv7", "scalar"])
+def test_gradients_agree_across_methods(decay):
+    inp = random_inputs(9, steps=21, decay=decay)
+    args = [jnp.asarray(inp[n]) for n in GRAD_NAMES]
+    grads = {
+        method: jax.jit(jax.grad(loss_fn(method, 8, inp), argnums=range(7)))(*args)
+        for method in ("sequential", "chunked")
+    }
+    for name, g_seq, g_chunk in zip(GRAD_NAMES, grads["sequential"], grads["chunked"]):
+        scale = np.max(np.abs(np.asarray(g_seq)))
+        np.testing.assert_allclose(
+            g_chunk, g_seq, rtol=1e-4, atol=1e-5 * scale, err_msg=f"gradient of {name}"
+        )
+
+
+def test_sequential_gradients_match_finite_differences():
+    from jax.test_util import check_grads
+
+    inp = random_inputs(10, batch=1, steps=6, heads=1, n=3, m=2, dtype=np.float64)
+    with jax.enable_x64(True):
+        args = tuple(jnp.asarray(inp[n]) for n in GRAD_NAMES)
+        check_grads(
+            loss_fn("sequential", 4, inp), args, order=1, modes=["rev"], eps=1e-6
+        )
+
+
+def test_default_method_per_backend():
+    assert matrix_recurrence.default_matrix_scan_method("cpu") == "sequential"
+    assert matrix_recurrence.default_matrix_scan_method("gpu") == "chunked"
+    assert matrix_recurrence.default_matrix_scan_method("tpu") == "chunked"
