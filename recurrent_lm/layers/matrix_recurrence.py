@@ -33,33 +33,50 @@ Inputs broadcast by name (an input may lack a batched axis). Two forms, same
 results up to float rounding:
 
 * ``"sequential"``: `jax.lax.scan` over positions, one ``M x N`` state update
-  per step: the reference, and the decoding path (one step).
+  per step: the reference, the decoding path (one step), and the default on
+  CPU.
 * ``"chunked"``: within chunks of ``chunk_size`` positions the transitions are
-  folded into matrix products (below); a short `lax.scan` over the chunks
-  carries the state from one chunk to the next.
+  folded into matrix products: pairwise decayed scores (C x C), and for the
+  rank-one term the WY / UT form, one unit lower-triangular C x C solve per
+  chunk (`_chunked` has the algebra); a short `lax.scan` over the T / C chunks
+  carries the state from one chunk to the next. The default on GPU / TPU.
+  Chunk sizes need not divide T (the last chunk is padded with steps that
+  leave the state unchanged); a block of at most 8 positions divides each
+  chunk (the largest divisor of ``chunk_size`` up to 8: prefer powers of two).
 
 Without ``a`` and ``b`` (a diagonal transition) both forms skip the rank-one
-work; with a scalar decay the chunked form computes its decay factors per
-pair of positions instead of per pair and key channel.
+work (no solve, an elementwise state update across chunks); with a scalar
+decay the chunked form computes its decay factors per pair of positions
+instead of per pair and key channel.
+
+Measured on a shared 2-core CPU (``benchmarks/matrix_scan.py``, T = 2048,
+12 heads of 64 x 64) the sequential form was faster than every chunk size:
+XLA:CPU runs the chunked form's small batched products far below its matmul
+rate, and the per-channel decay tensors ([block, block, N] per block) are
+elementwise work the sequential form does not have. Hence the CPU default.
 
 Why float32, why the log domain. The state is accumulated and kept in float32
 (float64 for float64 inputs, `accumulation_dtype`) whatever the input dtype:
 a bfloat16 state would lose the slow decays (``w`` close to 1) over a few
 hundred steps. ``y`` comes back in the inputs' result dtype, ``h_last`` in the
 accumulation dtype, ready to be carried as recurrent state. The chunked form
-needs products of decays between two positions, ``prod_{s<u<=t} w_u``; it
-computes them as ``exp`` of sums of log-decays over exactly those positions
-(all terms <= 0, so no subtraction, no cancellation and no overflow: every
-factor is in [0, 1], small ones underflow to 0, never to 0/0 or inf * 0), never
-as ``exp(L_t) * exp(-L_s)`` with prefix sums ``L`` (which overflows within a
-chunk of strong decays). A reset is folded in as a zero transition at its
-position: its log-decay becomes a large negative number (every factor across
-it underflows to exactly 0) and its ``a`` becomes 0.
+needs products of decays between two positions, ``prod_{s<u<=t} w_u``, and
+computes them as ``exp`` of sums of log-decays, never as ``exp(L_t) *
+exp(-L_s)`` with prefix sums ``L`` (``exp(-L_s)`` overflows within a chunk
+of strong decays, and the product is then inf * 0): within a block of at most
+8 positions as ``exp(min(P_t - P_s, 0))`` of prefix sums ``P`` from the block
+start (few terms, so little cancellation), across blocks as products of
+factors that are each ``exp`` of a sum over the positions in between (each
+<= 1: a small one underflows to 0 only where the true factor does). Every
+``exp`` argument is <= 0. Log-decays are clamped at -60 in the chunked form
+(``exp(-60) ~ 1e-26``: -inf and -1e30 would make NaN or cancel). A reset is
+exact: it masks every pair of positions it separates and the chunk's entering
+state after it, and zeroes ``a`` at its position (no -inf anywhere).
 
 Never replace the sums along positions with `jnp.cumsum` along the sequence:
 in JAX 0.10 it lowers to `reduce_window`, which XLA:CPU runs in O(T^2)
-(``shared/reference/performance.md``); cumulative sums here run inside chunks
-(`lax.associative_scan`), and the sequence is crossed by a scan.
+(``shared/reference/performance.md``); here cumulative sums run only along a
+block (<= 8) or the blocks of a chunk, and the sequence is crossed by a scan.
 """
 
 from __future__ import annotations
@@ -278,6 +295,37 @@ class _Decays:
         return out
 
 
+def _solve_unit_lower(lower, rhs, block: int):
+    """Solves ``(I - L) X = rhs`` for strictly lower-triangular `L` [..., C, C].
+
+    By matrix products only: the diagonal blocks of `block` positions are
+    inverted as ``(I + L)(I + L^2)(I + L^4)...`` (a strictly lower block is
+    nilpotent), then block forward substitution. Not
+    `jax.scipy.linalg.solve_triangular`: batched over chunks it took 3 s for
+    C = 64 on XLA:CPU (JAX 0.10.2) against 18 ms for a product of the same
+    shapes, and products are what accelerators run best.
+    """
+    size = lower.shape[-1]
+    starts = range(0, size, block)
+    eye = jnp.eye(block, dtype=lower.dtype)
+    solved = []
+    for start in starts:
+        stop = start + block
+        diag = lower[..., start:stop, start:stop]
+        inverse, power = eye + diag, diag
+        for _ in range(max(0, math.ceil(math.log2(block)) - 1)):
+            power = _einsum("...ij,...jk->...ik", power, power)
+            inverse = inverse + _einsum("...ij,...jk->...ik", inverse, power)
+        part = rhs[..., start:stop, :]
+        if start:
+            known = jnp.concatenate(solved, -2)
+            part = part + _einsum(
+                "...ts,...si->...ti", lower[..., start:stop, :start], known
+            )
+        solved.append(_einsum("...ts,...si->...ti", inverse, part))
+    return jnp.concatenate(solved, -2)
+
+
 def _sub_block(chunk: int) -> int:
     """The largest divisor of `chunk` that is at most `_SUB_BLOCK`."""
     return max(d for d in range(1, min(chunk, _SUB_BLOCK) + 1) if chunk % d == 0)
@@ -348,9 +396,7 @@ def _chunked(r, log_decay, k, v, a, b, h0, reset, dtype, chunk_size):
         if segment is not None:
             a_in, b_out = jnp.where(first, a_in, 0), jnp.where(last, b_out, 0)
         rhs = jnp.concatenate([a_in, _einsum("...ts,...si->...ti", a_ak, v)], -1)
-        solved = jax.scipy.linalg.solve_triangular(
-            -a_ab, rhs, lower=True, unit_diagonal=True
-        )
+        solved = _solve_unit_lower(a_ab, rhs, sub)
         w_mat, u_v = solved[..., :n_key], solved[..., n_key:]
         q_eff = r_in + _einsum("...ts,...sj->...tj", y_rb, w_mat)
         y_local = _einsum("...ts,...si->...ti", y_rb, u_v) + _einsum(
