@@ -1,6 +1,7 @@
 """Shared named-axis building blocks (axis vocabulary: `recurrent_lm.axes`).
 
-One concept per module: the linear-recurrence primitive (`recurrence`), the
+One concept per module: the linear-recurrence primitive (`recurrence`) and its matrix-state
+form (`matrix_recurrence`: diagonal-plus-rank-one transitions), the
 document-aware causal filter (`causal_filter`: conv, shift SSM, token shift),
 norms, linear and block-diagonal layers, causal convolution, RG-LRU, rotary
 embeddings, attention and its KV cache, gated MLP, token and learned position
@@ -20,6 +21,7 @@ from recurrent_lm.layers.embeddings import (
     embedding_table,
 )
 from recurrent_lm.layers.linear import BlockDiagonalLinear, dense
+from recurrent_lm.layers.matrix_recurrence import matrix_scan
 from recurrent_lm.layers.mlp import MLP, GatedMLP, gelu_tanh
 from recurrent_lm.layers.norms import LayerNorm, RMSNorm
 from recurrent_lm.layers.recurrence import (
@@ -59,5 +61,6 @@ __all__ = [
     "embedding_table",
     "gelu_tanh",
     "linear_scan",
+    "matrix_scan",
     "token_shift",
 ]

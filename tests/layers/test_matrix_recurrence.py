@@ -1,0 +1,210 @@
+"""The matrix-state recurrence primitive against a float64 NumPy step loop."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from penzai import pz
+
+from recurrent_lm.layers.matrix_recurrence import matrix_scan
+
+KEYED = ("batch", "seq", "heads", "state")
+VALUED = ("batch", "seq", "heads", "projection")
+STATE = ("batch", "heads", "projection", "state")
+
+
+def numpy_loop(r, log_decay, k, v, a=None, b=None, h0=None, reset=None):
+    """The literal equation, token by token, in float64.
+
+    r, k, a, b: [B, T, H, N]; v: [B, T, H, M]; log_decay: [B, T, H, N] or
+    [B, T, H] (scalar per head); h0: [B, H, M, N]; reset: [B, T].
+    Returns (y [B, T, H, M], h_last [B, H, M, N]).
+    """
+    f64 = lambda x: None if x is None else np.asarray(x, np.float64)
+    r, log_decay, k, v, a, b, h0 = map(f64, (r, log_decay, k, v, a, b, h0))
+    batch, steps, heads, n = r.shape
+    m = v.shape[-1]
+    state = np.zeros((batch, heads, m, n)) if h0 is None else h0.copy()
+    y = np.zeros((batch, steps, heads, m))
+    for t in range(steps):
+        if reset is not None:
+            state = np.where(np.asarray(reset)[:, t, None, None, None], 0.0, state)
+        w = np.exp(log_decay[:, t])
+        if w.ndim == 2:  # scalar per head
+            w = np.broadcast_to(w[..., None], (batch, heads, n))
+        transition = w[..., :, None] * np.eye(n)  # [B, H, N, N]: diag(w)
+        if a is not None:
+            transition = transition + a[:, t, :, :, None] * b[:, t, :, None, :]
+        state = state @ transition + v[:, t, :, :, None] * k[:, t, :, None, :]
+        y[:, t] = np.einsum("bhij,bhj->bhi", state, r[:, t])
+    return y, state
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def random_inputs(
+    seed,
+    batch=2,
+    steps=37,
+    heads=2,
+    n=4,
+    m=3,
+    *,
+    rank_one="rwkv7",
+    decay="rwkv7",
+    resets=True,
+    h0=True,
+    dtype=np.float32,
+):
+    """Inputs as numpy arrays (see `numpy_loop` for the shapes).
+
+    rank_one: "rwkv7" (a = -kk, b = kk * sigmoid, kk unit per head), "generic"
+    (moderate random a, b) or None. decay: "rwkv7" (-exp(-0.5) sigmoid),
+    "fast" (down to -5), "scalar" (one per head and step).
+    """
+    rng = np.random.default_rng(seed)
+    shape = (batch, steps, heads, n)
+    normal = lambda *s: rng.normal(size=s)
+    out = {
+        "r": normal(*shape),
+        "k": normal(*shape) / np.sqrt(n),
+        "v": normal(batch, steps, heads, m),
+    }
+    if decay == "rwkv7":
+        out["log_decay"] = -np.exp(-0.5) * sigmoid(normal(*shape))
+    elif decay == "fast":
+        out["log_decay"] = -rng.uniform(0.0, 5.0, shape)
+    elif decay == "scalar":
+        out["log_decay"] = -rng.uniform(0.0, 1.0, shape[:3])
+    else:
+        raise ValueError(decay)
+    if rank_one == "rwkv7":
+        kk = normal(*shape)
+        kk /= np.linalg.norm(kk, axis=-1, keepdims=True)
+        out["a"], out["b"] = -kk, kk * sigmoid(normal(*shape))
+    elif rank_one == "generic":
+        out["a"], out["b"] = (
+            0.4 * normal(*shape) / np.sqrt(n),
+            0.4 * normal(*shape) / np.sqrt(n),
+        )
+    out = {name: x.astype(dtype) for name, x in out.items()}
+    out["h0"] = normal(batch, heads, m, n).astype(dtype) if h0 else None
+    if resets:
+        reset = rng.uniform(size=(batch, steps)) < 0.1
+        reset[0, 0] = True
+        reset[1 % batch, steps // 2] = True
+        out["reset"] = reset
+    else:
+        out["reset"] = None
+    return out
+
+
+def wrap(x, names):
+    return None if x is None else pz.nx.wrap(jnp.asarray(x)).tag(*names)
+
+
+def named_inputs(inp):
+    decay_names = KEYED if inp["log_decay"].ndim == 4 else KEYED[:3]
+    return {
+        "r": wrap(inp["r"], KEYED),
+        "log_decay": wrap(inp["log_decay"], decay_names),
+        "k": wrap(inp["k"], KEYED),
+        "v": wrap(inp["v"], VALUED),
+        "a": wrap(inp.get("a"), KEYED),
+        "b": wrap(inp.get("b"), KEYED),
+        "h0": wrap(inp["h0"], STATE),
+        "reset": wrap(inp["reset"], ("batch", "seq")),
+    }
+
+
+def run(inp, method, chunk_size=16):
+    y, last = matrix_scan(**named_inputs(inp), method=method, chunk_size=chunk_size)
+    return y.unwrap(*VALUED), last.unwrap(*STATE)
+
+
+def expected(inp):
+    return numpy_loop(
+        inp["r"],
+        inp["log_decay"],
+        inp["k"],
+        inp["v"],
+        inp.get("a"),
+        inp.get("b"),
+        inp["h0"],
+        inp["reset"],
+    )
+
+
+def assert_close(actual, desired, rtol=1e-5, atol=1e-5):
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float64), desired, rtol=rtol, atol=atol
+    )
+
+
+@pytest.mark.parametrize("rank_one", ["rwkv7", "generic", None])
+@pytest.mark.parametrize("decay", ["rwkv7", "fast", "scalar"])
+def test_sequential_matches_float64_loop(rank_one, decay):
+    inp = random_inputs(0, rank_one=rank_one, decay=decay)
+    y_ref, last_ref = expected(inp)
+    y, last = run(inp, "sequential")
+    assert y.dtype == jnp.float32 and last.dtype == jnp.float32
+    assert_close(y, y_ref)
+    assert_close(last, last_ref)
+
+
+def test_without_h0_or_reset_and_one_step():
+    inp = random_inputs(1, resets=False, h0=False, steps=5)
+    y_ref, last_ref = expected(inp)
+    y, last = run(inp, "sequential")
+    assert_close(y, y_ref)
+    assert_close(last, last_ref)
+    one = {name: x if name in ("h0", "reset") else x[:, :1] for name, x in inp.items()}
+    y, last = run(one, "sequential")
+    assert_close(y, y_ref[:, :1])
+
+
+def test_resuming_from_h_last_continues_the_sequence():
+    inp = random_inputs(2, steps=20)
+    y_ref, last_ref = expected(inp)
+    first = {n: x if n == "h0" else x[:, :12] for n, x in inp.items()}
+    _, mid = run(first, "sequential")
+    second = {n: x[:, 12:] for n, x in inp.items() if n != "h0"} | {
+        "h0": np.asarray(mid)
+    }
+    y, last = run(second, "sequential")
+    assert_close(y, y_ref[:, 12:])
+    assert_close(last, last_ref)
+
+
+def test_bad_arguments_raise_clear_errors():
+    nm = named_inputs(random_inputs(3, steps=6))
+    base = {n: nm[n] for n in ("r", "log_decay", "k", "v")}
+    with pytest.raises(ValueError, match="unknown matrix_scan method 'fast'"):
+        matrix_scan(**base, method="fast")
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        matrix_scan(**base, chunk_size=0)
+    with pytest.raises(ValueError, match="both a and b"):
+        matrix_scan(**base, a=nm["a"])
+    with pytest.raises(
+        ValueError, match="'k' must have named axes .*missing axes \\['state'\\]"
+    ):
+        matrix_scan(**base | {"k": nm["v"]})
+    with pytest.raises(
+        ValueError, match="'v' must have named axes .*missing axes \\['projection'\\]"
+    ):
+        matrix_scan(**base | {"v": nm["k"]})
+    with pytest.raises(ValueError, match="missing axes \\['time'\\]"):
+        matrix_scan(**base, axis="time")
+    with pytest.raises(ValueError, match="must not have the scanned axis"):
+        matrix_scan(**base, h0=nm["v"] * nm["k"])
+    with pytest.raises(
+        ValueError, match="axis 'state' has size 2 in one input and 4 in another"
+    ):
+        matrix_scan(**base | {"r": nm["r"][{"state": pz.slice[:2]}]})
+    with pytest.raises(ValueError, match="reset must be boolean"):
+        matrix_scan(**base, reset=nm["reset"].astype(jnp.float32))
+    with pytest.raises(TypeError, match="penzai NamedArray"):
+        matrix_scan(**base | {"r": np.zeros(3)})
+    with pytest.raises(ValueError, match="three different names"):
+        matrix_scan(**base, key_axis="projection")
