@@ -109,12 +109,14 @@ def case_ids(case: Case, seed: int = 50) -> np.ndarray:
 
 
 @functools.cache
-def our_model(case: Case, scan_method: str | None = None):
-    """Our RWKV-7 converted from the case's BlinkDL state dict."""
+def our_model(case: Case, scan_method: str | None = None, chunk_size: int | None = None):
+    """Our RWKV-7 converted from the case's BlinkDL state dict (with a chosen
+    matrix-scan form and chunk length)."""
     model = convert.from_blinkdl_state_dict(blinkdl_state_dict(case))
-    if scan_method is None:
+    if scan_method is None and chunk_size is None:
         return model
-    config = dataclasses.replace(model.config, scan_method=scan_method)
+    options = {"scan_method": scan_method} | ({} if chunk_size is None else {"scan_chunk_size": chunk_size})
+    config = dataclasses.replace(model.config, **options)
     return convert.from_blinkdl_state_dict(blinkdl_state_dict(case), config)
 
 

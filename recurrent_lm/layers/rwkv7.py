@@ -42,7 +42,7 @@ from recurrent_lm.core.state import StatefulLayer
 from recurrent_lm.layers import init
 from recurrent_lm.layers.causal_filter import token_shift
 from recurrent_lm.layers.linear import dense
-from recurrent_lm.layers.matrix_recurrence import matrix_scan
+from recurrent_lm.layers.matrix_recurrence import DEFAULT_CHUNK_SIZE, matrix_scan
 from recurrent_lm.layers.norms import LayerNorm
 
 VALUE_RESIDUAL = "value_residual"
@@ -213,6 +213,7 @@ class TimeMix7(StatefulLayer):
     ln_x: pz.nn.Layer
     first: bool = dataclasses.field(default=False, metadata={"pytree_node": False})
     scan_method: str | None = dataclasses.field(default=None, metadata={"pytree_node": False})
+    chunk_size: int = dataclasses.field(default=DEFAULT_CHUNK_SIZE, metadata={"pytree_node": False})
     r: sites.Hook = sites.site_field()
     log_decay: sites.Hook = sites.site_field()
     k: sites.Hook = sites.site_field()
@@ -236,6 +237,7 @@ class TimeMix7(StatefulLayer):
         keeps_unused_value_gate: bool = True,
         group_norm_eps: float = GROUP_NORM_EPS,
         scan_method: str | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         dtype=jnp.float32,
     ) -> TimeMix7:
         """Block `layer` of `num_layers`, initialised as BlinkDL's RWKV-LM does.
@@ -246,6 +248,7 @@ class TimeMix7(StatefulLayer):
             residual, gate) paths.
           keeps_unused_value_gate: block 0 holds ``v0, v1, v2`` although it
             never uses them (as BlinkDL's files do); False leaves them None.
+          scan_method, chunk_size: `matrix_scan`'s form and chunk length.
         """
         if width % head_size:
             raise ValueError(f"width {width} is not divisible by the head size {head_size}.")
@@ -298,6 +301,7 @@ class TimeMix7(StatefulLayer):
             ),
             first=layer == 0,
             scan_method=scan_method,
+            chunk_size=chunk_size,
         )
 
     def initial_state(self, batch_size: int, max_length: int | None = None) -> TimeMix7State:
@@ -357,7 +361,7 @@ class TimeMix7(StatefulLayer):
         if isinstance(self.state, sites.StateSite):
             return matrix_scan(
                 r, log_decay, k, v, a, b, axis=axes.SEQ, key_axis=KEY, value_axis=VALUE,
-                h0=h0, reset=context.starts, method=self.scan_method,
+                h0=h0, reset=context.starts, method=self.scan_method, chunk_size=self.chunk_size,
             )
         steps = r.named_shape[axes.SEQ]
         if h0 is None:

@@ -90,6 +90,7 @@ class Rwkv7Config(Config):
         recurrence always runs in float32.
       scan_method: the matrix-scan implementation
         (`matrix_recurrence.MATRIX_SCAN_METHODS`; None picks the default).
+      scan_chunk_size: chunk length of the "chunked" form.
     """
 
     model_type: ClassVar[str] = "rwkv7"
@@ -114,6 +115,7 @@ class Rwkv7Config(Config):
     scan_method: str | None = field(
         None, rules.optional(rules.one_of(*matrix_recurrence.MATRIX_SCAN_METHODS))
     )
+    scan_chunk_size: int = field(matrix_recurrence.DEFAULT_CHUNK_SIZE, rules.POSITIVE_INT)
 
     def derived(self):
         ranks = suggested_ranks(self.hidden_size)
@@ -188,7 +190,8 @@ def _build(config: Rwkv7Config, key: jax.Array | None) -> DecoderLM:
         time_mix = TimeMix7.from_config(
             f"blocks.{i}.att", key, width, config.head_size, config.ranks, layer=i,
             num_layers=layers, keeps_unused_value_gate=config.first_layer_value_gate,
-            group_norm_eps=config.group_norm_epsilon, scan_method=config.scan_method, dtype=dtype,
+            group_norm_eps=config.group_norm_epsilon, scan_method=config.scan_method,
+            chunk_size=config.scan_chunk_size, dtype=dtype,
         )
         blocks.append(ResidualBlock(
             temporal_pre_norm=norm(f"blocks.{i}.ln1"),
