@@ -28,8 +28,14 @@ from recurrent_lm.core import config as rules
 from recurrent_lm.core.config import Config, field
 from recurrent_lm.core.model import DecoderLM
 from recurrent_lm.core.registry import Architecture
-from recurrent_lm.layers import EmbeddingLookup, LayerNorm, ResidualBlock, dense, init
-from recurrent_lm.layers import matrix_recurrence
+from recurrent_lm.layers import (
+    EmbeddingLookup,
+    LayerNorm,
+    ResidualBlock,
+    dense,
+    init,
+    matrix_recurrence,
+)
 from recurrent_lm.layers.rwkv7 import VALUE_RESIDUAL, ChannelMix7, TimeMix7
 from recurrent_lm.params import bind_parameters, parameter_values
 
@@ -58,7 +64,7 @@ PRESETS_VALUES: dict[str, dict] = {
     "1.5b": _world(2048, 24),
     "2.9b": _world(2560, 32),
     # For tests, demos and training smoke runs.
-    "tiny": dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, head_size=32),
+    "tiny": {"vocab_size": 512, "hidden_size": 128, "num_hidden_layers": 4, "head_size": 32},
 }
 
 

@@ -13,6 +13,7 @@ His float32 noise against a float64 reimplementation is <= 2.3e-6 relative
 """
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -111,7 +112,7 @@ def test_chunked_state_passing_on_both_sides(loaded, lengths=(4, 1)):
     sampler = to_sampling_mode(model, batch_size=1)
     tokens = named_tokens(ids)
     state = None
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         ours = np.asarray(_call(sampler, tokens[{"seq": pz.slice[lo:hi]}]).unwrap("batch", "seq", "vocabulary"))[0]
         his, state = his_chunk(runtime, ids[0, lo:hi], state)
         assert max_relative_error(ours, full[lo:hi]) <= TOLERANCE
