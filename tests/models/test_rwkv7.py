@@ -14,6 +14,7 @@ from griffin_cases import max_relative_error, named_tokens, segment_layout
 from penzai import pz
 from rwkv7_cases import CASES, case_ids, our_model
 
+from recurrent_lm import interp
 from recurrent_lm.core import registry
 from recurrent_lm.core.context import DocumentContext
 from recurrent_lm.layers.rwkv7 import TimeMix7
@@ -108,6 +109,36 @@ def test_the_value_residual_side_channel():
     context = DocumentContext.for_tokens(pz.nx.zeros({"batch": 1, "seq": 2}, np.int32))
     with pytest.raises(ValueError, match=r"needs the side input\(s\) \['value_residual'\]"):
         later(x, context=context)
+
+
+def test_state_site_materialised_path_agrees_with_the_primitive():
+    """Capturing the matrix state runs the step-by-step scan: same logits as
+    the primitive, its last state is the sampling state, and an ``Add`` with
+    ``propagate=False`` changes the layer's output at its position only (no
+    later state sees it)."""
+    case = CASES["narrow"]
+    model = our_model(case)
+    ids = case_ids(case)
+    plain = logits_of(model, ids)
+    site = "blocks.1.temporal_block.state"
+    logits, cache = interp.run_with_cache(model, named_tokens(ids), names=site)
+    states = cache[site]
+    assert dict(states.named_shape) == {"batch": 2, "seq": case.seq, "heads": 5, "projection": 8, "state": 8}
+    assert max_relative_error(logits.unwrap("batch", "seq", "vocabulary"), plain) <= 1e-5
+    sampler = to_sampling_mode(model, batch_size=2)
+    _call(sampler, *named_tokens(ids, np.tile(np.arange(case.seq, dtype=np.int32), (2, 1))))
+    twins = [t for t in pz.select(sampler).at_instances_of(pz.StateVariable).get_sequence()
+             if hasattr(t.value, "matrix")]
+    last = np.asarray(twins[1].value.matrix.unwrap("batch", "heads", "projection", "state"))
+    captured = np.asarray(states[{"seq": -1}].unwrap("batch", "heads", "projection", "state"))
+    assert max_relative_error(captured, last) <= 1e-5
+    # Not constant over "projection": ln_x would remove a constant shift.
+    delta = pz.nx.wrap(np.linspace(-1.0, 1.0, 8, dtype=np.float32), "projection")
+    patched = interp.patch(model, {site: interp.Add(delta, positions=[4])}, propagate=False)
+    delta = np.abs(logits_of(patched, ids) - plain).max(axis=(0, 2))
+    # Block 1 (the last) changes its output at 4 only; its channel mix's token
+    # shift carries that to 5; nothing recurs further.
+    assert delta[4] > 1e-3 and delta[:4].max() < 1e-5 and delta[6:].max() < 1e-5, delta
 
 
 @pytest.fixture(scope="module")
