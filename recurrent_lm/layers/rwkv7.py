@@ -1,5 +1,5 @@
-"""RWKV-7 "Goose" time mixing (arXiv 2503.14456): a matrix state per head with a
-diagonal-plus-rank-one transition.
+"""RWKV-7 "Goose" blocks (arXiv 2503.14456): time mixing, a matrix state per head
+with a diagonal-plus-rank-one transition; and its gate-free channel mixing.
 
 Per head, with the state ``S`` {"projection" (value side), "state" (key side)}::
 
