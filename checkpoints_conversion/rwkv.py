@@ -1,11 +1,15 @@
-"""RWKV-4 checkpoints <-> our RWKV: HF transformers and BlinkDL's original ``.pth``.
+"""RWKV checkpoints <-> our RWKV-4 and RWKV-7: HF transformers and BlinkDL's ``.pth``.
 
-* HF (``RwkvForCausalLM``): a directory with ``config.json`` and
+* HF (``RwkvForCausalLM``, RWKV-4): a directory with ``config.json`` and
   ``model.safetensors`` (or a sharded ``model.safetensors.index.json``, or
   ``pytorch_model.bin``). Names ``rwkv.blocks.3.attention.time_decay`` ...
 * BlinkDL (RWKV-LM / ChatRWKV): one ``torch.save`` state dict
   (``emb.weight``, ``blocks.3.att.time_decay`` ...); the config is inferred
-  from the shapes.
+  from the shapes. RWKV-7 ("x070") files are told from RWKV-4 ones by their
+  keys (``blocks.0.att.r_k``) and load as `recurrent_lm.models.rwkv7`: his
+  names, (1, 1, C) vectors, low-rank pairs ``w1`` (C, D) / ``w2`` (D, C) used
+  as ``x @ w1 @ w2``, linear weights [out, in]; `save_blinkdl_checkpoint`
+  writes either family back exactly.
 
 Values are stored raw in both (``time_decay`` before ``-exp``; ``time_mix_*``
 as (1, 1, C)); linear weights are torch's [out, in], as ours. torch is needed
@@ -33,11 +37,12 @@ from checkpoints_conversion import common
 from checkpoints_conversion.common import LeafLayout
 from recurrent_lm import axes
 from recurrent_lm.core.config import PARAM_DTYPES
-from recurrent_lm.models import rwkv
+from recurrent_lm.models import rwkv, rwkv7
 
 E, V, A, F = axes.EMBEDDING, axes.VOCABULARY, axes.WKV, axes.MLP
 HF_SOURCE = "HF RWKV checkpoint"
 BLINKDL_SOURCE = "BlinkDL RWKV-4 checkpoint"
+BLINKDL7_SOURCE = "BlinkDL RWKV-7 checkpoint"
 # Fields of HF's config.json that RwkvConfig shares.
 _HF_FIELDS = (
     "vocab_size",
@@ -278,12 +283,20 @@ def infer_config(state_dict: Mapping[str, Any], **overrides) -> rwkv.RwkvConfig:
 
 def from_blinkdl_state_dict(
     state_dict: Mapping[str, Any],
-    config: rwkv.RwkvConfig | None = None,
+    config: rwkv.RwkvConfig | rwkv7.Rwkv7Config | None = None,
     *,
-    source: str = BLINKDL_SOURCE,
+    source: str | None = None,
     **config_overrides,
 ):
-    """A BlinkDL state dict -> our RWKV; `config` None: inferred from the shapes."""
+    """A BlinkDL state dict -> our RWKV-4 or RWKV-7 (told apart by the keys,
+    `is_rwkv7_state_dict`); `config` None: inferred from the shapes."""
+    if is_rwkv7_state_dict(state_dict):
+        return from_blinkdl7_state_dict(
+            state_dict, config, source=source or BLINKDL7_SOURCE, **config_overrides
+        )
+    source = source or BLINKDL_SOURCE
+    if config is not None and not isinstance(config, rwkv.RwkvConfig):
+        raise TypeError(f"{source} holds RWKV-4 weights; got a {type(config).__name__}.")
     hf = blinkdl_to_hf_names(state_dict)
     if config is None:
         config = infer_config(hf, **config_overrides)
@@ -294,26 +307,35 @@ def from_blinkdl_state_dict(
 
 def load_blinkdl_checkpoint(
     path: str | os.PathLike,
-    config: rwkv.RwkvConfig | None = None,
+    config: rwkv.RwkvConfig | rwkv7.Rwkv7Config | None = None,
     **config_overrides,
 ):
     """Loads BlinkDL's ``.pth`` (a ``torch.save`` state dict; needs torch) or a
-    ``.safetensors`` file with the same names."""
+    ``.safetensors`` file with the same names: an RWKV-4 or an RWKV-7 model,
+    whichever the keys say."""
     path = os.fspath(path)
     state = common.read_weights(path)
+    family = BLINKDL7_SOURCE if is_rwkv7_state_dict(state) else BLINKDL_SOURCE
     return from_blinkdl_state_dict(
         state,
         config,
-        source=f"{BLINKDL_SOURCE} {path}",
+        source=f"{family} {path}",
         **config_overrides,
     )
 
 
 def is_blinkdl_checkpoint(path: str | os.PathLike) -> bool:
-    """A file (``.pth`` or ``.safetensors``) with BlinkDL's names (``emb.weight``,
-    ``blocks.0.att.time_decay``), read from its index only (torch's mmap)."""
+    """A file (``.pth`` or ``.safetensors``) with BlinkDL's RWKV-4 names
+    (``emb.weight``, ``blocks.0.att.time_decay``), read from its index only
+    (torch's mmap)."""
     names = common.weight_names(path)
     return names is not None and {"emb.weight", "blocks.0.att.time_decay"} <= names
+
+
+def is_blinkdl7_checkpoint(path: str | os.PathLike) -> bool:
+    """A file with BlinkDL's RWKV-7 names (``emb.weight``, ``blocks.0.att.r_k``)."""
+    names = common.weight_names(path)
+    return names is not None and {"emb.weight", _RWKV7_MARKER} <= names
 
 
 def save_blinkdl_checkpoint(model, path: str | os.PathLike) -> None:
@@ -322,12 +344,139 @@ def save_blinkdl_checkpoint(model, path: str | os.PathLike) -> None:
 
     BlinkDL files have no tying: a tied model is written with ``head.weight``
     a copy of the embeddings (his runtime requires it), so it loads back untied
-    with the same numbers.
+    with the same numbers. An RWKV-7 model is written in his x070 layout.
     """
+    if isinstance(getattr(model, "config", None), rwkv7.Rwkv7Config):
+        state = to_blinkdl7_state_dict(model)
+        if "head.weight" not in state:
+            state["head.weight"] = state["emb.weight"]
+        common.write_weights(state, path)
+        return
     state = to_hf_state_dict(model)
     if "head.weight" not in state:
         state["head.weight"] = state["rwkv.embeddings.weight"]
     common.write_weights(hf_to_blinkdl_names(state), path)
+
+
+# ---------------------------------------------------------------------------
+# RWKV-7 (x070): BlinkDL's names are the only format.
+# ---------------------------------------------------------------------------
+
+H, N_KEY, N_VALUE, D = axes.HEADS, axes.STATE, axes.PROJECTION, axes.LOW_RANK
+_RWKV7_MARKER = "blocks.0.att.r_k"
+_BLINKDL_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def is_rwkv7_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """Whether BlinkDL names are RWKV-7's (``blocks.0.att.r_k``; RWKV-4 has
+    ``time_decay`` instead)."""
+    return _RWKV7_MARKER in state_dict
+
+
+def rwkv7_leaf_layouts(config: rwkv7.Rwkv7Config) -> list[LeafLayout]:
+    """Every leaf of BlinkDL's x070 state dict for `config`, with our labels."""
+    keys, values = (H, N_KEY), (H, N_VALUE)
+    layouts = [
+        LeafLayout("emb.weight", ("embeddings.embeddings",), (V, E)),
+        LeafLayout("blocks.0.ln0.weight", ("blocks.0.ln0.scale",), (E,)),
+        LeafLayout("blocks.0.ln0.bias", ("blocks.0.ln0.bias",), (E,)),
+        LeafLayout("ln_out.weight", ("ln_out.scale",), (E,)),
+        LeafLayout("ln_out.bias", ("ln_out.bias",), (E,)),
+    ]
+    if not config.tie_word_embeddings:
+        layouts.append(LeafLayout("head.weight", ("head.weights",), (V, E)))
+    for i in range(config.num_hidden_layers):
+        leaf = lambda path, label, dims, i=i: layouts.append(
+            LeafLayout(f"blocks.{i}.{path}", (f"blocks.{i}.{label}",), dims)
+        )
+        for ln in ("ln1", "ln2"):
+            leaf(f"{ln}.weight", f"{ln}.scale", (E,))
+            leaf(f"{ln}.bias", f"{ln}.bias", (E,))
+        for mix in ("r", "w", "k", "v", "a", "g"):
+            leaf(f"att.x_{mix}", f"att.x_{mix}", (1, 1, E))
+        for name in ("w0", "a0", "k_k", "k_a"):
+            leaf(f"att.{name}", f"att.{name}", (1, 1, keys))
+        leaf("att.r_k", "att.r_k", (H, N_KEY))
+        pairs = {"w": keys, "a": keys, "g": values}
+        if i > 0 or config.first_layer_value_gate:
+            leaf("att.v0", "att.v0", (1, 1, values))
+            pairs["v"] = values
+        for name, out in pairs.items():
+            leaf(f"att.{name}1", f"att.{name}1.weights", (E, D))
+            leaf(f"att.{name}2", f"att.{name}2.weights", (D, out))
+        for name, out in (("receptance", keys), ("key", keys), ("value", values)):
+            leaf(f"att.{name}.weight", f"att.{name}.weights", (out, E))
+        leaf("att.output.weight", "att.output.weights", (E, values))
+        leaf("att.ln_x.weight", "att.ln_x.scale", (values,))
+        leaf("att.ln_x.bias", "att.ln_x.bias", (values,))
+        leaf("ffn.x_k", "ffn.x_k", (1, 1, E))
+        leaf("ffn.key.weight", "ffn.key.weights", (F, E))
+        leaf("ffn.value.weight", "ffn.value.weights", (E, F))
+    return layouts
+
+
+def infer_rwkv7_config(state_dict: Mapping[str, Any], **overrides) -> rwkv7.Rwkv7Config:
+    """An `Rwkv7Config` from the shapes of BlinkDL's x070 state dict, plus
+    `overrides` (epsilons and special ids take the released models' values)."""
+    needed = ["emb.weight", _RWKV7_MARKER, "blocks.0.att.w1", "blocks.0.att.a1",
+              "blocks.0.att.g1", "blocks.0.ffn.key.weight"]
+    common.require_leaves(state_dict, needed, source=BLINKDL7_SOURCE)
+    shape = lambda name: tuple(np.shape(state_dict[name]))
+    vocab, hidden = shape("emb.weight")
+    layers = common.count_numbered(state_dict, _BLINKDL_BLOCK, "blocks")
+    # Block 0's value gate is optional; a later block's is not.
+    value_gate = next(
+        (f"blocks.{i}.att.v1" for i in (1, 0) if f"blocks.{i}.att.v1" in state_dict), None
+    )
+    inferred = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "head_size": shape(_RWKV7_MARKER)[-1],
+        "decay_low_rank": shape("blocks.0.att.w1")[-1],
+        "rate_low_rank": shape("blocks.0.att.a1")[-1],
+        "value_low_rank": None if value_gate is None else shape(value_gate)[-1],
+        "gate_low_rank": shape("blocks.0.att.g1")[-1],
+        "intermediate_size": shape("blocks.0.ffn.key.weight")[0],
+        "first_layer_value_gate": "blocks.0.att.v0" in state_dict,
+        "tie_word_embeddings": "head.weight" not in state_dict,
+        "param_dtype": jnp.dtype(common.to_numpy(state_dict["emb.weight"]).dtype).name,
+    }
+    return rwkv7.Rwkv7Config(**{**inferred, **overrides})
+
+
+def from_blinkdl7_state_dict(
+    state_dict: Mapping[str, Any],
+    config: rwkv7.Rwkv7Config | None = None,
+    *,
+    source: str = BLINKDL7_SOURCE,
+    **config_overrides,
+):
+    """BlinkDL's x070 state dict -> our RWKV-7; `config` None: inferred.
+
+    Raises:
+      CheckpointMismatchError: listing every missing, unexpected or mis-shaped
+        name, with expected and found shapes.
+    """
+    if config is None:
+        config = infer_rwkv7_config(state_dict, **config_overrides)
+    elif config_overrides:
+        raise ValueError("pass either config or config overrides, not both.")
+    elif not isinstance(config, rwkv7.Rwkv7Config):
+        raise TypeError(f"{source} holds RWKV-7 weights; got a {type(config).__name__}.")
+    leaves = dict(state_dict)
+    if config.tie_word_embeddings:
+        leaves.pop("head.weight", None)  # the same tensor as the embeddings
+    return common.load_model(
+        leaves, rwkv7_leaf_layouts(config), config, rwkv7.build_model, source=source
+    )
+
+
+def to_blinkdl7_state_dict(model) -> dict[str, np.ndarray]:
+    """Our RWKV-7 -> BlinkDL's x070 state dict (numpy; the inverse of loading)."""
+    config = common.config_of(model, rwkv7.Rwkv7Config, "an RWKV-7 model")
+    leaves = common.export_leaves(model, rwkv7_leaf_layouts(config))
+    return {name: np.asarray(leaf) for name, leaf in leaves.items()}
 
 
 # ---------------------------------------------------------------------------

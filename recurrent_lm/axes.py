@@ -30,6 +30,8 @@ embedding_in   model width as the input of a square embedding -> embedding map
 lora_rank      rank of a LoRA adapter (`recurrent_lm.lora`)
 positions      rows of a learned position-embedding table (one per position
                in a document)
+low_rank       inner width of a built-in low-rank projection (RWKV-7's decay,
+               in-context rate, value-residual and gate paths); not LoRA's
 =============  ================================================================
 """
 
@@ -53,6 +55,7 @@ WKV_STATE = "wkv_state"
 EMBEDDING_IN = "embedding_in"
 LORA_RANK = "lora_rank"
 POSITIONS = "positions"
+LOW_RANK = "low_rank"
 
 TOKEN_AXES = (BATCH, SEQ)
 """Named axes of model inputs (token ids and segment positions)."""

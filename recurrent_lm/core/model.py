@@ -92,6 +92,9 @@ class DecoderLM(pz.nn.Layer):
       head: {"embedding"} -> {"vocabulary"} (tied decode, soft cap, ...).
       embeddings: site of the embedder's output {"batch", "seq", "embedding"}
         (the residual stream before the first block).
+      side_channels: names of the `SideChannel`s a call creates, fresh each
+        call, and passes to every layer as side inputs of those names (static;
+        RWKV-7's first-layer values). Empty for most architectures.
     """
 
     config: Any = dataclasses.field(metadata={"pytree_node": False})
@@ -100,6 +103,7 @@ class DecoderLM(pz.nn.Layer):
     final_norm: pz.nn.Layer
     head: pz.nn.Layer
     embeddings: sites.Hook = sites.site_field()
+    side_channels: tuple[str, ...] = dataclasses.field(default=(), metadata={"pytree_node": False})
 
     def __call__(self, tokens, /, *, segment_pos=None, **side_inputs):
         reject_side_inputs(side_inputs, "a model")
@@ -128,7 +132,7 @@ class DecoderLM(pz.nn.Layer):
     def run(self, tokens, context: DocumentContext, last_position_only: bool = False,
             random_stream: pz.RandomStream | None = None):
         """Embed, blocks, norm, head; every layer reads the side input `context`
-        (and ``random_stream`` when given)."""
+        (and ``random_stream`` when given, and the model's fresh side channels)."""
         x = self.final_hidden(tokens, context, random_stream)
         if last_position_only:
             x = x[{axes.SEQ: pz.slice[-1:]}]
@@ -140,6 +144,7 @@ class DecoderLM(pz.nn.Layer):
         """Embed, blocks, norm: what `head` reads, {"batch", "seq", "embedding"}.
         (A loss over a large vocabulary applies the head a chunk at a time.)"""
         side = _side_inputs(context, random_stream)
+        side.update({name: SideChannel(name) for name in self.side_channels})
         x = self.embeddings(self.embedder(tokens, **side))
         x = self.blocks(x, **side)
         return self.final_norm(x, **side)
@@ -150,6 +155,36 @@ def _side_inputs(context, random_stream) -> dict[str, Any]:
     if random_stream is not None:
         side["random_stream"] = random_stream
     return side
+
+
+class SideChannel:
+    """A value one layer writes during a model call and later layers read.
+
+    Side inputs flow down the model; a channel carries a value *across* it,
+    e.g. RWKV-7's value residual: block 0's time mix writes its values and
+    every later time mix mixes them into its own. A `DecoderLM` creates its
+    channels (``side_channels``) afresh in every call, inside the trace, so a
+    channel is never model state: it holds one call's activations, written
+    once, read after. A plain Python object: it lives only while the call is
+    traced (or run op by op).
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self._value = None
+
+    def write(self, value) -> None:
+        if self._value is not None:
+            raise ValueError(f"side channel {self.name!r} was already written in this call.")
+        self._value = value
+
+    def read(self):
+        if self._value is None:
+            raise ValueError(
+                f"side channel {self.name!r} is read before any layer wrote it: run the"
+                " blocks in order through the model (model(tokens), or its sampling mode)."
+            )
+        return self._value
 
 
 def sync_config(model, **options):

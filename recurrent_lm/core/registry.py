@@ -21,6 +21,7 @@ _MODULES: dict[str, str] = {
     "griffin": "recurrent_lm.models.griffin",
     "h3": "recurrent_lm.models.h3",
     "rwkv": "recurrent_lm.models.rwkv",
+    "rwkv7": "recurrent_lm.models.rwkv7",
 }
 
 

@@ -38,7 +38,14 @@ class StatefulLayer(TemporalLayer):
 
     Subclasses implement `initial_state` and `forward`; ``__call__`` (the
     ordinary, stateless call) runs `forward` from the initial state.
+
+    Class attribute ``side_inputs``: names of side inputs besides ``context``
+    that `forward` takes as keyword arguments (e.g. a
+    `recurrent_lm.core.model.SideChannel`); both calls pass them on, and a
+    missing one is an error naming it.
     """
+
+    side_inputs: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def initial_state(self, batch_size: int, max_length: int | None = None) -> Any:
@@ -57,12 +64,24 @@ class StatefulLayer(TemporalLayer):
         the layer may skip reading it.
         """
 
-    def __call__(self, x, *, context=None, **_unused_side_inputs):
+    def __call__(self, x, *, context=None, **side_inputs):
         context = context_lib.require_context(context, type(self).__name__)
         batch_size = context.segment_pos.named_shape[axes.BATCH]
         state = self.initial_state(batch_size, max_length=context.steps)
-        y, _ = self.forward(x, dataclasses.replace(context, new_streams=True), state)
+        y, _ = self.forward(x, dataclasses.replace(context, new_streams=True), state,
+                            **wanted_side_inputs(self, side_inputs))
         return y
+
+
+def wanted_side_inputs(layer: StatefulLayer, side_inputs: dict[str, Any]) -> dict[str, Any]:
+    """The side inputs `layer`'s ``forward`` takes (its ``side_inputs``), checked present."""
+    missing = [name for name in layer.side_inputs if name not in side_inputs]
+    if missing:
+        raise ValueError(
+            f"{type(layer).__name__} needs the side input(s) {missing}; call it through its"
+            " model, which creates them."
+        )
+    return {name: side_inputs[name] for name in layer.side_inputs}
 
 
 @pz.pytree_dataclass
@@ -92,13 +111,14 @@ class Stateful(pz.nn.Layer):
         return cls(layer=layer, state=pz.StateVariable(state, label=label),
                    batch_size=batch_size, max_length=max_length)
 
-    def __call__(self, x, *, context=None, **_unused_side_inputs):
+    def __call__(self, x, *, context=None, **side_inputs):
         context = context_lib.require_context(context, type(self.layer).__name__)
         if context.new_streams:
             state = self.layer.initial_state(self.batch_size, max_length=self.max_length)
         else:
             state = self.state.value
-        y, new_state = self.layer.forward(x, context, state)
+        y, new_state = self.layer.forward(x, context, state,
+                                          **wanted_side_inputs(self.layer, side_inputs))
         # A fixed layout: the state is a while-loop carry when decoding.
         self.state.value = order_like(new_state, self.state.value)
         return y

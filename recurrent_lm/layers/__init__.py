@@ -5,8 +5,8 @@ form (`matrix_recurrence`: diagonal-plus-rank-one transitions), the
 document-aware causal filter (`causal_filter`: conv, shift SSM, token shift),
 norms, linear and block-diagonal layers, causal convolution, RG-LRU, rotary
 embeddings, attention and its KV cache, gated MLP, token and learned position
-embeddings, the residual block, H3's state-space layers (`ssm`), RWKV's time
-and channel mixes (`wkv`, `channel_mix`). Each layer's docstring states its
+embeddings, the residual block, H3's state-space layers (`ssm`), RWKV-4's time
+and channel mixes (`wkv`, `channel_mix`), RWKV-7's (`rwkv7`). Each layer's docstring states its
 named axes in and out; temporal layers implement
 `recurrent_lm.core.state.StatefulLayer`. This package imports no architecture.
 """

@@ -9,7 +9,7 @@ from penzai import pz
 
 from recurrent_lm import interp
 from recurrent_lm.core import model as base
-from recurrent_lm.models import gemma, griffin, h3, rwkv
+from recurrent_lm.models import gemma, griffin, h3, rwkv, rwkv7
 
 SEQ = 8
 STATE_PATCH_AT = 3
@@ -45,6 +45,13 @@ ARCHITECTURES = {
             vocab_size=53, hidden_size=16, num_hidden_layers=2, attention_hidden_size=12,
             intermediate_size=20), jax.random.key(0))),
         "blocks.1.temporal_block.state", 1,  # wkv_t reads the state before t
+    ),
+    "rwkv7": (
+        lambda: perturbed(rwkv7.build_model(rwkv7.Rwkv7Config(
+            vocab_size=53, hidden_size=16, num_hidden_layers=2, head_size=8, decay_low_rank=3,
+            rate_low_rank=3, value_low_rank=2, gate_low_rank=4, intermediate_size=20),
+            jax.random.key(0))),
+        "blocks.1.temporal_block.state", 0,  # y_t reads the state after t
     ),
     "gemma": (
         lambda: gemma.build_model(gemma.GemmaConfig(

@@ -8,6 +8,8 @@ from recurrent_lm.train import train
 
 SMALL = {
     "rwkv": {"hidden_size": 32, "num_hidden_layers": 2, "attention_hidden_size": 32, "intermediate_size": 64},
+    "rwkv7": {"hidden_size": 32, "num_hidden_layers": 2, "head_size": 16, "intermediate_size": 64,
+              "decay_low_rank": 8, "rate_low_rank": 8, "value_low_rank": 8, "gate_low_rank": 8},
     "h3": {"hidden_size": 32, "num_hidden_layers": 2, "n_inner": 64, "d_state": 8, "attn_layer_idx": (1,)},
     "gemma": {"num_layers": 2, "hidden_dim": 32, "intermediate_dim": 64, "head_dim": 8},
 }
