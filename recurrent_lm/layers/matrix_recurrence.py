@@ -452,6 +452,59 @@ def _check_method(method, chunk_size) -> None:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
 
 
+def _checked_shape(keyed, v, log_decay, h0, reset, a, b, axis, key_axis, value_axis):
+    """The checks of `matrix_scan`'s inputs (one line each); their union named shape."""
+    if len({axis, key_axis, value_axis}) != 3:
+        raise ValueError(
+            f"axis, key_axis and value_axis must be three different names; got"
+            f" {axis!r}, {key_axis!r}, {value_axis!r}."
+        )
+    if (a is None) != (b is None):
+        raise ValueError(
+            "matrix_scan takes both a and b (the rank-one term a b^T) or neither."
+        )
+    for name, x in keyed.items():
+        named.check_named(
+            x, (axis, key_axis), f"matrix_scan input {name!r}", exact=False
+        )
+    named.check_named(v, (axis, value_axis), "matrix_scan input 'v'", exact=False)
+    named.check_named(log_decay, (axis,), "matrix_scan input 'log_decay'", exact=False)
+    for name, x in [*keyed.items(), ("log_decay", log_decay)]:
+        if value_axis in x.named_shape:
+            raise ValueError(
+                f"matrix_scan input {name!r} must not have the value axis {value_axis!r}"
+                f" (named shape {dict(x.named_shape)})."
+            )
+    if key_axis in v.named_shape:
+        raise ValueError(
+            f"matrix_scan input 'v' must not have the key axis {key_axis!r}"
+            f" (named shape {dict(v.named_shape)})."
+        )
+    if reset is not None:
+        named.check_named(reset, (axis,), "matrix_scan reset", exact=False)
+        if reset.dtype != jnp.bool_:
+            raise ValueError(
+                f"matrix_scan reset must be boolean, got dtype {reset.dtype}."
+            )
+        if {key_axis, value_axis} & set(reset.named_shape):
+            raise ValueError("matrix_scan reset must not have the key or value axis.")
+    inputs = [*keyed.values(), v, log_decay, reset]
+    shape = named.union_named_shape(*inputs)
+    if h0 is not None:
+        named.check_named(h0, (value_axis, key_axis), "matrix_scan h0", exact=False)
+        if axis in h0.named_shape:
+            raise ValueError(f"matrix_scan h0 must not have the scanned axis {axis!r}.")
+        named.union_named_shape(h0, *inputs)
+        extra = set(h0.named_shape) - set(shape)
+        if extra:
+            raise ValueError(
+                f"matrix_scan h0 has axes {sorted(extra)} that the inputs lack."
+            )
+    if shape[axis] == 0:
+        raise ValueError(f"cannot scan along an empty {axis!r} axis.")
+    return shape
+
+
 def matrix_scan(
     r: pz.nx.NamedArray,
     log_decay: pz.nx.NamedArray,
@@ -497,55 +550,8 @@ def matrix_scan(
       key_axis} (no `axis`) in the accumulation dtype (float32 or wider).
     """
     _check_method(method, chunk_size)
-    if len({axis, key_axis, value_axis}) != 3:
-        raise ValueError(
-            f"axis, key_axis and value_axis must be three different names; got"
-            f" {axis!r}, {key_axis!r}, {value_axis!r}."
-        )
-    if (a is None) != (b is None):
-        raise ValueError(
-            "matrix_scan takes both a and b (the rank-one term a b^T) or neither."
-        )
     keyed = {"r": r, "k": k} | ({} if a is None else {"a": a, "b": b})
-    for name, x in keyed.items():
-        named.check_named(
-            x, (axis, key_axis), f"matrix_scan input {name!r}", exact=False
-        )
-    named.check_named(v, (axis, value_axis), "matrix_scan input 'v'", exact=False)
-    named.check_named(log_decay, (axis,), "matrix_scan input 'log_decay'", exact=False)
-    for name, x in [*keyed.items(), ("log_decay", log_decay)]:
-        if value_axis in x.named_shape:
-            raise ValueError(
-                f"matrix_scan input {name!r} must not have the value axis {value_axis!r}"
-                f" (named shape {dict(x.named_shape)})."
-            )
-    if key_axis in v.named_shape:
-        raise ValueError(
-            f"matrix_scan input 'v' must not have the key axis {key_axis!r}"
-            f" (named shape {dict(v.named_shape)})."
-        )
-    if reset is not None:
-        named.check_named(reset, (axis,), "matrix_scan reset", exact=False)
-        if reset.dtype != jnp.bool_:
-            raise ValueError(
-                f"matrix_scan reset must be boolean, got dtype {reset.dtype}."
-            )
-        if {key_axis, value_axis} & set(reset.named_shape):
-            raise ValueError("matrix_scan reset must not have the key or value axis.")
-    inputs = [*keyed.values(), v, log_decay, reset]
-    shape = named.union_named_shape(*inputs)
-    if h0 is not None:
-        named.check_named(h0, (value_axis, key_axis), "matrix_scan h0", exact=False)
-        if axis in h0.named_shape:
-            raise ValueError(f"matrix_scan h0 must not have the scanned axis {axis!r}.")
-        named.union_named_shape(h0, *inputs)
-        extra = set(h0.named_shape) - set(shape)
-        if extra:
-            raise ValueError(
-                f"matrix_scan h0 has axes {sorted(extra)} that the inputs lack."
-            )
-    if shape[axis] == 0:
-        raise ValueError(f"cannot scan along an empty {axis!r} axis.")
+    shape = _checked_shape(keyed, v, log_decay, h0, reset, a, b, axis, key_axis, value_axis)
 
     batch = {n: s for n, s in shape.items() if n not in (axis, key_axis, value_axis)}
     steps, n_key, n_value = shape[axis], shape[key_axis], shape[value_axis]

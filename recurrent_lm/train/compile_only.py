@@ -125,24 +125,9 @@ def attention_flops_per_token(skeleton, abstract, seq_len: int) -> float:
     return total
 
 
-def compile_report(cfg: TrainConfig, topology: str) -> dict[str, Any]:
-    """Compiles `cfg`'s training step for `topology` and measures it (see module doc)."""
-    devices = topology_devices(topology)
-    chip = CHIPS[topology.split(":")[0]]
-    mesh = sharding.make_mesh(cfg.mesh, devices=devices)
-    batch_ways = mesh.shape[sharding.DATA] * mesh.shape[sharding.FSDP]
-    micro = cfg.batch_size // cfg.grad_accum
-    if micro % batch_ways:
-        raise ValueError(
-            f"the microbatch ({cfg.batch_size} / grad_accum {cfg.grad_accum}) is not divisible"
-            f" by the mesh's data x fsdp = {batch_ways} devices."
-        )
-    model_type = registry.get(cfg.model)
-    overrides = {"param_dtype": cfg.param_dtype, **cfg.config_overrides}
-    config = model_type.config_class.from_preset(cfg.preset, **overrides)
-    rules = sharding.rules_for(model_type.name, cfg.sharding_overrides)
-
-    abstract = abstract_parameters(functools.partial(model_type.build_model, config))
+def _abstract_step_inputs(cfg: TrainConfig, abstract, mesh, rules, micro: int):
+    """(step functions, params, optimizer state, batch) of the run as abstract
+    arrays in their shardings, as `loop.train` would place them."""
     param_axes = {label: tuple(v.named_shape) for label, v in abstract.items()}
     shapes = {label: tuple(v.named_shape.values()) for label, v in abstract.items()}
     shardings = sharding.parameter_shardings(param_axes, shapes, mesh, rules)
@@ -150,7 +135,6 @@ def compile_report(cfg: TrainConfig, topology: str) -> dict[str, Any]:
         label: jax.ShapeDtypeStruct(shapes[label], v.dtype, sharding=shardings[label])
         for label, v in abstract.items()
     }
-    skeleton = model_type.build_model(config, None)
     fns = step_functions(cfg, param_axes)
     # The optimizer state as a run creates it (`init_optimizer_state`): moments
     # (leaves under a parameter's label, of its shape) follow the parameter,
@@ -170,6 +154,30 @@ def compile_report(cfg: TrainConfig, topology: str) -> dict[str, Any]:
         (cfg.grad_accum, micro, cfg.seq_len), jnp.int32,
         sharding=sharding.batch_sharding(mesh, 3, batch_dim=1),
     )
+    return fns, params, opt_state, batch
+
+
+def compile_report(cfg: TrainConfig, topology: str) -> dict[str, Any]:
+    """Compiles `cfg`'s training step for `topology` and measures it (see module doc)."""
+    devices = topology_devices(topology)
+    chip = CHIPS[topology.split(":")[0]]
+    mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+    batch_ways = mesh.shape[sharding.DATA] * mesh.shape[sharding.FSDP]
+    micro = cfg.batch_size // cfg.grad_accum
+    if micro % batch_ways:
+        raise ValueError(
+            f"the microbatch ({cfg.batch_size} / grad_accum {cfg.grad_accum}) is not divisible"
+            f" by the mesh's data x fsdp = {batch_ways} devices."
+        )
+    model_type = registry.get(cfg.model)
+    overrides = {"param_dtype": cfg.param_dtype, **cfg.config_overrides}
+    config = model_type.config_class.from_preset(cfg.preset, **overrides)
+    rules = sharding.rules_for(model_type.name, cfg.sharding_overrides)
+
+    abstract = abstract_parameters(functools.partial(model_type.build_model, config))
+    fns, params, opt_state, batch = _abstract_step_inputs(cfg, abstract, mesh, rules, micro)
+    skeleton = model_type.build_model(config, None)
+    shapes = {label: p.shape for label, p in params.items()}
     start = time.perf_counter()
     lowered = fns.train_step.lower(params, opt_state, skeleton, batch, batch)
     try:
