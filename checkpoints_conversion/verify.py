@@ -14,7 +14,8 @@ hf-rwkv                config.json model_type rwkv             transformers Rwkv
 keras-gemma            config.json GemmaBackbone + .weights.h5 keras-hub GemmaCausalLM (JAX backend)
 official-recurrentgemma orbax tree with embedder + blocks.N     recurrentgemma (official package)
 official-gemma         orbax tree under transformer/            penzai's Gemma
-blinkdl-rwkv           a torch file with emb.weight, blocks.N  rwkv (BlinkDL's runtime, cpu fp32)
+blinkdl-rwkv           torch file: emb.weight, att.time_decay  rwkv (BlinkDL's runtime, cpu fp32)
+blinkdl-rwkv7          torch file: emb.weight, att.r_k (x070)  rwkv (his x070 runtime, RWKV_V7_ON)
 h3                     a torch file with backbone.* names       none exists: exit 2
 =====================  ======================================  =====================================
 
@@ -275,6 +276,51 @@ def _blinkdl_reference(path: str, model, ids: np.ndarray) -> np.ndarray:
     return np.stack(rows).astype(np.float32)
 
 
+_X070_SETTINGS = {"RWKV_V7_ON": "1", "RWKV_JIT_ON": "0", "RWKV_CUDA_ON": "0"}
+
+
+def blinkdl_x070_module():
+    """BlinkDL's ``rwkv.model`` for RWKV-7: the module reads ``RWKV_V7_ON`` when
+    it is imported, so its file is executed afresh with the x070 settings as a
+    private module (``rwkv.model`` itself and the environment are left as they
+    were: RWKV-4 files keep working in the same process)."""
+    import importlib.util
+
+    _require("torch", "torch", "a BlinkDL checkpoint")
+    try:  # find, not import: importing reads the settings
+        spec = importlib.util.find_spec("rwkv.model")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise ReferenceUnavailable(
+            "the reference for a BlinkDL checkpoint needs `rwkv`: pip install rwkv"
+        )
+    origin = spec.origin
+    saved = {name: os.environ.get(name) for name in _X070_SETTINGS}
+    os.environ.update(_X070_SETTINGS)
+    try:
+        private = importlib.util.spec_from_file_location("_blinkdl_rwkv_x070", origin)
+        module = importlib.util.module_from_spec(private)
+        private.loader.exec_module(module)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return module
+
+
+def _blinkdl7_reference(path: str, model, ids: np.ndarray) -> np.ndarray:
+    runtime = blinkdl_x070_module().RWKV_x070(model=path.removesuffix(".pth"), strategy="cpu fp32")
+    rows = []
+    for row in ids:
+        tokens = [int(t) for t in row]
+        logits, _ = runtime.forward(tokens, None, full_output=len(tokens) > 1)
+        rows.append(logits.numpy().reshape(len(tokens), -1))
+    return np.stack(rows).astype(np.float32)
+
+
 FORMATS: tuple[Format, ...] = (
     Format("hf-recurrentgemma", _hf(recurrentgemma.HF_MODEL_TYPE), recurrentgemma.load_hf_checkpoint,
            _transformers_reference("RecurrentGemmaForCausalLM"),
@@ -294,6 +340,8 @@ FORMATS: tuple[Format, ...] = (
            _official_gemma_reference, "penzai Gemma"),
     Format("blinkdl-rwkv", rwkv.is_blinkdl_checkpoint, rwkv.load_blinkdl_checkpoint,
            _blinkdl_reference, "rwkv (BlinkDL runtime, cpu fp32)"),
+    Format("blinkdl-rwkv7", rwkv.is_blinkdl7_checkpoint, rwkv.load_blinkdl_checkpoint,
+           _blinkdl7_reference, "rwkv (BlinkDL x070 runtime, cpu fp32)"),
     Format("h3", h3.is_original_checkpoint, h3.load_checkpoint, None,
            "no installed reference implementation exists for H3 (the original"
            " HazyResearch/H3 code is not a pip package), so it cannot be verified"),

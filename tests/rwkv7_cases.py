@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import os
 
 import numpy as np
 
 from checkpoints_conversion import rwkv as convert
+from checkpoints_conversion import verify
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,27 +122,11 @@ def our_model(case: Case, scan_method: str | None = None, chunk_size: int | None
 
 # ----------------------------------------------------------------------------- his runtime
 
-_SETTINGS = {"RWKV_V7_ON": "1", "RWKV_JIT_ON": "0", "RWKV_CUDA_ON": "0"}
-
-
 @functools.cache
 def blinkdl_v7():
     """BlinkDL's ``rwkv.model`` executed afresh with the x070 settings, as a
     private module (``rwkv.model`` itself, and the environment, untouched)."""
-    origin = importlib.util.find_spec("rwkv.model").origin
-    saved = {name: os.environ.get(name) for name in _SETTINGS}
-    os.environ.update(_SETTINGS)
-    try:
-        spec = importlib.util.spec_from_file_location("_blinkdl_rwkv_x070", origin)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-    return module
+    return verify.blinkdl_x070_module()
 
 
 def his_runtime(path):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import pytest
+import rwkv7_cases
 from gemma_cases import CASES as GEMMA_CASES
 from gemma_cases import official_params as gemma_official_params
 
@@ -63,6 +64,8 @@ def checkpoints(tmp_path_factory):
     # Through our converters' save paths: BlinkDL .pth, official RecurrentGemma orbax.
     rwkv.save_blinkdl_checkpoint(rwkv.load_hf_checkpoint(root / "hf_rwkv"), root / "blinkdl.pth")
     paths["blinkdl-rwkv"] = root / "blinkdl.pth"
+    rwkv7_cases.save_pth(rwkv7_cases.blinkdl_state_dict(rwkv7_cases.CASES["narrow"]), root / "x070.pth")
+    paths["blinkdl-rwkv7"] = root / "x070.pth"
     griffin = recurrentgemma.load_hf_checkpoint(root / "hf_rg")
     official = jax.tree.map(jnp.asarray, recurrentgemma.to_official_params(griffin))
     ocp.PyTreeCheckpointer().save(str(root / "official_rg"), official)
@@ -94,7 +97,8 @@ def test_detects_every_format(checkpoints):
 
 
 @pytest.mark.parametrize("name", [
-    "hf-recurrentgemma", "hf-gemma", "hf-gemma2", "hf-rwkv", "blinkdl-rwkv", "official-recurrentgemma",
+    "hf-recurrentgemma", "hf-gemma", "hf-gemma2", "hf-rwkv", "blinkdl-rwkv", "blinkdl-rwkv7",
+    "official-recurrentgemma",
     "official-gemma2", "keras-gemma",  # official-gemma (Gemma 1): detection only, same reference
 ])
 def test_logits_match_the_reference(checkpoints, capsys, name):
@@ -148,4 +152,4 @@ def test_every_format_is_in_the_table():
     names = [f.name for f in verify.FORMATS]
     assert len(names) == len(set(names))
     assert {"hf-gemma", "hf-gemma2", "hf-recurrentgemma", "hf-rwkv", "keras-gemma",
-            "official-recurrentgemma", "official-gemma", "blinkdl-rwkv", "h3"} == set(names)
+            "official-recurrentgemma", "official-gemma", "blinkdl-rwkv", "blinkdl-rwkv7", "h3"} == set(names)
