@@ -30,6 +30,8 @@ embedding_in   model width as the input of a square embedding -> embedding map
 lora_rank      rank of a LoRA adapter (`recurrent_lm.lora`)
 positions      rows of a learned position-embedding table (one per position
                in a document)
+stack          repeats of a scanned group of blocks: the leading axis of its
+               stacked parameters (`recurrent_lm.core.stack`)
 =============  ================================================================
 """
 
@@ -53,6 +55,7 @@ WKV_STATE = "wkv_state"
 EMBEDDING_IN = "embedding_in"
 LORA_RANK = "lora_rank"
 POSITIONS = "positions"
+STACK = "stack"
 
 TOKEN_AXES = (BATCH, SEQ)
 """Named axes of model inputs (token ids and segment positions)."""
