@@ -55,6 +55,7 @@ import numpy as np
 from penzai import pz
 
 from recurrent_lm import axes
+from recurrent_lm.core import functional
 from recurrent_lm.core.model import DecoderLM
 
 REMAT_POLICIES = ("none", "block", "dots")
@@ -366,6 +367,42 @@ def scan_layers(model: DecoderLM, remat: str = "none") -> DecoderLM:
             " the model; rename those parameters."
         )
     return dataclasses.replace(model, blocks=pz.nn.Sequential(segments))
+
+
+def remat_layers(model: DecoderLM, remat: str) -> DecoderLM:
+    """`model` with every block under the remat policy `remat`, unscanned
+    (``"none"``: the unrolled model itself)."""
+    _check_model(model, "remat_layers")
+    checkpoint_policy(remat)
+    model = unscan_layers(model)
+    if remat == "none":
+        return model
+    blocks = [Remat(block, remat) for block in model.blocks.sublayers]
+    return dataclasses.replace(model, blocks=pz.nn.Sequential(blocks))
+
+
+def prepared(model: DecoderLM, *, scan: bool, remat: str) -> DecoderLM:
+    """`scan_layers` (`scan`) or `remat_layers` of `model`: what a training run steps."""
+    return scan_layers(model, remat) if scan else remat_layers(model, remat)
+
+
+def abstract_prepared(build: Callable[[jax.Array], DecoderLM], *, scan: bool, remat: str):
+    """``(skeleton, {label: abstract NamedArray})`` of ``prepared(build(key), ...)``,
+    materialising no weights (`jax.eval_shape`): what compiling a large
+    model's steps needs. The skeleton has empty parameter slots."""
+    found = {}
+
+    def init(key):
+        skeleton, params, _ = functional.split(prepared(build(key), scan=scan, remat=remat))
+        found["skeleton"] = skeleton
+        return params
+
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    skeleton = found["skeleton"]
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(skeleton)):
+        raise ValueError("the model holds arrays that are not parameters: build it, then"
+                         " prepare it eagerly.")
+    return skeleton, abstract
 
 
 def _unstacked(value: pz.nx.NamedArray, repeat: int) -> pz.nx.NamedArray:

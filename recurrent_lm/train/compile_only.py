@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
-from recurrent_lm.core import registry
+from recurrent_lm.core import registry, stack
 from recurrent_lm.layers.attention import Attention
 from recurrent_lm.params import abstract_parameters
 from recurrent_lm.train import sharding
@@ -142,7 +142,10 @@ def compile_report(cfg: TrainConfig, topology: str) -> dict[str, Any]:
     config = model_type.config_class.from_preset(cfg.preset, **overrides)
     rules = sharding.rules_for(model_type.name, cfg.sharding_overrides)
 
-    abstract = abstract_parameters(functools.partial(model_type.build_model, config))
+    build = functools.partial(model_type.build_model, config)
+    # What the run steps (scanned groups, remat), and the per-layer model for the flops.
+    skeleton, abstract = stack.abstract_prepared(build, scan=cfg.scan_layers, remat=cfg.remat)
+    per_layer = abstract_parameters(build)
     param_axes = {label: tuple(v.named_shape) for label, v in abstract.items()}
     shapes = {label: tuple(v.named_shape.values()) for label, v in abstract.items()}
     shardings = sharding.parameter_shardings(param_axes, shapes, mesh, rules)
@@ -150,7 +153,6 @@ def compile_report(cfg: TrainConfig, topology: str) -> dict[str, Any]:
         label: jax.ShapeDtypeStruct(shapes[label], v.dtype, sharding=shardings[label])
         for label, v in abstract.items()
     }
-    skeleton = model_type.build_model(config, None)
     fns = step_functions(cfg, param_axes)
     # The optimizer state as a run creates it (`init_optimizer_state`): moments
     # (leaves under a parameter's label, of its shape) follow the parameter,
@@ -185,7 +187,7 @@ def compile_report(cfg: TrainConfig, topology: str) -> dict[str, Any]:
     num_params = sum(math.prod(s) for s in shapes.values())
     tokens = cfg.batch_size * cfg.seq_len
     model_flops = tokens * (
-        6 * num_params + attention_flops_per_token(skeleton, abstract, cfg.seq_len)
+        6 * num_params + attention_flops_per_token(build(None), per_layer, cfg.seq_len)
     )
     model_flops_per_device = model_flops / len(devices)
     bytes_accessed = float(cost.get("bytes accessed", 0.0))
