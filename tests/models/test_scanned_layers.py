@@ -49,7 +49,20 @@ POS = segment_layout(3, 12)  # plain, packed (3 documents), left-padded
 
 @functools.cache
 def model_of(name):
-    return BUILD[name].build_model(CONFIGS[name](), jax.random.key(0))
+    """The tiny model with noise added to every parameter (RWKV's zero-initialised
+    output projections would leave the blocks' gradients all zero)."""
+    model = BUILD[name].build_model(CONFIGS[name](), jax.random.key(0))
+    keys = iter(jax.random.split(jax.random.key(2), 1000))
+
+    def noisy(p):
+        shape = p.value.named_shape
+        noise = jax.random.normal(next(keys), tuple(shape.values()), p.value.dtype)
+        return pz.Parameter(label=p.label, value=p.value + 0.05 * pz.nx.wrap(noise).tag(*shape))
+
+    # One new parameter per label: tied ones (Gemma's embeddings) stay tied.
+    params = pz.select(model).at_instances_of(pz.Parameter)
+    replacement = {p.label: noisy(p) for p in params.get_sequence()}
+    return params.apply(lambda p: replacement[p.label])
 
 
 def layout(model):
@@ -104,6 +117,18 @@ def gradient_errors(grads, expected) -> dict[str, float]:
     }
 
 
+# Per-tensor bound on the gradients' relative error. H3's SSM gradients carry
+# float32 rounding of up to 5e-6 between two XLA compilations of the *same*
+# unrolled model (default vs the suite's flags, measured): 1e-6 is below its noise.
+GRADIENT_BOUND = {"griffin": 1e-6, "gemma": 1e-6, "rwkv": 1e-6, "h3": 1e-5}
+
+
+def global_error(grads, expected) -> float:
+    """||grads - expected|| / ||expected|| over all parameters together."""
+    diff = sum(np.sum((as_array(grads[k]) - as_array(g)) ** 2) for k, g in expected.items())
+    return float(np.sqrt(diff / sum(np.sum(as_array(g) ** 2) for g in expected.values())))
+
+
 # Every remat policy for every architecture; Griffin (a period of three, a
 # remat block outside the scan) by default, the rest with -m slow too.
 CASES = [
@@ -122,8 +147,10 @@ def test_scanned_logits_and_gradients_match_unrolled(name, remat):
     assert max_relative_error(logits, expected_logits) <= 1e-6
     grads = per_layer(scanned, grads)
     assert sorted(grads) == sorted(expected_grads)
+    assert global_error(grads, expected_grads) <= 1e-6
     errors = gradient_errors(grads, expected_grads)
-    assert max(errors.values()) <= 1e-6, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
+    worst = sorted(errors.items(), key=lambda kv: -kv[1])[:3]
+    assert max(errors.values()) <= GRADIENT_BOUND[name], worst
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
