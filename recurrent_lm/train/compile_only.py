@@ -143,9 +143,7 @@ def compile_report(cfg: TrainConfig, topology: str) -> dict[str, Any]:
     rules = sharding.rules_for(model_type.name, cfg.sharding_overrides)
 
     build = functools.partial(model_type.build_model, config)
-    # What the run steps (scanned groups, remat), and the per-layer model for the flops.
     skeleton, abstract = stack.abstract_prepared(build, scan=cfg.scan_layers, remat=cfg.remat)
-    per_layer = abstract_parameters(build)
     param_axes = {label: tuple(v.named_shape) for label, v in abstract.items()}
     shapes = {label: tuple(v.named_shape.values()) for label, v in abstract.items()}
     shardings = sharding.parameter_shardings(param_axes, shapes, mesh, rules)
@@ -187,7 +185,7 @@ def compile_report(cfg: TrainConfig, topology: str) -> dict[str, Any]:
     num_params = sum(math.prod(s) for s in shapes.values())
     tokens = cfg.batch_size * cfg.seq_len
     model_flops = tokens * (
-        6 * num_params + attention_flops_per_token(build(None), per_layer, cfg.seq_len)
+        6 * num_params + attention_flops_per_token(build(None), abstract_parameters(build), cfg.seq_len)
     )
     model_flops_per_device = model_flops / len(devices)
     bytes_accessed = float(cost.get("bytes accessed", 0.0))

@@ -235,3 +235,12 @@ def test_abstract_prepared_materialises_nothing():
         k: dict(v.named_shape) for k, v in expected.items()
     }
     assert layout(skeleton) == LAYOUT["griffin"]
+
+
+def test_eager_call_of_a_scanned_model():
+    model = model_of("rwkv")
+    tokens = pz.nx.wrap(jnp.asarray(IDS)).tag("batch", "seq")
+    pos = pz.nx.wrap(jnp.asarray(POS)).tag("batch", "seq")
+    expected = model(tokens, segment_pos=pos).unwrap("batch", "seq", "vocabulary")
+    got = recurrent_lm.scan_layers(model, remat="dots")(tokens, segment_pos=pos)
+    assert max_relative_error(got.unwrap("batch", "seq", "vocabulary"), expected) <= 1e-6
