@@ -244,3 +244,22 @@ def test_eager_call_of_a_scanned_model():
     expected = model(tokens, segment_pos=pos).unwrap("batch", "seq", "vocabulary")
     got = recurrent_lm.scan_layers(model, remat="dots")(tokens, segment_pos=pos)
     assert max_relative_error(got.unwrap("batch", "seq", "vocabulary"), expected) <= 1e-6
+
+
+def test_dropout_under_scan_draws_from_the_callers_stream():
+    config = dataclasses_replace(CONFIGS["h3"](), residual_dropout=0.5)
+    scanned = recurrent_lm.scan_layers(
+        h3.training_mode(h3.build_model(config, jax.random.key(0))), remat="block"
+    )
+    tokens = pz.nx.wrap(jnp.asarray(IDS)).tag("batch", "seq")
+
+    @jax.jit
+    def run(key):
+        stream = pz.RandomStream.from_base_key(key)
+        logits = pz.freeze_params(scanned).forward(tokens, random_stream=stream)
+        return logits.unwrap("batch", "seq", "vocabulary"), stream.offset.value
+
+    (a, offset), (b, _) = run(jax.random.key(3)), run(jax.random.key(4))
+    # One key for the embedder's dropout, one per segment (scan, remat block, scan).
+    assert int(offset) == 4
+    assert np.isfinite(a).all() and not np.allclose(a, b)
