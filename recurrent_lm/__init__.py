@@ -15,6 +15,7 @@ from recurrent_lm import axes, layers
 from recurrent_lm.checkpoint import load, save
 from recurrent_lm.core.functional import functional, jit_forward
 from recurrent_lm.core.model import DecoderLM
+from recurrent_lm.core.stack import scan_layers, unscan_layers
 from recurrent_lm.integrity import CorruptCheckpointError
 
 __version__ = "0.1.0"
@@ -28,4 +29,6 @@ __all__ = [
     "layers",
     "load",
     "save",
+    "scan_layers",
+    "unscan_layers",
 ]

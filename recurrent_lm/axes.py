@@ -32,6 +32,8 @@ positions      rows of a learned position-embedding table (one per position
                in a document)
 low_rank       inner width of a built-in low-rank projection (RWKV-7's decay,
                in-context rate, value-residual and gate paths); not LoRA's
+stack          repeats of a scanned group of blocks: the leading axis of its
+               stacked parameters (`recurrent_lm.core.stack`)
 =============  ================================================================
 """
 
@@ -56,6 +58,7 @@ EMBEDDING_IN = "embedding_in"
 LORA_RANK = "lora_rank"
 POSITIONS = "positions"
 LOW_RANK = "low_rank"
+STACK = "stack"
 
 TOKEN_AXES = (BATCH, SEQ)
 """Named axes of model inputs (token ids and segment positions)."""

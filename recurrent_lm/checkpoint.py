@@ -22,7 +22,7 @@ import jax
 from penzai import pz
 
 from recurrent_lm import integrity
-from recurrent_lm.core import registry
+from recurrent_lm.core import registry, stack
 from recurrent_lm.params import abstract_parameters, bind_parameters, parameter_values
 
 FORMAT_VERSION = 1
@@ -40,7 +40,8 @@ def save(
     """Writes `model` (any registered architecture) to the new directory `path`.
 
     Args:
-      model: the model.
+      model: the model; a scanned one (`recurrent_lm.scan_layers`) is saved
+        with per-layer labels, as its unrolled form (`load` gives that).
       path: a directory that does not exist yet; it appears complete or not at all.
       extra_files: ``{name: source file}`` copied into the directory (e.g. the
         tokenizer) and covered by its checksums.
@@ -48,7 +49,7 @@ def save(
     import orbax.checkpoint as ocp
 
     architecture = registry.of_config(model.config)
-    values = parameter_values(model)
+    values = parameter_values(stack.unscan_layers(model))
     metadata = {
         "format_version": FORMAT_VERSION,
         "model_type": architecture.name,

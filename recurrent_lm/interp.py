@@ -41,7 +41,9 @@ Place it with penzai selectors, e.g. clip the RG-LRU input gate of block 0::
                                    .rg_lru.input_gate_value).set(Clip(0.5)))
 
 Everything works eagerly (compiled once per structure) and inside `jax.jit`
-(frozen parameters: ``pz.freeze_params(model)``).
+(frozen parameters: ``pz.freeze_params(model)``). A scanned model
+(`recurrent_lm.scan_layers`) is unscanned first: sites are per layer, and
+`patch` returns the unrolled model.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ import numpy as np
 from penzai import pz
 
 from recurrent_lm import axes
-from recurrent_lm.core import sites
+from recurrent_lm.core import sites, stack
 from recurrent_lm.core.context import DocumentContext, default_segment_pos
 
 # Position index that matches no position (activation-patching sweeps).
@@ -77,7 +79,7 @@ def _site_paths(model) -> dict[str, Any]:
 
 def site_names(model) -> list[str]:
     """Names of every site of `model`, in model order."""
-    return list(_site_paths(model))
+    return list(_site_paths(stack.unscan_layers(model)))
 
 
 def _glob(pattern: str) -> re.Pattern:
@@ -140,6 +142,7 @@ def run_with_cache(
       tokens, segment_pos: as for ``model(...)``.
       names: glob pattern(s) of the sites to capture (default: all).
     """
+    model = stack.unscan_layers(model)
     chosen = _match(model, names)
     names_by_path = {path: name for name, path in chosen.items()}
     captures = {}
@@ -321,6 +324,7 @@ def patch(model, interventions: Mapping[str, sites.Hook], *, propagate: bool = T
         carries forward through later states); False changes only the layer's
         output at the selected positions.
     """
+    model = stack.unscan_layers(model)
     placed: dict[Any, sites.Hook] = {}
     for pattern, intervention in interventions.items():
         if not isinstance(intervention, sites.Hook):

@@ -28,7 +28,7 @@ from penzai import pz
 
 from recurrent_lm import axes
 from recurrent_lm.core import model as model_lib
-from recurrent_lm.core import sites
+from recurrent_lm.core import sites, stack
 from recurrent_lm.core.context import DocumentContext
 from recurrent_lm.core.state import Stateful, StatefulLayer, TemporalLayer, order_like
 from recurrent_lm.layers.attention import Attention
@@ -151,7 +151,9 @@ def to_sampling_mode(model: model_lib.DecoderLM, *, batch_size: int, max_length:
     """Returns `model` in stateful sampling mode, with empty state.
 
     Args:
-      model: an ordinary (stateless) recurrent_lm model.
+      model: an ordinary (stateless) recurrent_lm model; a scanned one
+        (`recurrent_lm.scan_layers`) is unscanned first, so the state labels
+        and sites read per layer.
       batch_size: number of rows the state holds.
       max_length: capacity of global-attention caches (which hold the whole
         stream); not needed for recurrences and local (windowed) attention,
@@ -165,6 +167,7 @@ def to_sampling_mode(model: model_lib.DecoderLM, *, batch_size: int, max_length:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise ValueError(f"max_length must be a positive integer, got {max_length!r}.")
+    model = stack.unscan_layers(model)
     unsupported = _unsupported_temporal_layers(model)
     if unsupported:
         raise TypeError(

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from penzai import pz
 
-from recurrent_lm.core import registry
+from recurrent_lm.core import registry, stack
 from recurrent_lm.layers.attention import Attention
 from recurrent_lm.params import abstract_parameters
 from recurrent_lm.train import sharding
@@ -174,9 +174,10 @@ def compile_report(cfg: TrainConfig, topology: str) -> dict[str, Any]:
     config = model_type.config_class.from_preset(cfg.preset, **overrides)
     rules = sharding.rules_for(model_type.name, cfg.sharding_overrides)
 
-    abstract = abstract_parameters(functools.partial(model_type.build_model, config))
+    # What the run steps: the model scanned (and rematerialised) as the run prepares it.
+    build = functools.partial(model_type.build_model, config)
+    skeleton, abstract = stack.abstract_prepared(build, scan=cfg.scan_layers, remat=cfg.remat)
     fns, params, opt_state, batch = _abstract_step_inputs(cfg, abstract, mesh, rules, micro)
-    skeleton = model_type.build_model(config, None)
     shapes = {label: p.shape for label, p in params.items()}
     start = time.perf_counter()
     lowered = fns.train_step.lower(params, opt_state, skeleton, batch, batch)
@@ -202,7 +203,7 @@ def compile_report(cfg: TrainConfig, topology: str) -> dict[str, Any]:
     num_params = sum(math.prod(s) for s in shapes.values())
     tokens = cfg.batch_size * cfg.seq_len
     model_flops = tokens * (
-        6 * num_params + attention_flops_per_token(skeleton, abstract, cfg.seq_len)
+        6 * num_params + attention_flops_per_token(build(None), abstract_parameters(build), cfg.seq_len)
     )
     model_flops_per_device = model_flops / len(devices)
     bytes_accessed = float(cost.get("bytes accessed", 0.0))

@@ -11,6 +11,8 @@ import dataclasses
 import json
 from typing import Any
 
+from recurrent_lm.core.stack import REMAT_POLICIES
+
 SCHEDULES = ("cosine", "linear", "constant")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 GROUPS = {
@@ -95,6 +97,20 @@ class TrainConfig:
         "dtype the step computes in (masters stay in param_dtype)",
         group="model",
         choices=COMPUTE_DTYPES,
+    )
+    scan_layers: bool = setting(
+        True,
+        "run repeating groups of blocks under one lax.scan over stacked parameters"
+        " (compiles each group once; same numbers; checkpoints hold the stacked"
+        " parameters, the saved model per-layer ones)",
+        group="model",
+    )
+    remat: str = setting(
+        "none",
+        "what the backward pass keeps of each block group: everything (none), its"
+        " input only (block), or the matrix products' outputs (dots)",
+        group="model",
+        choices=REMAT_POLICIES,
     )
     init_checkpoint: str | None = setting(
         None, "fine-tune this recurrent_lm.save directory", group="model", metavar="DIR"
@@ -239,6 +255,8 @@ class TrainConfig:
                 errors.append(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.lr_schedule not in SCHEDULES:
             errors.append(f"lr_schedule {self.lr_schedule!r} is not one of {SCHEDULES}")
+        if self.remat not in REMAT_POLICIES:
+            errors.append(f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             errors.append(
                 f"compute_dtype {self.compute_dtype!r} is not one of {COMPUTE_DTYPES}"
@@ -274,6 +292,7 @@ class TrainConfig:
             "grad_accum",
             "param_dtype",
             "compute_dtype",
+            "scan_layers",
             "eval_fraction",
             "init_checkpoint",
             "lora_rank",

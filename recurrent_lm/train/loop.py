@@ -4,6 +4,9 @@
 
 * builds the tokenizer and the model (`build`): a preset of ``config.model``,
   or ``init_checkpoint`` to fine-tune, optionally with LoRA adapters;
+* runs repeating groups of blocks under one `jax.lax.scan` (``scan_layers``)
+  and applies the ``remat`` policy (`recurrent_lm.core.stack`): checkpoints
+  hold the stacked parameters, the final model is per layer again;
 * places the parameters on a ("data", "fsdp", "model") mesh (rules keyed by
   named axes, `sharding`);
 * optimises with optax (`optimizer`), with the jitted steps of `steps`
@@ -30,6 +33,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from recurrent_lm.core import stack
 from recurrent_lm.train import build, checkpointing, data, sharding
 from recurrent_lm.train.config import TrainConfig
 from recurrent_lm.train.metrics import MetricsWriter, progress_bar
@@ -103,6 +107,7 @@ def train(cfg: TrainConfig, on_step_end: StepHook | None = None) -> TrainResult:
     model, rules = build.initial_model(
         cfg, tokenizer.vocab_size, mesh, cfg.sharding_overrides
     )
+    model = stack.prepared(model, scan=cfg.scan_layers, remat=cfg.remat)
     skeleton, params, param_axes = split_trainable(model, mesh, rules)
     fns = step_functions(cfg, param_axes)
     state = TrainState.initial(cfg, fns.optimizer, params, mesh)
@@ -117,7 +122,7 @@ def train(cfg: TrainConfig, on_step_end: StepHook | None = None) -> TrainResult:
     finally:
         if checkpointer:
             checkpointer.close()
-    final = bind_parameters(skeleton, param_axes, state.params)
+    final = stack.unscan_layers(bind_parameters(skeleton, param_axes, state.params))
     final = build.finish_model(cfg, final, tokenizer_path)
     return TrainResult(losses, eval_losses, start_step, state.step, final, tokenizer)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import optax
 
+from recurrent_lm import axes
 from recurrent_lm.train.config import TrainConfig
 
 
@@ -38,9 +39,16 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
     return optax.join_schedules([ramp, after], [warmup])
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig, param_axes=None) -> optax.GradientTransformation:
+    """The optax chain; `param_axes` ({label: axis names}) tells the matrices
+    of scanned stacks (whose "stack" axis adds a dimension) from vectors."""
+
     # Weight decay on matrices only: not on norms, biases or gate vectors.
-    decay_mask = lambda params: jax.tree.map(lambda v: v.ndim >= 2, params)
+    def decay_mask(params):
+        if param_axes is None:
+            return jax.tree.map(lambda v: v.ndim >= 2, params)
+        return {k: sum(a != axes.STACK for a in param_axes[k]) >= 2 for k in params}
+
     parts = [] if cfg.grad_clip is None else [optax.clip_by_global_norm(cfg.grad_clip)]
     parts.append(
         optax.adamw(

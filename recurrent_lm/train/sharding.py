@@ -50,6 +50,8 @@ DEFAULT_RULES: dict[str, str | None] = {
     axes.BLOCK_IN: None,
     axes.BLOCK_OUT: None,
     axes.CONV_TAPS: None,
+    # Scanned layer stacks: each scan step reads one slice on every device.
+    axes.STACK: None,
 }
 
 ARCHITECTURE_RULES: dict[str, dict[str, str | None]] = {}

@@ -199,7 +199,7 @@ class StepFunctions:
 def _step_functions(cfg_key: tuple, param_axes_items: tuple) -> StepFunctions:
     """Compiled step functions, cached so repeated runs in a process reuse them."""
     cfg = TrainConfig(**dict(cfg_key))
-    optimizer = make_optimizer(cfg)
+    optimizer = make_optimizer(cfg, dict(param_axes_items))
     loss_sum = make_loss_sum(dict(param_axes_items), cfg.compute_dtype, cfg.loss_chunk_size)
     return StepFunctions(
         train_step=jax.jit(make_train_step(loss_sum, optimizer), donate_argnums=(0, 1)),

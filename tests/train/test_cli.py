@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 EVERY_FLAG = """
 --model rwkv --preset small --config hidden_size=64 --config 'block_types=["recurrent"]'
---param-dtype bfloat16 --compute-dtype bfloat16 --init-checkpoint base/ --lora-rank 4
+--param-dtype bfloat16 --compute-dtype bfloat16 --no-scan-layers --remat block
+--init-checkpoint base/ --lora-rank 4
 --lora-alpha 8 --lora-target mlp_block --lora-target linear_x
 --data a.txt --data docs/ --tokenizer tok.model --tokenizer-vocab-size 2048 --seq-len 256
 --batch-size 16 --eval-fraction 0.2
@@ -32,6 +33,8 @@ EVERY_FIELD = TrainConfig(
     config_overrides={"hidden_size": 64, "block_types": ["recurrent"]},
     param_dtype="bfloat16",
     compute_dtype="bfloat16",
+    scan_layers=False,
+    remat="block",
     init_checkpoint="base/",
     lora_rank=4,
     lora_alpha=8.0,
