@@ -316,9 +316,17 @@ def _scanned_segment(blocks, index: int, remat: str) -> ScannedBlocks:
     )
 
 
-def _check_model(model, what: str) -> None:
+def _check_model(model, what: str, remat: str = "none") -> None:
     if not isinstance(model, DecoderLM):
         raise TypeError(f"{what} takes a recurrent_lm DecoderLM, got {type(model).__name__}.")
+    if remat != "none" and model.side_channels:
+        # A side channel is written by one block and read by later ones within
+        # a call: a write under jax.checkpoint would leak the checkpoint's tracer.
+        raise ValueError(
+            f"remat {remat!r} cannot wrap blocks that pass values through side channels"
+            f" {list(model.side_channels)} (RWKV-7's value residual); use remat='none'"
+            " (--remat none): scanning without remat works."
+        )
 
 
 def scan_layers(model: DecoderLM, remat: str = "none") -> DecoderLM:
@@ -334,7 +342,7 @@ def scan_layers(model: DecoderLM, remat: str = "none") -> DecoderLM:
       remat: one of `REMAT_POLICIES`, applied to every group and to every
         block outside a scan.
     """
-    _check_model(model, "scan_layers")
+    _check_model(model, "scan_layers", remat)
     checkpoint_policy(remat)
     model = unscan_layers(model)
     _refuse_state(model, "the model")
@@ -372,7 +380,7 @@ def scan_layers(model: DecoderLM, remat: str = "none") -> DecoderLM:
 def remat_layers(model: DecoderLM, remat: str) -> DecoderLM:
     """`model` with every block under the remat policy `remat`, unscanned
     (``"none"``: the unrolled model itself)."""
-    _check_model(model, "remat_layers")
+    _check_model(model, "remat_layers", remat)
     checkpoint_policy(remat)
     model = unscan_layers(model)
     if remat == "none":

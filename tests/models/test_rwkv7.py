@@ -8,6 +8,7 @@ are the same random BlinkDL-layout weights (`rwkv7_cases`).
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from griffin_cases import max_relative_error, named_tokens, segment_layout
@@ -207,3 +208,23 @@ def test_presets_have_the_released_sizes():
 def test_bad_config_values(overrides, message):
     with pytest.raises(ValueError, match=message):
         rwkv7.Rwkv7Config(**overrides)
+
+
+def test_scanned_layers_give_the_same_logits_and_remat_is_refused():
+    """Blocks 1.. scan as one group (block 0 writes the value residual they read);
+    remat would put that write under jax.checkpoint: a clear error instead."""
+    from recurrent_lm.core import stack
+
+    config = rwkv7.Rwkv7Config.from_preset("tiny", vocab_size=64, num_hidden_layers=4)
+    model = rwkv7.build_model(config, jax.random.key(0))
+    scanned = stack.scan_layers(model)
+    assert any(isinstance(b, stack.ScannedBlocks) for b in scanned.blocks.sublayers)
+    tokens = pz.nx.wrap(jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 9)))).tag("batch", "seq")
+    expected = np.asarray(model(tokens).unwrap("batch", "seq", "vocabulary"))
+    got = np.asarray(scanned(tokens).unwrap("batch", "seq", "vocabulary"))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    for remat in ("block", "dots"):
+        with pytest.raises(ValueError, match="side channels .*use remat='none'"):
+            stack.scan_layers(model, remat)
+        with pytest.raises(ValueError, match="side channels"):
+            stack.remat_layers(model, remat)
