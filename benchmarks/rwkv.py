@@ -15,8 +15,11 @@ the logits agree, then, in one run:
   same). Ours: `generate`'s compiled ``lax.while_loop``;
 * the decode bandwidth bound: bytes a step must read (every parameter but
   the embedding table, of which one row is read, plus the state) over the
-  machine's measured copy bandwidth (as in ``benchmarks/griffin_decode.py``);
-  the read-only bandwidth bound is printed too.
+  bandwidth of `benchmarks.bandwidth.weight_probe` (every weight matrix
+  through a matrix-vector product of its shape, ``--probe-runs`` times, in
+  this process right before the decode timing; median, min and max), and
+  over the machine's copy and plain read bandwidths (as in
+  ``benchmarks/griffin_decode.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import recurrent_lm
-from benchmarks.griffin_decode import Ours, copy_bandwidth, read_bandwidth, timed
+from benchmarks.bandwidth import OurDecode, weight_probe
+from benchmarks.griffin_decode import copy_bandwidth, read_bandwidth
 from checkpoints_conversion import rwkv as convert
 from recurrent_lm.models import rwkv
 
@@ -62,6 +66,7 @@ def main(argv=None):
         "--prompt", type=int, default=16, help="prompt length before decoding"
     )
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed")
+    parser.add_argument("--probe-runs", type=int, default=20)
     args = parser.parse_args(argv)
 
     import torch
@@ -108,14 +113,8 @@ def main(argv=None):
 
     # Decoding, batch 1.
     prompt = rng.integers(1, args.vocab, (1, args.prompt)).astype(np.int32)
-    ours = Ours(model)
-    jax.block_until_ready(ours.decode(ours.prefill(prompt, args.steps)))  # compile
-    runs = []
-    for _ in range(3):
-        carry = jax.block_until_ready(ours.prefill(prompt, args.steps))
-        _, seconds = timed(lambda c=carry: ours.decode(c))
-        runs.append(seconds / (args.steps - 1))
-    step_ours = statistics.median(runs)
+    probe = weight_probe(model, args.probe_runs)
+    step_ours = OurDecode(model).seconds_per_token(prompt, args.steps)
 
     def hf_decode(steps):
         with torch.no_grad():
@@ -139,6 +138,8 @@ def main(argv=None):
     copy, read = copy_bandwidth(), read_bandwidth()
     bound_copy = (param_bytes + state_bytes) / copy
     bound_read = (param_bytes + state_bytes) / read
+    bound_probe = probe.bound_seconds(state_bytes)
+    assert probe.nbytes == param_bytes, (probe.nbytes, param_bytes)
 
     load = os.getloadavg()[0]
     print(
@@ -148,7 +149,8 @@ def main(argv=None):
     )
     print(
         f"bytes read per decode step {param_bytes / 1e6:.0f} MB (+ state {state_bytes / 1e3:.0f} kB);"
-        f" copy bandwidth {copy / 1e9:.1f} GB/s (read + write), read bandwidth {read / 1e9:.1f} GB/s\n"
+        f" weight probe {probe.describe()}; copy bandwidth {copy / 1e9:.1f} GB/s (read + write),"
+        f" read bandwidth {read / 1e9:.1f} GB/s\n"
     )
     print("| | HF transformers | recurrent_lm | ratio |")
     print("|---|---|---|---|")
@@ -166,8 +168,12 @@ def main(argv=None):
         f" {1 / step_ours:.1f} ({step_ours * 1e3:.1f}) | {step_hf / step_ours:.2f}x |"
     )
     print(
+        f"| decode: of the weight-probe bound ({bound_probe * 1e3:.1f} ms/step) |"
+        f" {bound_probe / step_hf:.0%} | **{bound_probe / step_ours:.0%}** | |"
+    )
+    print(
         f"| decode: of the copy-bandwidth bound ({bound_copy * 1e3:.1f} ms/step) |"
-        f" {bound_copy / step_hf:.0%} | **{bound_copy / step_ours:.0%}** | |"
+        f" {bound_copy / step_hf:.0%} | {bound_copy / step_ours:.0%} | |"
     )
     print(
         f"| decode: of the read-bandwidth bound ({bound_read * 1e3:.1f} ms/step) |"

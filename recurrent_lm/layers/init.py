@@ -53,7 +53,10 @@ def orthogonal(
     """A (scaled) orthogonal matrix from the `in_axes` to the other axes.
 
     torch's ``nn.init.orthogonal_(w, gain=scale)`` on the [out, in] matrix, as
-    RWKV initialises its projections.
+    RWKV initialises its projections. Stored in `named_shape`'s order (the
+    layout `layers.linear.dense` chose): an [out..., in] weight with several
+    output axes made XLA:CPU's one-token product ~4x slower than [in, out...]
+    (RWKV-7's receptance / key / value, ``benchmarks/rwkv7.py``).
     """
     missing = [a for a in in_axes if a not in named_shape]
     if missing:
@@ -63,4 +66,4 @@ def orthogonal(
     cols = math.prod(named_shape[a] for a in in_axes)
     data = jax.nn.initializers.orthogonal(scale)(key, (rows, cols), jnp.float32)
     data = data.reshape([named_shape[a] for a in (*out_axes, *in_axes)])
-    return pz.nx.wrap(data.astype(dtype)).tag(*out_axes, *in_axes)
+    return pz.nx.wrap(data.astype(dtype)).tag(*out_axes, *in_axes).order_as(*named_shape)
