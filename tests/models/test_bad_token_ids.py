@@ -26,11 +26,13 @@ SMALL = {
            "d_state": 8, "attn_layer_idx": (1,)},
     "gemma": {"vocab_size": VOCAB, "num_layers": 2, "hidden_dim": 32, "intermediate_dim": 64,
               "head_dim": 8, "sliding_window_size": 4},
+    "rwkv7": {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "head_size": 8},
 }
 # Layers that mix a whole row (attention's zero weights times a NaN value, H3's
 # FFT convolution) spread the NaN to earlier positions too; RWKV is a pure
-# left-to-right recurrence, so its earlier positions keep their logits.
-CAUSAL_WITHOUT_MIXING = {"rwkv"}
+# left-to-right recurrence, so its earlier positions keep their logits (RWKV-7 too,
+# with the sequential matrix scan, the CPU default).
+CAUSAL_WITHOUT_MIXING = {"rwkv", "rwkv7"}
 BAD = {1: (5, VOCAB), 2: (7, -1)}  # row: (position, id)
 
 
