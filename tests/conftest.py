@@ -56,11 +56,14 @@ def pytest_runtest_setup(item):
 # length (the notebooks alone run ~2 min). Order only: every file still runs.
 LONGEST_FIRST = (
     "tests/test_notebooks.py",
-    "tests/checkpoints_conversion/test_rwkv_blinkdl_runtime.py",
-    "tests/models/test_griffin.py",
     "tests/train/test_train_loop.py",
-    "tests/sampling/test_sampling_mode.py",
+    "tests/models/test_scanned_layers.py",
+    "tests/train/test_plain_text.py",
+    "tests/train/test_architectures.py",
+    "tests/models/test_rwkv7.py",
+    "tests/train/test_compile_only.py",
     "tests/sampling/test_generate.py",
+    "tests/train/test_loss_and_optimizer.py",
 )
 
 

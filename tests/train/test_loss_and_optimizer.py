@@ -322,11 +322,12 @@ def test_a_token_id_outside_the_vocabulary_stops_training(tiny):
         loop.train_step(state)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 4, 8])
+@pytest.mark.parametrize("chunk_size", [3, 8])
 def test_chunked_loss_equals_the_whole_logits_form(tiny, chunk_size):
     """The head and cross-entropy a chunk of positions at a time (under remat;
-    3 does not divide the 8 positions, 8 is one chunk): the reference's loss and
-    gradients, which form the whole logits."""
+    3 does not divide the 8 positions, so the last chunk overlaps the one before;
+    8 is one chunk): the reference's loss and gradients, which form the whole
+    logits."""
     skeleton, params, param_axes, _, reference = tiny
     loss_sum = steps.make_loss_sum(param_axes, "float32", chunk_size)
 
