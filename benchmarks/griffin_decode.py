@@ -120,21 +120,22 @@ class Ours:
 
     def prepare(self, ids, steps):
         settings = dict(max_new_tokens=steps)
-        self.skeleton, self.params, state, pids, pos, self.settings, _ = decode._prepare(
-            self.model, [list(map(int, row)) for row in np.asarray(ids)], settings, 64, None)
+        (self.skeleton, self.params, state, pids, pos, self.settings, self.sampling,
+         _) = decode._prepare(self.model, [list(map(int, row)) for row in np.asarray(ids)], settings, 64, None)
+        self.steps = steps
         return state, pids, pos
 
     def prefill(self, ids, steps):
         state, pids, pos = self.prepare(ids, steps)
         return decode._prefill(self.skeleton, self.params, state, pids, pos, jax.random.key(0),
-                               self.settings, None)
+                               self.sampling, self.settings, None)
 
     def decode(self, carry):
-        return decode._decode(self.skeleton, self.params, carry, self.settings.max_new_tokens, self.settings)
+        return decode._decode(self.skeleton, self.params, carry, self.steps, self.sampling, self.settings)
 
     def decode_memory(self, ids, steps) -> int:
         carry = self.prefill(ids, steps)
-        lowered = decode._decode.lower(self.skeleton, self.params, carry, steps, self.settings)
+        lowered = decode._decode.lower(self.skeleton, self.params, carry, steps, self.sampling, self.settings)
         return memory_bytes(lowered.compile())
 
 
