@@ -18,6 +18,7 @@ import pytest
 import torch
 from griffin_cases import max_relative_error, named_tokens
 from penzai import pz
+from rwkv7_cases import his_token_by_token, save_pth  # the same for both runtimes
 from rwkv_cases import HFCase as Case
 
 from checkpoints_conversion import rwkv as convert
@@ -80,10 +81,6 @@ def blinkdl_state_dict(case: Case) -> dict[str, np.ndarray]:
     return state
 
 
-def save_pth(state: dict[str, np.ndarray], path) -> None:
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, path)
-
-
 def his_runtime(path):
     """BlinkDL's RWKV on `path` (a ``.pth``; he takes the name without the extension)."""
     name = os.fspath(path).removesuffix(".pth")
@@ -102,14 +99,6 @@ def his_sequence(runtime, ids, state=None):
     logits, state = runtime.forward([int(t) for t in ids], state, full_output=True)
     logits = logits.numpy()
     return (logits[None] if logits.ndim == 1 else logits), state
-
-
-def his_token_by_token(runtime, ids, state=None):
-    rows = []
-    for t in ids:
-        logits, state = runtime.forward([int(t)], state)
-        rows.append(logits.numpy())
-    return np.stack(rows), state
 
 
 def his_chunk(runtime, ids, state=None):
