@@ -9,6 +9,7 @@ every problem at once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -113,6 +114,24 @@ def bind_parameters(
     model = pz.bind_variables(skeleton, variables)
     pz.nn.assert_no_parameter_slots(model)
     return model
+
+
+def build_initialised(build: Callable[[Any, jax.Array | None], Any], config, key: jax.Array, *,
+                      source: str):
+    """``build(config, key)``, its parameters created by one compiled call.
+
+    For initialisers that are slow op by op (an orthogonal matrix takes a QR
+    each): the parameter values come from ``jax.jit`` of the whole
+    initialisation, compiled once per ``(build, config)`` (both hashable;
+    ``build`` a module-level function), then bound into ``build(config, None)``.
+    """
+    values = _initial_values(build, config, key)
+    return bind_parameters(build(config, None), values, values, source=source)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _initial_values(build, config, key):
+    return parameter_values(build(config, key))
 
 
 def cast_parameters(model, dtype):

@@ -12,12 +12,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from griffin_cases import segment_layout
+from griffin_cases import documents, segment_layout
 from penzai import pz
 
 ROOT = "transformer"
@@ -160,15 +159,6 @@ def penzai_logits(model, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
     pos = pz.nx.wrap(jnp.asarray(positions)).tag("batch", "seq")
     out = _penzai_forward(model, tokens, pos)
     return np.asarray(out.unwrap("batch", "seq", "vocabulary"))
-
-
-def documents(pos: np.ndarray) -> list[tuple[int, int, int]]:
-    """(row, start, end) of every document in a segment layout (pads excluded)."""
-    docs = []
-    for row in range(pos.shape[0]):
-        starts = list(np.flatnonzero(pos[row] == 0)) + [pos.shape[1]]
-        docs += [(row, a, b) for a, b in itertools.pairwise(starts)]
-    return docs
 
 
 def penzai_reference(case: GemmaCase, model, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:

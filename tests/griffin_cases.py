@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import os
 import pathlib
 
@@ -98,6 +99,15 @@ def segment_layout(batch: int, seq: int) -> np.ndarray:
         pos[3, pad:mid] = np.arange(mid - pad)
         pos[3, mid:] = np.arange(seq - mid)
     return pos
+
+
+def documents(pos: np.ndarray) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every document in a segment layout (pads excluded)."""
+    docs = []
+    for row in range(pos.shape[0]):
+        starts = list(np.flatnonzero(pos[row] == 0)) + [pos.shape[1]]
+        docs += [(row, a, b) for a, b in itertools.pairwise(starts)]
+    return docs
 
 
 def perturb(params, seed: int, scale: float = 0.1):

@@ -40,7 +40,7 @@ from recurrent_lm.layers import (
 )
 from recurrent_lm.layers.channel_mix import ChannelMix
 from recurrent_lm.layers.wkv import TimeMix
-from recurrent_lm.params import bind_parameters, parameter_values
+from recurrent_lm.params import build_initialised
 
 # torch's LayerNorm default: HF builds ln_out without the config's epsilon.
 LN_OUT_EPS = 1e-5
@@ -133,15 +133,8 @@ def build_model(config: RwkvConfig, key: jax.Array | None) -> DecoderLM:
     """
     if key is None:
         return _build(config, None)
-    # Initialise in one compiled call rather than op by op (orthogonal
-    # matrices take a QR each), then bind into the skeleton.
-    build = functools.partial(_build, config)
-    values = _initial_values(build, key)
-    return bind_parameters(build(None), values, values, source="RWKV initialisation")
-
-
-def _initial_values(build, key):
-    return jax.jit(lambda key: parameter_values(build(key)))(key)
+    # One compiled call rather than op by op (orthogonal matrices take a QR each).
+    return build_initialised(_build, config, key, source="RWKV initialisation")
 
 
 def _build(config: RwkvConfig, key: jax.Array | None) -> DecoderLM:

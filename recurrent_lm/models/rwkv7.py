@@ -37,7 +37,7 @@ from recurrent_lm.layers import (
     matrix_recurrence,
 )
 from recurrent_lm.layers.rwkv7 import VALUE_RESIDUAL, ChannelMix7, TimeMix7
-from recurrent_lm.params import bind_parameters, parameter_values
+from recurrent_lm.params import build_initialised
 
 # BlinkDL initialises the embeddings uniform in [-EMBEDDING_INIT, EMBEDDING_INIT].
 EMBEDDING_INIT = 1e-4
@@ -172,10 +172,8 @@ def build_model(config: Rwkv7Config, key: jax.Array | None) -> DecoderLM:
     """
     if key is None:
         return _build(config, None)
-    # Initialise in one compiled call rather than op by op, then bind.
-    build = functools.partial(_build, config)
-    values = jax.jit(lambda key: parameter_values(build(key)))(key)
-    return bind_parameters(build(None), values, values, source="RWKV-7 initialisation")
+    # One compiled call rather than op by op (orthogonal matrices take a QR each).
+    return build_initialised(_build, config, key, source="RWKV-7 initialisation")
 
 
 def _build(config: Rwkv7Config, key: jax.Array | None) -> DecoderLM:
