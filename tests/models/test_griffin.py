@@ -145,8 +145,10 @@ def test_residual_stream_after_every_block():
     x = model.embedder(tokens)
     np.testing.assert_array_equal(stream[{"layers": 0}].unwrap("batch", "seq", "embedding"),
                                   x.unwrap("batch", "seq", "embedding"))
+    # Each block compiled (op by op, a block compiles hundreds of tiny kernels).
+    run_block = pz.variable_jit(lambda block, x, pos: block(x, context=DocumentContext.build(pos)))
     for i, block in enumerate(model.blocks.sublayers):
-        x = block(x, context=DocumentContext.build(segment_pos))
+        x = run_block(block, x, segment_pos)
         np.testing.assert_allclose(stream[{"layers": i + 1}].unwrap("batch", "seq", "embedding"),
                                    x.unwrap("batch", "seq", "embedding"), rtol=1e-5, atol=1e-5)
     final = model.head(model.final_norm(stream[{"layers": -1}]))
