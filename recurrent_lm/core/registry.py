@@ -34,11 +34,18 @@ class Architecture:
       config_class: its config dataclass (a `recurrent_lm.core.config.Config`
         whose ``model_type`` is `name`).
       build_model: ``build_model(config, key) -> DecoderLM``.
+      default_scan_method: ``default_scan_method(backend) -> str``, the scan
+        form its recurrent layers use on a backend when the config's
+        ``scan_method`` is None (resolved when traced, for the backend of the
+        process); None where the config has no ``scan_method``. Compiling for
+        a device this process lacks (`recurrent_lm.train.compile_only`) sets
+        the target's form explicitly.
     """
 
     name: str
     config_class: type
     build_model: Callable[..., Any]
+    default_scan_method: Callable[[str], str] | None = None
 
 
 def register(name: str, module_path: str) -> None:

@@ -258,4 +258,4 @@ def build_model(config: GriffinConfig, key: jax.Array | None) -> DecoderLM:
     )
 
 
-ARCHITECTURE = Architecture("griffin", GriffinConfig, build_model)
+ARCHITECTURE = Architecture("griffin", GriffinConfig, build_model, recurrence.default_scan_method)

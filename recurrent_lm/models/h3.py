@@ -421,4 +421,4 @@ def mixer(model: DecoderLM, layer: int) -> pz.nn.Layer:
     return model.blocks.sublayers[layer].temporal_block.sublayers[0]
 
 
-ARCHITECTURE = Architecture("h3", H3Config, build_model)
+ARCHITECTURE = Architecture("h3", H3Config, build_model, recurrence.default_scan_method)

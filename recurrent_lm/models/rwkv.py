@@ -215,4 +215,4 @@ def _head(key, embed, vocab, dtype):
     )
 
 
-ARCHITECTURE = Architecture("rwkv", RwkvConfig, build_model)
+ARCHITECTURE = Architecture("rwkv", RwkvConfig, build_model, recurrence.default_scan_method)

@@ -230,4 +230,4 @@ def _head(key, embed, vocab, dtype):
     return dense("head", key, embed, vocab, use_bias=False, initializer=initializer, dtype=dtype)
 
 
-ARCHITECTURE = Architecture("rwkv7", Rwkv7Config, build_model)
+ARCHITECTURE = Architecture("rwkv7", Rwkv7Config, build_model, matrix_recurrence.default_matrix_scan_method)

@@ -172,6 +172,10 @@ def compile_report(cfg: TrainConfig, topology: str) -> dict[str, Any]:
     model_type = registry.get(cfg.model)
     overrides = {"param_dtype": cfg.param_dtype, **cfg.config_overrides}
     config = model_type.config_class.from_preset(cfg.preset, **overrides)
+    if model_type.default_scan_method and config.scan_method is None:
+        # Unset, the form is resolved for the backend of the process (this CPU
+        # host): compile what a run on the TPU would use.
+        config = dataclasses.replace(config, scan_method=model_type.default_scan_method("tpu"))
     rules = sharding.rules_for(model_type.name, cfg.sharding_overrides)
 
     # What the run steps: the model scanned (and rematerialised) as the run prepares it.
@@ -222,6 +226,7 @@ def compile_report(cfg: TrainConfig, topology: str) -> dict[str, Any]:
         "seq_len": cfg.seq_len,
         "grad_accum": cfg.grad_accum,
         "compute_dtype": cfg.compute_dtype,
+        "scan_method": getattr(config, "scan_method", None),
         "tokens_per_step": tokens,
         "per_device_memory_bytes": per_device,
         "memory_analysis": {
@@ -257,7 +262,8 @@ def summary(report: dict[str, Any]) -> str:
         f"{report['model']} {report['preset']} ({report['parameters'] / 1e9:.2f}B parameters) on"
         f" {report['topology']} ({report['devices']} x {report['device_kind']}), mesh {report['mesh']}",
         f"step: {report['batch_size']} x {report['seq_len']} tokens ({report['tokens_per_step']:,}),"
-        f" grad_accum {report['grad_accum']}, compute {report['compute_dtype']}",
+        f" grad_accum {report['grad_accum']}, compute {report['compute_dtype']},"
+        f" scan {report['scan_method']}",
         f"memory per chip: {gib(report['per_device_memory_bytes'])} of {gib(report['device_memory_bytes'])}"
         f" (arguments {gib(memory['argument_bytes'])}, outputs {gib(memory['output_bytes'])},"
         f" aliased {gib(memory['alias_bytes'])}, temporaries {gib(memory['temp_bytes'])})",

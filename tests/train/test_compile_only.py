@@ -30,6 +30,8 @@ def test_report_describes_the_compiled_step(report):
     assert "v5" in report["device_kind"].lower()
     assert report["mesh"] == {"data": 1, "fsdp": 4, "model": 1}
     assert report["tokens_per_step"] == 8 * 64
+    # The TPU's scan form, not this CPU host's (sequential), when the config leaves it unset.
+    assert report["scan_method"] == "associative"
     memory = report["memory_analysis"]
     assert report["per_device_memory_bytes"] == (
         memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"] + memory["temp_bytes"]
