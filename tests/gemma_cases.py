@@ -14,9 +14,8 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from griffin_cases import documents, segment_layout
+from griffin_cases import documents, on_device, segment_layout
 from penzai import pz
 
 ROOT = "transformer"
@@ -155,8 +154,8 @@ _penzai_forward = pz.variable_jit(lambda model, tokens, pos: model(tokens, token
 
 def penzai_logits(model, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """penzai's logits [batch, seq, vocab] (compiled)."""
-    tokens = pz.nx.wrap(jnp.asarray(ids)).tag("batch", "seq")
-    pos = pz.nx.wrap(jnp.asarray(positions)).tag("batch", "seq")
+    tokens = pz.nx.wrap(on_device(ids)).tag("batch", "seq")
+    pos = pz.nx.wrap(on_device(positions)).tag("batch", "seq")
     out = _penzai_forward(model, tokens, pos)
     return np.asarray(out.unwrap("batch", "seq", "vocabulary"))
 
