@@ -116,15 +116,18 @@ def bind_parameters(
     return model
 
 
-def build_initialised(build: Callable[[Any, jax.Array | None], Any], config, key: jax.Array, *,
-                      source: str):
+def build_initialised(build: Callable[[Any, jax.Array | None], Any], config,
+                      key: jax.Array | None, *, source: str):
     """``build(config, key)``, its parameters created by one compiled call.
 
     For initialisers that are slow op by op (an orthogonal matrix takes a QR
     each): the parameter values come from ``jax.jit`` of the whole
     initialisation, compiled once per ``(build, config)`` (both hashable;
     ``build`` a module-level function), then bound into ``build(config, None)``.
+    A None key gives that skeleton (empty parameter slots) itself.
     """
+    if key is None:
+        return build(config, None)
     values = _initial_values(build, config, key)
     return bind_parameters(build(config, None), values, values, source=source)
 

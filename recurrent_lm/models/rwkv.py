@@ -131,8 +131,6 @@ def build_model(config: RwkvConfig, key: jax.Array | None) -> DecoderLM:
       key: PRNG key; None builds the structure with empty parameter slots, to
         be filled from a checkpoint.
     """
-    if key is None:
-        return _build(config, None)
     # One compiled call rather than op by op (orthogonal matrices take a QR each).
     return build_initialised(_build, config, key, source="RWKV initialisation")
 
