@@ -7,7 +7,6 @@ optionally with LoRA adapters (only they train).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -118,8 +117,10 @@ def initial_model(cfg: TrainConfig, vocab_size: int, mesh, rules_override):
         return _fine_tuned_model(cfg, vocab_size, mesh, rules_override)
     model_type, config = model_config(cfg, vocab_size)
     rules = sharding.rules_for(model_type.name, rules_override)
-    build = functools.partial(model_type.build_model, config)
-    return sharding.init_sharded(build, jax.random.key(cfg.seed), mesh, rules), rules
+    model = sharding.init_sharded(
+        model_type.build_model, config, jax.random.key(cfg.seed), mesh, rules
+    )
+    return model, rules
 
 
 def save_model(model, tokenizer_path: str, directory: str) -> None:

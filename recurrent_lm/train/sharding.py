@@ -14,6 +14,7 @@ penzai layers fail under explicit-sharding meshes. The runtime is JAX's own
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -187,16 +188,24 @@ def batch_sharding(
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def sharded_initializer(build, mesh: jax.sharding.Mesh, rules: Rules):
-    """``(init, abstract)``: ``init(key) -> {label: array}`` compiled with every
-    output in its sharding (each device computes only its shards), and
-    ``{label: abstract NamedArray}`` of the parameters that ``build(key)`` makes."""
+def sharded_initializer(build_model, config, mesh: jax.sharding.Mesh, rules: Rules):
+    """``(init, abstract)`` for the model ``build_model(config, key)``: ``init(key) ->
+    {label: array}`` compiled with every output in its sharding (each device computes
+    only its shards), and ``{label: abstract NamedArray}`` of its parameters."""
+    return _sharded_initializer(build_model, config, mesh, tuple(sorted(rules.items())))
+
+
+# Cached: a later run of the same model in this process (a resume, a notebook
+# re-run, another test) neither retraces nor recompiles its initialiser.
+@functools.lru_cache(maxsize=8)
+def _sharded_initializer(build_model, config, mesh, rules_items):
     from recurrent_lm import params as params_lib
 
+    build = functools.partial(build_model, config)
     abstract = params_lib.abstract_parameters(build)
     names = {label: tuple(value.named_shape) for label, value in abstract.items()}
     shapes = {label: tuple(value.named_shape.values()) for label, value in abstract.items()}
-    shardings = parameter_shardings(names, shapes, mesh, rules)
+    shardings = parameter_shardings(names, shapes, mesh, dict(rules_items))
 
     def init(key):
         values = params_lib.parameter_values(build(key))
@@ -205,19 +214,21 @@ def sharded_initializer(build, mesh: jax.sharding.Mesh, rules: Rules):
     return jax.jit(init, out_shardings=shardings), abstract
 
 
-def init_sharded(build, key: jax.Array, mesh: jax.sharding.Mesh, rules: Rules):
-    """``build(key)`` (a model builder: ``build(None)`` gives its skeleton) with every
-    parameter created directly in its sharding by one compiled initialiser: no
-    parameter is ever whole on one device or host, so a model larger than one
-    chip's memory can start."""
+def init_sharded(build_model, config, key: jax.Array, mesh: jax.sharding.Mesh, rules: Rules):
+    """``build_model(config, key)`` (a model builder: a None key gives its skeleton)
+    with every parameter created directly in its sharding by one compiled
+    initialiser: no parameter is ever whole on one device or host, so a model
+    larger than one chip's memory can start."""
     from recurrent_lm import params as params_lib
 
-    init, abstract = sharded_initializer(build, mesh, rules)
+    init, abstract = sharded_initializer(build_model, config, mesh, rules)
     arrays = init(key)
     values = {
         label: pz.nx.wrap(arrays[label]).tag(*abstract[label].named_shape) for label in abstract
     }
-    return params_lib.bind_parameters(build(None), values, abstract, source="initialisation")
+    return params_lib.bind_parameters(
+        build_model(config, None), values, abstract, source="initialisation"
+    )
 
 
 def load_sharded(

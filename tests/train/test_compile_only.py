@@ -89,7 +89,6 @@ def test_parameters_are_created_in_their_shardings():
     """The run's initialiser compiled for 4 chips (fsdp=4): each chip's outputs
     are exactly its shards (the embedding table a quarter), and no temporary
     holds a whole parameter."""
-    import functools
 
     from recurrent_lm.train import sharding
 
@@ -97,7 +96,7 @@ def test_parameters_are_created_in_their_shardings():
     mesh = sharding.make_mesh("fsdp=4", devices=devices)
     config = griffin.GriffinConfig.from_preset("tiny", vocab_size=512)
     init, abstract = sharding.sharded_initializer(
-        functools.partial(griffin.build_model, config), mesh, sharding.rules_for("griffin")
+        griffin.build_model, config, mesh, sharding.rules_for("griffin")
     )
     compiled = init.lower(jax.random.key(0)).compile()
     outputs = compiled.output_shardings
@@ -110,7 +109,7 @@ def test_parameters_are_created_in_their_shardings():
     # TPU layouts pad small arrays to whole tiles: compare with the same
     # initialiser replicating everything, padded alike.
     whole, _ = sharding.sharded_initializer(
-        functools.partial(griffin.build_model, config), mesh, {}
+        griffin.build_model, config, mesh, {}
     )
     replicated = whole.lower(jax.random.key(0)).compile().memory_analysis()
     memory = compiled.memory_analysis()
