@@ -7,6 +7,7 @@ optionally with LoRA adapters (only they train).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -108,6 +109,35 @@ def _fine_tuned_model(cfg: TrainConfig, vocab_size: int, mesh, rules_override):
             key=jax.random.key(cfg.seed),
         )
     return model, rules
+
+
+def resolve_grad_accum(cfg: TrainConfig, mesh) -> TrainConfig:
+    """`cfg` with the gradient accumulation the run steps with: ``grad_accum``, raised
+    (to a divisor of the rows per device) until a microbatch holds at most
+    ``max_tokens_per_device`` tokens per device, when that is set. Each microbatch
+    splits evenly over the mesh's data x fsdp devices (else a clear error)."""
+    ways = mesh.shape[sharding.DATA] * mesh.shape[sharding.FSDP]
+    if (cfg.batch_size // cfg.grad_accum) % ways:
+        raise ValueError(
+            f"the microbatch ({cfg.batch_size} / grad_accum {cfg.grad_accum}) is not divisible"
+            f" by the mesh's data x fsdp = {ways} devices: make --batch-size a multiple of"
+            f" {ways * cfg.grad_accum}."
+        )
+    if cfg.max_tokens_per_device is None:
+        return cfg
+    rows = cfg.batch_size // ways  # per device, per step
+    accum = next(
+        (a for a in range(cfg.grad_accum, rows + 1)
+         if rows % a == 0 and rows // a * cfg.seq_len <= cfg.max_tokens_per_device),
+        rows,
+    )
+    if accum != cfg.grad_accum:
+        logger.info(
+            "grad_accum %d: %d rows of %d tokens per device per microbatch"
+            " (max_tokens_per_device %d)", accum, rows // accum, cfg.seq_len,
+            cfg.max_tokens_per_device,
+        )
+    return dataclasses.replace(cfg, grad_accum=accum)
 
 
 def initial_model(cfg: TrainConfig, vocab_size: int, mesh, rules_override):

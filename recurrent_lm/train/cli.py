@@ -25,12 +25,14 @@ import logging
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
-from recurrent_lm.train import loop, sharding
+from recurrent_lm.train import loop, recipes, sharding
 from recurrent_lm.train.config import GROUPS, TrainConfig
 from recurrent_lm.user_errors import reports_user_errors
+
+logger = logging.getLogger(__name__)
 
 DISTRIBUTED_ARGS = ("coordinator_address", "num_processes", "process_id")
 """Flags that are not TrainConfig fields: jax.distributed.initialize's."""
@@ -85,7 +87,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The CLI's parser. ``suppress_defaults``: flags not given leave no attribute
+    (which settings a command line sets, so a preset's recipe fills the rest)."""
     p = argparse.ArgumentParser(
         prog="python -m recurrent_lm.train",
         description=__doc__.split("\n")[0],
@@ -95,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         flags, kwargs = _field_argument(field, _base_type(hints[field.name]))
+        if suppress_defaults:
+            kwargs["default"] = argparse.SUPPRESS
         groups[field.metadata["group"]].add_argument(*flags, **kwargs)
     g = groups["distribution"]
     g.add_argument(
@@ -112,7 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(
+    args: argparse.Namespace, given: Collection[str] | None = None
+) -> TrainConfig:
+    """The `TrainConfig` of parsed flags: those `given` on the command line, then the
+    preset's recipe (`recipes`), then the defaults. ``given=None``: every field
+    is taken from `args` as it is (no recipe)."""
     hints = typing.get_type_hints(TrainConfig)
     values = {}
     for field in dataclasses.fields(TrainConfig):
@@ -120,7 +131,25 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if _base_type(hints[field.name]) is dict:
             value = parse_overrides(value)
         values[field.name] = value
-    return TrainConfig(**values)
+    if given is None:
+        return TrainConfig(**values)
+    explicit = {name: value for name, value in values.items() if name in given}
+    explicit.update(model=values["model"], preset=values["preset"])
+    applied = {k: v for k, v in recipes.recipe(values["model"], values["preset"]).items()
+               if k not in given}
+    if applied:
+        logger.info(
+            "preset %s trains with its recipe: %s (flags override)", values["preset"],
+            ", ".join(f"{k}={v}" for k, v in applied.items()),
+        )
+    return TrainConfig.for_preset(**explicit)
+
+
+def given_settings(argv: Sequence[str] | None) -> set[str]:
+    """The TrainConfig fields that `argv` sets explicitly."""
+    probe = build_parser(suppress_defaults=True).parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return fields & set(vars(probe))
 
 
 @reports_user_errors
@@ -138,12 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.report and not args.compile_only:
         raise ValueError("--report needs --compile-only TOPOLOGY.")
+    config = config_from_args(args, given_settings(argv))
     if args.compile_only:
         from recurrent_lm.train import compile_only
 
-        compile_only.run(config_from_args(args), args.compile_only, args.report)
+        compile_only.run(config, args.compile_only, args.report)
         return 0
-    result = loop.train(config_from_args(args))
+    result = loop.train(config)
     last = result.losses.get(result.final_step)
     summary = f"done: step {result.final_step}"
     if last is not None:

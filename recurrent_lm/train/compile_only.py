@@ -40,6 +40,7 @@ from recurrent_lm.core import registry, stack
 from recurrent_lm.layers.attention import Attention
 from recurrent_lm.params import abstract_parameters
 from recurrent_lm.train import sharding
+from recurrent_lm.train.build import resolve_grad_accum
 from recurrent_lm.train.config import TrainConfig
 from recurrent_lm.train.steps import step_functions
 
@@ -162,13 +163,8 @@ def compile_report(cfg: TrainConfig, topology: str) -> dict[str, Any]:
     devices = topology_devices(topology)
     chip = CHIPS[topology.split(":")[0]]
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
-    batch_ways = mesh.shape[sharding.DATA] * mesh.shape[sharding.FSDP]
+    cfg = resolve_grad_accum(cfg, mesh)
     micro = cfg.batch_size // cfg.grad_accum
-    if micro % batch_ways:
-        raise ValueError(
-            f"the microbatch ({cfg.batch_size} / grad_accum {cfg.grad_accum}) is not divisible"
-            f" by the mesh's data x fsdp = {batch_ways} devices."
-        )
     model_type = registry.get(cfg.model)
     overrides = {"param_dtype": cfg.param_dtype, **cfg.config_overrides}
     config = model_type.config_class.from_preset(cfg.preset, **overrides)
@@ -181,6 +177,7 @@ def compile_report(cfg: TrainConfig, topology: str) -> dict[str, Any]:
     # What the run steps: the model scanned (and rematerialised) as the run prepares it.
     build = functools.partial(model_type.build_model, config)
     skeleton, abstract = stack.abstract_prepared(build, scan=cfg.scan_layers, remat=cfg.remat)
+    skeleton = sharding.shard_residual_stream(skeleton, mesh, rules)
     fns, params, opt_state, batch = _abstract_step_inputs(cfg, abstract, mesh, rules, micro)
     shapes = {label: p.shape for label, p in params.items()}
     start = time.perf_counter()

@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from recurrent_lm.core.stack import REMAT_POLICIES
+from recurrent_lm.train import recipes
 
 SCHEDULES = ("cosine", "linear", "constant")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -177,6 +178,12 @@ class TrainConfig:
     grad_accum: int = setting(
         1, "microbatches per step (same global batch)", group="optimisation"
     )
+    max_tokens_per_device: int | None = setting(
+        None,
+        "raise grad_accum until a microbatch holds at most this many tokens per device"
+        " (activation memory grows with them; default: grad_accum as given)",
+        group="optimisation",
+    )
     loss_chunk_size: int = setting(
         256,
         "positions per chunk of the head and cross-entropy (the whole"
@@ -267,6 +274,10 @@ class TrainConfig:
             errors.append(
                 f"grad_accum {self.grad_accum} does not divide batch_size {self.batch_size}"
             )
+        if self.max_tokens_per_device is not None and self.max_tokens_per_device < 1:
+            errors.append(
+                f"max_tokens_per_device must be positive, got {self.max_tokens_per_device}"
+            )
         if self.resume and not self.checkpoint_dir:
             errors.append("resume needs a checkpoint_dir")
         if self.lora_rank and not self.init_checkpoint:
@@ -274,6 +285,12 @@ class TrainConfig:
         if self.save_adapters and not self.lora_rank:
             errors.append("save_adapters needs LoRA (lora_rank > 0)")
         return errors
+
+    @classmethod
+    def for_preset(cls, model: str = "griffin", preset: str = "tiny", **settings) -> TrainConfig:
+        """The settings of a run of `preset`: `settings`, then the preset's recipe
+        (`recipes`: bfloat16, remat, FSDP for released sizes), then the defaults."""
+        return cls(model=model, preset=preset, **{**recipes.recipe(model, preset), **settings})
 
     @property
     def total_decay_steps(self) -> int:

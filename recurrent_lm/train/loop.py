@@ -103,11 +103,13 @@ def train(cfg: TrainConfig, on_step_end: StepHook | None = None) -> TrainResult:
     files = _check_before_writing(cfg)
     tokenizer, tokenizer_path = build.prepare_tokenizer(cfg)
     corpus, iterator = _load_data(cfg, files, tokenizer)
-    mesh = _make_mesh(cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
+    cfg = build.resolve_grad_accum(cfg, mesh)
     model, rules = build.initial_model(
         cfg, tokenizer.vocab_size, mesh, cfg.sharding_overrides
     )
     model = stack.prepared(model, scan=cfg.scan_layers, remat=cfg.remat)
+    model = sharding.shard_residual_stream(model, mesh, rules)
     skeleton, params, param_axes = split_trainable(model, mesh, rules)
     fns = step_functions(cfg, param_axes)
     state = TrainState.initial(cfg, fns.optimizer, params, mesh)
@@ -123,6 +125,7 @@ def train(cfg: TrainConfig, on_step_end: StepHook | None = None) -> TrainResult:
         if checkpointer:
             checkpointer.close()
     final = stack.unscan_layers(bind_parameters(skeleton, param_axes, state.params))
+    final = sharding.unshard_residual_stream(final)
     final = build.finish_model(cfg, final, tokenizer_path)
     return TrainResult(losses, eval_losses, start_step, state.step, final, tokenizer)
 
@@ -159,17 +162,6 @@ def _load_data(cfg: TrainConfig, files, tokenizer):
         process_count=jax.process_count(),
     )
     return corpus, iterator
-
-
-def _make_mesh(cfg: TrainConfig) -> jax.sharding.Mesh:
-    mesh = sharding.make_mesh(cfg.mesh)
-    batch_ways = mesh.shape[sharding.DATA] * mesh.shape[sharding.FSDP]
-    if (cfg.batch_size // cfg.grad_accum) % batch_ways:
-        raise ValueError(
-            f"the microbatch ({cfg.batch_size} / grad_accum {cfg.grad_accum}) is not divisible"
-            f" by the mesh's data x fsdp = {batch_ways} devices."
-        )
-    return mesh
 
 
 def _run_record(cfg: TrainConfig, model_config, tokenizer_path, corpus) -> dict:

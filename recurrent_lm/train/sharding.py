@@ -14,6 +14,7 @@ penzai layers fail under explicit-sharding meshes. The runtime is JAX's own
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -26,6 +27,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from penzai import pz
 
 from recurrent_lm import axes
+from recurrent_lm.core import sites
 
 logger = logging.getLogger(__name__)
 
@@ -282,3 +284,56 @@ def global_batch_from_local(
 ):
     """Assembles a global array from this process's rows (multi-host input)."""
     return jax.make_array_from_process_local_data(sharding, local_rows, global_shape)
+
+
+# ----------------------------------------------------------------------------- activations
+
+ACTIVATION_AXES = (axes.BATCH,)
+
+
+@pz.pytree_dataclass
+class ShardedActivation(sites.Hook):
+    """A site that pins the sharding of the activation through it: rows over
+    ("data", "fsdp"), axes the rules map to "model" over "model", the rest
+    replicated.
+
+    Why: the parameters are FSDP-sharded along "embedding" and the batch along
+    the same mesh axis; left alone, the partitioner may keep the weights in place
+    and gather the whole batch to every chip instead (each chip then computes on
+    every row, and the gradients are all-reduced whole). Pinning the residual
+    stream makes it gather each layer's weights, as FSDP means.
+    """
+
+    mesh: jax.sharding.Mesh = dataclasses.field(metadata={"pytree_node": False})
+    rules: tuple = dataclasses.field(metadata={"pytree_node": False})
+
+    def __call__(self, x, /, **_unused_side_inputs):
+        names = tuple(x.named_shape)
+        spec, _ = partition_spec(names, tuple(x.named_shape.values()), self.mesh, dict(self.rules))
+        data = jax.lax.with_sharding_constraint(x.unwrap(*names), NamedSharding(self.mesh, spec))
+        return pz.nx.wrap(data).tag(*names)
+
+
+def activation_rules(rules: Rules) -> dict:
+    """Rows over the batch mesh axes; an axis the parameter rules put on "model"
+    stays there (tensor parallelism); nothing else is sharded."""
+    found = {name: target for name, target in rules.items() if target == MODEL}
+    found[axes.BATCH] = BATCH_MESH_AXES
+    return found
+
+
+def shard_residual_stream(model, mesh: jax.sharding.Mesh, rules: Rules):
+    """`model` with the residual stream (the embeddings and every block's output
+    site) pinned to its sharding (`ShardedActivation`)."""
+    from recurrent_lm.core.model import DecoderLM
+    from recurrent_lm.layers.residual import ResidualBlock
+
+    hook = ShardedActivation(mesh, tuple(sorted(activation_rules(rules).items())))
+    selection = pz.select(model).at_instances_of(ResidualBlock).at(lambda b: b.output)
+    model = selection.set(hook)
+    return pz.select(model).at_instances_of(DecoderLM).at(lambda m: m.embeddings).set(hook)
+
+
+def unshard_residual_stream(model):
+    """`model` with every `ShardedActivation` back to a plain site."""
+    return pz.select(model).at_instances_of(ShardedActivation).apply(lambda _: sites.Site())

@@ -20,7 +20,7 @@ EVERY_FLAG = """
 --batch-size 16 --eval-fraction 0.2
 --steps 7 --seed 3 --lr 1e-3 --lr-schedule linear --warmup-steps 5 --decay-steps 9
 --min-lr-ratio 0.2 --weight-decay 0.01 --adam-b1 0.8 --adam-b2 0.99 --adam-eps 1e-6
---grad-clip 0.5 --grad-accum 2 --loss-chunk-size 64
+--grad-clip 0.5 --grad-accum 2 --max-tokens-per-device 512 --loss-chunk-size 64
 --eval-interval 50 --eval-batches 4 --checkpoint-dir run/ --checkpoint-interval 10
 --keep-checkpoints 2 --no-async-checkpoints --resume --metrics-file m.jsonl
 --save-model out/ --save-adapters adapters/ --stop-after 5 --no-progress
@@ -58,6 +58,7 @@ EVERY_FIELD = TrainConfig(
     adam_eps=1e-6,
     grad_clip=0.5,
     grad_accum=2,
+    max_tokens_per_device=512,
     loss_chunk_size=64,
     eval_interval=50,
     eval_batches=4,
@@ -94,6 +95,29 @@ def test_flags_set_every_field():
         assert getattr(EVERY_FIELD, field.name) != getattr(default, field.name), field
     assert _config(shlex.split(EVERY_FLAG)) == EVERY_FIELD
     assert _config([]) == TrainConfig()
+
+
+def _command_line(argv):
+    """The config `main` runs: flags given, then the preset's recipe, then defaults."""
+    return cli.config_from_args(cli.build_parser().parse_args(argv), cli.given_settings(argv))
+
+
+def test_released_presets_default_to_the_pretraining_recipe():
+    base = ["--model", "griffin", "--preset", "recurrentgemma-2b", "--batch-size", "128"]
+    config = _command_line(base)
+    assert (config.compute_dtype, config.param_dtype) == ("bfloat16", "float32")
+    assert (config.scan_layers, config.remat, config.mesh) == (True, "block", "fsdp=-1")
+    assert (config.loss_chunk_size, config.max_tokens_per_device) == (1024, 8192)
+    assert config.batch_size == 128 and config.grad_accum == 1
+    assert config == TrainConfig.for_preset("griffin", "recurrentgemma-2b", batch_size=128)
+    # A flag wins over the recipe, even one that names the plain default.
+    flags = ["--remat", "none", "--compute-dtype", "float32", "--mesh", "data=2"]
+    config = _command_line([*base, *flags])
+    assert (config.remat, config.compute_dtype, config.mesh) == ("none", "float32", "data=2")
+    assert config.loss_chunk_size == 1024
+    # The experiment preset, and a config built directly, keep the plain defaults.
+    assert _command_line(["--preset", "tiny"]) == TrainConfig()
+    assert _config(base) == TrainConfig(model="griffin", preset="recurrentgemma-2b", batch_size=128)
 
 
 def test_grad_clip_zero_turns_clipping_off():

@@ -1,5 +1,6 @@
 """Packing, loss mask, data iterator state, sharding rules, tokenizer CLI."""
 
+import dataclasses
 import typing
 
 import numpy as np
@@ -8,7 +9,7 @@ from train_setup import write_corpus
 
 from recurrent_lm import axes
 from recurrent_lm import tokenizer as tokenizer_lib
-from recurrent_lm.train import data, sharding
+from recurrent_lm.train import TrainConfig, build, data, sharding
 
 
 def test_pack_marks_documents_padding_and_row_continuations():
@@ -111,6 +112,25 @@ def test_sharding_rules_map_named_axes_to_mesh_axes():
         sharding.parse_mesh_shape("tensor=2", 8)
     with pytest.raises(ValueError, match="has 4 devices but 8 are available"):
         sharding.parse_mesh_shape("data=2,fsdp=2", 8)
+
+
+def test_grad_accum_grows_to_the_token_budget_per_device():
+    """4 batch devices (FakeMesh: data 2 x fsdp 2): 32 rows are 8 per device."""
+    plain = TrainConfig(batch_size=32, seq_len=64)
+    assert build.resolve_grad_accum(plain, FakeMesh) == plain
+    budget = dataclasses.replace(plain, max_tokens_per_device=128)  # 2 rows per device
+    assert build.resolve_grad_accum(budget, FakeMesh).grad_accum == 4
+    # Microbatches stay whole rows that split evenly: 8 rows per device are never
+    # cut in 3; a budget under one row gives one row per device.
+    odd = dataclasses.replace(plain, max_tokens_per_device=64 * 3)
+    assert build.resolve_grad_accum(odd, FakeMesh).grad_accum == 4
+    tight = dataclasses.replace(plain, max_tokens_per_device=10)
+    assert build.resolve_grad_accum(tight, FakeMesh).grad_accum == 8
+    # Never fewer microbatches than asked for.
+    asked = dataclasses.replace(budget, grad_accum=8)
+    assert build.resolve_grad_accum(asked, FakeMesh).grad_accum == 8
+    with pytest.raises(ValueError, match=r"make --batch-size a multiple of 8"):
+        build.resolve_grad_accum(TrainConfig(batch_size=12, grad_accum=2), FakeMesh)
 
 
 def test_tokenizer_train_command(tmp_path, capsys):
