@@ -8,6 +8,7 @@ a layer compiles every op for every new chunk length (~25 ms each on CPU).
 import jax
 import jax.numpy as jnp
 import numpy as np
+from griffin_cases import on_device
 from penzai import pz
 
 from recurrent_lm import axes
@@ -18,7 +19,7 @@ def context(pos, *, stream_offset: int | None = None, documents_before=None) -> 
     """The context of `pos` ({"batch", "seq"} NamedArray or [batch, seq] array);
     with an offset the call continues streams (``new_streams`` False)."""
     if not isinstance(pos, pz.nx.NamedArrayBase):
-        pos = pz.nx.wrap(jnp.asarray(pos, jnp.int32)).tag(*axes.TOKEN_AXES)
+        pos = pz.nx.wrap(on_device(pos if isinstance(pos, jax.Array) else np.asarray(pos, np.int32))).tag(*axes.TOKEN_AXES)
     batch = pos.named_shape[axes.BATCH]
     as_batch = lambda v: pz.nx.wrap(jnp.broadcast_to(jnp.asarray(v, jnp.int32), (batch,))).tag(axes.BATCH)
     offset = None if stream_offset is None else as_batch(stream_offset)
@@ -44,7 +45,7 @@ def _forward(layer, x, pos, state, stream_offset, documents_before):
 def run_fresh(layer, x, pos):
     """``layer.forward`` on fresh streams: ``(y, state after)``."""
     if not isinstance(pos, pz.nx.NamedArrayBase):
-        pos = pz.nx.wrap(jnp.asarray(pos, jnp.int32)).tag(*axes.TOKEN_AXES)
+        pos = pz.nx.wrap(on_device(pos if isinstance(pos, jax.Array) else np.asarray(pos, np.int32))).tag(*axes.TOKEN_AXES)
     return _forward(layer, x, pos, layer.initial_state(pos.named_shape[axes.BATCH]), None, None)
 
 

@@ -10,10 +10,10 @@ import sys
 import tomllib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
+from griffin_cases import on_device
 from penzai import pz
 
 from recurrent_lm import demo
@@ -82,8 +82,8 @@ def held_out_loss(model, rows, max_batches=None) -> float:
     total = count = 0.0
     for tokens, pos in data.eval_batches(rows, 16, max_batches):
         logits = model(
-            pz.nx.wrap(jnp.asarray(tokens), "batch", "seq"),
-            segment_pos=pz.nx.wrap(jnp.asarray(pos), "batch", "seq"),
+            pz.nx.wrap(on_device(tokens), "batch", "seq"),
+            segment_pos=pz.nx.wrap(on_device(pos), "batch", "seq"),
         ).unwrap("batch", "seq", "vocabulary")
         z = np.asarray(logits, np.float64)[:, :-1]
         log_z = scipy.special.logsumexp(z, axis=-1)

@@ -133,7 +133,7 @@ def resolve_grad_accum(cfg: TrainConfig, mesh) -> TrainConfig:
     )
     if accum != cfg.grad_accum:
         logger.info(
-            "grad_accum %d: %d rows of %d tokens per device per microbatch"
+            "grad_accum %d: microbatches of %d x %d tokens per device"
             " (max_tokens_per_device %d)", accum, rows // accum, cfg.seq_len,
             cfg.max_tokens_per_device,
         )

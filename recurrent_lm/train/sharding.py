@@ -28,6 +28,8 @@ from penzai import pz
 
 from recurrent_lm import axes
 from recurrent_lm.core import sites
+from recurrent_lm.core.model import DecoderLM
+from recurrent_lm.layers.residual import ResidualBlock
 
 logger = logging.getLogger(__name__)
 
@@ -325,9 +327,6 @@ def activation_rules(rules: Rules) -> dict:
 def shard_residual_stream(model, mesh: jax.sharding.Mesh, rules: Rules):
     """`model` with the residual stream (the embeddings and every block's output
     site) pinned to its sharding (`ShardedActivation`)."""
-    from recurrent_lm.core.model import DecoderLM
-    from recurrent_lm.layers.residual import ResidualBlock
-
     hook = ShardedActivation(mesh, tuple(sorted(activation_rules(rules).items())))
     selection = pz.select(model).at_instances_of(ResidualBlock).at(lambda b: b.output)
     model = selection.set(hook)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from griffin_cases import on_device
 from penzai import pz
 
 from recurrent_lm import interp
@@ -26,7 +27,7 @@ def perturbed(model, seed=0, scale=0.2):
             names = tuple(value.named_shape)
             array = np.asarray(value.unwrap(*names))
             array = array + scale * rng.standard_normal(array.shape).astype(array.dtype)
-            done[param.label] = pz.Parameter(value=pz.nx.wrap(jnp.asarray(array)).tag(*names), label=param.label)
+            done[param.label] = pz.Parameter(value=pz.nx.wrap(on_device(array)).tag(*names), label=param.label)
         return done[param.label]
 
     return pz.select(model).at_instances_of(pz.Parameter).apply(perturb)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from griffin_cases import on_device
 from penzai import pz
 from streams import context, continue_in_pieces, run_fresh
 
@@ -12,7 +13,7 @@ from recurrent_lm.layers import attention, conv, embeddings, linear, norms, rg_l
 
 
 def named(x, *names):
-    return pz.nx.wrap(jnp.asarray(x)).tag(*names)
+    return pz.nx.wrap(on_device(x)).tag(*names)
 
 
 def random_segment_pos(rng, batch, steps):

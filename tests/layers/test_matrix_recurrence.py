@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from griffin_cases import on_device
 from penzai import pz
 
 from recurrent_lm.layers import matrix_recurrence
@@ -103,7 +104,7 @@ def random_inputs(
 
 
 def wrap(x, names):
-    return None if x is None else pz.nx.wrap(jnp.asarray(x)).tag(*names)
+    return None if x is None else pz.nx.wrap(on_device(x)).tag(*names)
 
 
 def named_inputs(inp):

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from griffin_cases import on_device
 from jax.test_util import check_grads
 from penzai import pz
 
@@ -35,7 +36,7 @@ def random_inputs(seed, batch, steps, width, dtype=np.float32):
 
 
 def named(x, *names):
-    return pz.nx.wrap(jnp.asarray(x)).tag(*names)
+    return pz.nx.wrap(on_device(x)).tag(*names)
 
 
 def run(method, a, b, h0, reset, chunk_size=128):

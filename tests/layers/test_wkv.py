@@ -5,10 +5,9 @@ import itertools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from griffin_cases import segment_layout
+from griffin_cases import on_device, segment_layout
 from penzai import pz
 from streams import context
 
@@ -54,7 +53,7 @@ def hf_wkv_float32(time_decay, time_first, k, v, state):
 
 
 def named(x, *names):
-    return pz.nx.wrap(jnp.asarray(x)).tag(*names)
+    return pz.nx.wrap(on_device(x)).tag(*names)
 
 
 @functools.partial(jax.jit, static_argnames="method")

@@ -8,9 +8,9 @@ exactly what it is without the bad id.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from griffin_cases import on_device
 from penzai import pz
 
 import recurrent_lm
@@ -51,7 +51,7 @@ def test_bad_ids_raise_eagerly_and_give_nan_rows_under_jit(name):
     for row, (t, token) in BAD.items():
         bad[row, t] = token
         with pytest.raises(ValueError, match=f"token id {token} .* outside the vocabulary"):
-            model(pz.nx.wrap(jnp.asarray(bad[row : row + 1]), "batch", "seq"))
+            model(pz.nx.wrap(on_device(bad[row : row + 1]), "batch", "seq"))
     apply, params, state = recurrent_lm.functional(model)
     forward = jax.jit(lambda params, ids: apply(params, state, ids)[0])
     clean, out = np.asarray(forward(params, good)), np.asarray(forward(params, bad))

@@ -7,9 +7,9 @@ Parity with the original implementation is in
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from griffin_cases import on_device
 from penzai import pz
 from streams import context, run_fresh
 
@@ -21,7 +21,7 @@ from recurrent_lm.sampling import generate, to_sampling_mode
 
 
 def named(array, *names):
-    return pz.nx.wrap(jnp.asarray(array)).tag(*names)
+    return pz.nx.wrap(on_device(array)).tag(*names)
 
 
 def rel(ours, theirs) -> float:

@@ -7,10 +7,15 @@ are the same random BlinkDL-layout weights (`rwkv7_cases`).
 
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from griffin_cases import documents, max_relative_error, named_tokens, segment_layout
+from griffin_cases import (
+    documents,
+    max_relative_error,
+    named_tokens,
+    on_device,
+    segment_layout,
+)
 from penzai import pz
 from rwkv7_cases import CASES, case_ids, our_model
 
@@ -219,7 +224,7 @@ def test_scanned_layers_give_the_same_logits_and_remat_is_refused():
     model = rwkv7.build_model(config, jax.random.key(0))
     scanned = stack.scan_layers(model)
     assert any(isinstance(b, stack.ScannedBlocks) for b in scanned.blocks.sublayers)
-    tokens = pz.nx.wrap(jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 9)))).tag("batch", "seq")
+    tokens = pz.nx.wrap(on_device(np.random.default_rng(0).integers(0, 64, (2, 9)))).tag("batch", "seq")
     expected = np.asarray(model(tokens).unwrap("batch", "seq", "vocabulary"))
     got = np.asarray(scanned(tokens).unwrap("batch", "seq", "vocabulary"))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from griffin_cases import max_relative_error, segment_layout
+from griffin_cases import max_relative_error, on_device, segment_layout
 from penzai import pz
 
 import recurrent_lm
@@ -224,7 +224,7 @@ def test_bad_remat_and_stateful_models_are_clear_errors():
         interp.Capture
     )
     with pytest.raises(TypeError, match=r"call recurrent_lm.unscan_layers\(model\) first"):
-        capturing(pz.nx.wrap(jnp.asarray(IDS)).tag("batch", "seq"))
+        capturing(pz.nx.wrap(on_device(IDS)).tag("batch", "seq"))
 
 
 def test_abstract_prepared_materialises_nothing():
@@ -240,8 +240,8 @@ def test_abstract_prepared_materialises_nothing():
 
 def test_eager_call_of_a_scanned_model():
     model = model_of("rwkv")
-    tokens = pz.nx.wrap(jnp.asarray(IDS)).tag("batch", "seq")
-    pos = pz.nx.wrap(jnp.asarray(POS)).tag("batch", "seq")
+    tokens = pz.nx.wrap(on_device(IDS)).tag("batch", "seq")
+    pos = pz.nx.wrap(on_device(POS)).tag("batch", "seq")
     expected = model(tokens, segment_pos=pos).unwrap("batch", "seq", "vocabulary")
     got = recurrent_lm.scan_layers(model, remat="dots")(tokens, segment_pos=pos)
     assert max_relative_error(got.unwrap("batch", "seq", "vocabulary"), expected) <= 1e-6
@@ -252,7 +252,7 @@ def test_dropout_under_scan_draws_from_the_callers_stream():
     scanned = recurrent_lm.scan_layers(
         h3.training_mode(h3.build_model(config, jax.random.key(0))), remat="block"
     )
-    tokens = pz.nx.wrap(jnp.asarray(IDS)).tag("batch", "seq")
+    tokens = pz.nx.wrap(on_device(IDS)).tag("batch", "seq")
 
     @jax.jit
     def run(key):
