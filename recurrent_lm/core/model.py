@@ -169,9 +169,13 @@ class SideChannel:
     traced (or run op by op).
     """
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, value=None):
         self.name = name
-        self._value = None
+        self._value = value
+
+    def peek(self):
+        """The value, or None before any layer wrote it."""
+        return self._value
 
     def write(self, value) -> None:
         if self._value is not None:

@@ -41,6 +41,11 @@ policy one by one, through `Remat`):
 Dropout under a scan or remat: each repeat draws its keys from a stream of
 its own (split from one key of the caller's ``random_stream``), so the masks
 differ from the unrolled model's (same distribution).
+
+Side channels (RWKV-7's value residual, written by block 0 and read by the
+others) cross a remat boundary as explicit inputs and outputs, so a block may
+write one under `jax.checkpoint`; a scanned group may read them but not write
+them (the writer is structurally unlike the readers, so it stays outside).
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from penzai import pz
 
 from recurrent_lm import axes
 from recurrent_lm.core import functional
-from recurrent_lm.core.model import DecoderLM
+from recurrent_lm.core.model import DecoderLM, SideChannel
 
 REMAT_POLICIES = ("none", "block", "dots")
 """Remat policy names; see the module docstring."""
@@ -105,6 +110,23 @@ def _refuse_state(layer, what: str) -> None:
             " cannot be carried through a scan or remat; call"
             " recurrent_lm.unscan_layers(model) first."
         )
+
+
+def _channel_values(side_inputs: dict) -> dict[str, Any]:
+    """``{name: value or None}`` of the `SideChannel`s among `side_inputs`."""
+    return {k: v.peek() for k, v in side_inputs.items() if isinstance(v, SideChannel)}
+
+
+def _with_channels(side_inputs: dict, values: dict[str, Any]) -> dict:
+    """`side_inputs` with each side channel replaced by a fresh one holding `values`."""
+    return {**side_inputs, **{k: SideChannel(k, v) for k, v in values.items()}}
+
+
+def _write_new(side_inputs: dict, before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Writes to the channels of `side_inputs` what a call wrote to its own copies."""
+    for name, value in after.items():
+        if before[name] is None and value is not None:
+            side_inputs[name].write(value)
 
 
 def _own_random_stream(side_inputs: dict, key) -> dict:
@@ -163,6 +185,9 @@ class ScannedBlocks(pz.nn.Layer):
         }
         slices = {label: v.unwrap(axes.STACK, *names[label]) for label, v in stacked.items()}
         stream_axes = tuple(x.named_shape)
+        # Repeats read side channels written before the scan; a write inside it
+        # would happen once per repeat and leave the scan's trace: refused.
+        before = _channel_values(side_inputs)
 
         def body(carry, step):
             values, key = step
@@ -170,7 +195,13 @@ class ScannedBlocks(pz.nn.Layer):
                 self.group,
                 {label: pz.nx.wrap(a).tag(*names[label]) for label, a in values.items()},
             )
-            out = group(carry, **_own_random_stream(side_inputs, key))
+            inner = _with_channels(side_inputs, before)
+            out = group(carry, **_own_random_stream(inner, key))
+            if any(v is not before[k] for k, v in _channel_values(inner).items()):
+                raise ValueError(
+                    f"a scanned group of blocks wrote the side channels {sorted(before)}:"
+                    " only blocks outside a scan may write them."
+                )
             return _canonical(out, stream_axes), None
 
         out, _ = jax.lax.scan(
@@ -195,12 +226,19 @@ class Remat(pz.nn.Layer):
         _refuse_state(self.layer, "a remat block")
         side_inputs, key = _split_random_stream(side_inputs, None)
         values = {label: p.value for label, p in _unique_params(self.layer).items()}
+        # Side channels cross the checkpoint as explicit inputs and outputs: a value
+        # the block writes (RWKV-7's value residual) leaves as an output, never as a
+        # tracer of the checkpoint's trace.
+        before = _channel_values(side_inputs)
 
-        def run(values, key, x):
+        def run(values, key, x, channels):
+            inner = _with_channels(side_inputs, channels)
             layer = _with_values(self.layer, values)
-            return layer(x, **_own_random_stream(side_inputs, key))
+            return layer(x, **_own_random_stream(inner, key)), _channel_values(inner)
 
-        return _rematted(run, self.remat)(values, key, x)
+        out, after = _rematted(run, self.remat)(values, key, x, before)
+        _write_new(side_inputs, before, after)
+        return out
 
 
 # ----------------------------------------------------------------------------- grouping
@@ -319,14 +357,6 @@ def _scanned_segment(blocks, index: int, remat: str) -> ScannedBlocks:
 def _check_model(model, what: str, remat: str = "none") -> None:
     if not isinstance(model, DecoderLM):
         raise TypeError(f"{what} takes a recurrent_lm DecoderLM, got {type(model).__name__}.")
-    if remat != "none" and model.side_channels:
-        # A side channel is written by one block and read by later ones within
-        # a call: a write under jax.checkpoint would leak the checkpoint's tracer.
-        raise ValueError(
-            f"remat {remat!r} cannot wrap blocks that pass values through side channels"
-            f" {list(model.side_channels)} (RWKV-7's value residual); use remat='none'"
-            " (--remat none): scanning without remat works."
-        )
 
 
 def scan_layers(model: DecoderLM, remat: str = "none") -> DecoderLM:

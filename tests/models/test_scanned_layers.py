@@ -14,7 +14,7 @@ from penzai import pz
 import recurrent_lm
 from recurrent_lm import interp
 from recurrent_lm.core import functional, sites, stack
-from recurrent_lm.models import gemma, griffin, h3, rwkv
+from recurrent_lm.models import gemma, griffin, h3, rwkv, rwkv7
 from recurrent_lm.params import parameter_values
 from recurrent_lm.sampling import to_sampling_mode
 
@@ -34,15 +34,17 @@ CONFIGS = {
         "tiny", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
         attention_hidden_size=32, intermediate_size=64,
     ),
+    # Block 0 writes the value residual the others read: it stays outside the scan.
+    "rwkv7": lambda: rwkv7.Rwkv7Config.from_preset("tiny", vocab_size=VOCAB, num_hidden_layers=4),
     # Attention at layer 2 of 5: H3 x 2, the attention block, H3 x 2.
     "h3": lambda: h3.H3Config.from_preset(
         "tiny", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=5, n_inner=64, d_state=8,
         num_attention_heads=2, attn_layer_idx=(2,),
     ),
 }
-BUILD = {"griffin": griffin, "gemma": gemma, "rwkv": rwkv, "h3": h3}
+BUILD = {"griffin": griffin, "gemma": gemma, "rwkv": rwkv, "rwkv7": rwkv7, "h3": h3}
 # Segments of the scanned model: "RxP" a scan of R repeats of a P-block group, "-" a block.
-LAYOUT = {"griffin": ["2x3", "-"], "gemma": ["2x2"], "rwkv": ["3x1"], "h3": ["2x1", "-", "2x1"]}
+LAYOUT = {"griffin": ["2x3", "-"], "gemma": ["2x2"], "rwkv": ["3x1"], "rwkv7": ["-", "3x1"], "h3": ["2x1", "-", "2x1"]}
 IDS = np.asarray(jax.random.randint(jax.random.key(1), (3, 12), 0, VOCAB))
 POS = segment_layout(3, 12)  # plain, packed (3 documents), left-padded
 
@@ -120,7 +122,11 @@ def gradient_errors(grads, expected) -> dict[str, float]:
 # Per-tensor bound on the gradients' relative error. H3's SSM gradients carry
 # float32 rounding of up to 5e-6 between two XLA compilations of the *same*
 # unrolled model (default vs the suite's flags, measured): 1e-6 is below its noise.
-GRADIENT_BOUND = {"griffin": 1e-6, "gemma": 1e-6, "rwkv": 1e-6, "h3": 1e-5}
+# RWKV-7's (the normalised keys and the matrix state) carry up to 6e-5 per tensor and
+# 2.4e-6 overall between the scanned and unrolled programs even without remat; in
+# float64 the two agree to 2e-14 per tensor (measured, remat none and block): rounding.
+GRADIENT_BOUND = {"griffin": 1e-6, "gemma": 1e-6, "rwkv": 1e-6, "rwkv7": 2e-4, "h3": 1e-5}
+GLOBAL_BOUND = {"rwkv7": 1e-5}
 
 
 def global_error(grads, expected) -> float:
@@ -132,7 +138,7 @@ def global_error(grads, expected) -> float:
 # Every remat policy on Griffin (a period of three, a remat block outside the
 # scan); one policy each for the others, so that every policy is checked on
 # two architectures (each case compiles a gradient program: ~7 s).
-OTHER_ARCHITECTURES_REMAT = {"gemma": "dots", "rwkv": "block", "h3": "none"}
+OTHER_ARCHITECTURES_REMAT = {"gemma": "dots", "rwkv": "block", "rwkv7": "block", "h3": "none"}
 CASES = [("griffin", remat) for remat in stack.REMAT_POLICIES] + sorted(
     OTHER_ARCHITECTURES_REMAT.items()
 )
@@ -148,7 +154,7 @@ def test_scanned_logits_and_gradients_match_unrolled(name, remat):
     assert max_relative_error(logits, expected_logits) <= 1e-6
     grads = per_layer(scanned, grads)
     assert sorted(grads) == sorted(expected_grads)
-    assert global_error(grads, expected_grads) <= 1e-6
+    assert global_error(grads, expected_grads) <= GLOBAL_BOUND.get(name, 1e-6)
     errors = gradient_errors(grads, expected_grads)
     worst = sorted(errors.items(), key=lambda kv: -kv[1])[:3]
     assert max(errors.values()) <= GRADIENT_BOUND[name], worst
