@@ -10,10 +10,12 @@ import warnings
 import numpy as np
 import pytest
 from integrity_helpers import flip_middle, largest_file
+from penzai import pz
 from train_setup import STEPS, reference_learning_rate
 
 from recurrent_lm import tokenizer as tokenizer_lib
-from recurrent_lm.train import checkpointing, cli, data, train
+from recurrent_lm.core import sites
+from recurrent_lm.train import checkpointing, cli, data, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,6 +40,11 @@ def test_reference_run_learns_and_writes_metrics(setup):
     # Checkpoints: keep the last 2, plus our marker and the tokenizer-free layout.
     names = set(os.listdir(setup.reference_dir))
     assert {"4", "6", checkpointing.MARKER} <= names and "2" not in names
+    # The run pinned the residual stream's sharding at its sites; the model it
+    # returns has plain sites again (nothing tied to the run's mesh).
+    model = setup.reference.model
+    assert pz.select(model).at_instances_of(sharding.ShardedActivation).count() == 0
+    assert pz.select(model).at_instances_of(sites.Site).count() > 0
 
 
 def test_stop_then_resume_gives_the_same_losses(setup):
