@@ -10,6 +10,11 @@ checkpoint directory. Multi-host: pass --coordinator-address,
 --num-processes and --process-id (or set JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID) and run the same command on every host.
 
+A released-size preset (every preset but "tiny") fills the settings its command
+line leaves out from its pretraining recipe (`recipes`: bfloat16 compute, scanned
+and rematerialised layers, chunked loss, FSDP over all devices, gradient
+accumulation sized to the devices); the run logs what it filled.
+
 The flags are generated from `TrainConfig`'s fields, one each: ``--field-name``
 (or the spelling in the field's metadata), typed by the annotation; booleans
 get ``--name`` / ``--no-name``; tuple fields repeat (``--data A --data B``);
