@@ -98,6 +98,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m recurrent_lm.train",
         description=__doc__.split("\n")[0],
+        epilog="Defaults shown are the plain ones; a released-size preset (all but 'tiny') fills"
+        " the settings not given from its pretraining recipe: "
+        + ", ".join(f"{k}={v}" for k, v in recipes.PRETRAINING.items()) + ".",
         formatter_class=_HelpFormatter,
     )
     groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
