@@ -354,7 +354,7 @@ def _scanned_segment(blocks, index: int, remat: str) -> ScannedBlocks:
     )
 
 
-def _check_model(model, what: str, remat: str = "none") -> None:
+def _check_model(model, what: str) -> None:
     if not isinstance(model, DecoderLM):
         raise TypeError(f"{what} takes a recurrent_lm DecoderLM, got {type(model).__name__}.")
 
@@ -372,7 +372,7 @@ def scan_layers(model: DecoderLM, remat: str = "none") -> DecoderLM:
       remat: one of `REMAT_POLICIES`, applied to every group and to every
         block outside a scan.
     """
-    _check_model(model, "scan_layers", remat)
+    _check_model(model, "scan_layers")
     checkpoint_policy(remat)
     model = unscan_layers(model)
     _refuse_state(model, "the model")
@@ -410,7 +410,7 @@ def scan_layers(model: DecoderLM, remat: str = "none") -> DecoderLM:
 def remat_layers(model: DecoderLM, remat: str) -> DecoderLM:
     """`model` with every block under the remat policy `remat`, unscanned
     (``"none"``: the unrolled model itself)."""
-    _check_model(model, "remat_layers", remat)
+    _check_model(model, "remat_layers")
     checkpoint_policy(remat)
     model = unscan_layers(model)
     if remat == "none":
