@@ -153,6 +153,39 @@ def weight_probe(model, repeats: int = 20, *, as_stored: bool = False) -> Probe:
     return Probe(nbytes, _timed_passes(lambda: read(matrices, vectors, others, row), repeats))
 
 
+def product_floor(model, tokens: int, repeats: int = 5) -> tuple[int, tuple[float, ...]]:
+    """FLOPs and seconds of a `tokens`-position forward's matrix products alone.
+
+    Every weight matrix of a `pz.nn.Linear` multiplies a [tokens, in] float
+    matrix as a row-major [in, out] copy, and the vocabulary projection (an
+    untied head is a Linear; a tied embedding table is multiplied here as
+    [width, vocabulary]) likewise: one jitted call, `repeats` timed passes.
+    Any implementation of the model computes these products, so their time
+    is a floor under its forward pass on this machine (the recurrence and the
+    elementwise work come on top).
+    """
+    linears = pz.select(model).at_instances_of(pz.nn.Linear).get_sequence()
+    tied = bool(pz.select(model).at_instances_of(pz.nn.EmbeddingDecode).get_sequence())
+    rng = np.random.default_rng(0)
+    pairs, flops = [], 0
+    for layer in linears:
+        value = layer.weights.value
+        ins = layer.in_axis_names
+        outs = [a for a in value.named_shape if a not in ins]
+        size_in = int(np.prod([value.named_shape[a] for a in ins]))
+        matrix = jnp.asarray(value.unwrap(*ins, *outs).reshape(size_in, -1))
+        pairs.append((matrix, rng.standard_normal((tokens, size_in)).astype(matrix.dtype)))
+    if tied:
+        table = pz.select(model).at_instances_of(pz.nn.EmbeddingTable).get_sequence()[0].embeddings.value
+        matrix = jnp.asarray(table.unwrap(*[a for a in table.named_shape if a != axes.VOCABULARY],
+                                          axes.VOCABULARY))
+        pairs.append((matrix, rng.standard_normal((tokens, matrix.shape[0])).astype(matrix.dtype)))
+    flops = sum(2 * x.shape[0] * m.shape[0] * m.shape[1] for m, x in pairs)
+    pairs = [(m, jnp.asarray(x)) for m, x in pairs]
+    products = jax.jit(lambda pairs: [x @ m for m, x in pairs])
+    return flops, _timed_passes(lambda: products(pairs), repeats)
+
+
 def torch_probe(matrices, repeats: int = 20) -> Probe:
     """`weight_probe` for a torch runtime: ``x @ W`` for each 2-D weight ``W``
     (as stored by that runtime, contracting its first axis), one float vector

