@@ -49,11 +49,16 @@ work (no solve, an elementwise state update across chunks); with a scalar
 decay the chunked form computes its decay factors per pair of positions
 instead of per pair and key channel.
 
-Measured on a shared 2-core CPU (``benchmarks/matrix_scan.py``, T = 2048,
-12 heads of 64 x 64) the sequential form was faster than every chunk size:
-XLA:CPU runs the chunked form's small batched products far below its matmul
-rate, and the per-channel decay tensors ([block, block, N] per block) are
-elementwise work the sequential form does not have. Hence the CPU default.
+Measured on a 2-core CPU (``benchmarks/matrix_scan.py``, T = 2048, 12 heads
+of 64 x 64) the sequential form was faster than every chunk size, and cannot
+be beaten there by this algorithm: at N = 64 the chunked form does 1-3x the
+sequential form's FLOPs (its state passes alone, the read-out of the
+entering state and the injection ``V^T K``, cost 4 M N per token; a
+sequential step costs 5 M N, 9 M N with the rank-one term), and
+XLA:CPU runs its typical product (a batch of [C, N] x [N, N]) at only ~2x
+the rate the sequential step reaches, so its products alone take about as
+long as the whole sequential scan ("batched floor" in the benchmark).
+Hence the CPU default.
 
 Why float32, why the log domain. The state is accumulated and kept in float32
 (float64 for float64 inputs, `accumulation_dtype`) whatever the input dtype:
