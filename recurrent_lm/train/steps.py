@@ -153,24 +153,30 @@ def make_loss_sum(param_axes, compute_dtype: str, loss_chunk_size: int):
 
 
 def make_train_step(loss_sum, optimizer: optax.GradientTransformation):
-    """train_step(params, opt_state, skeleton, tokens, pos) -> (params, opt_state,
-    metrics); tokens, pos: [grad_accum, microbatch, seq]."""
+    """train_step(params, opt_state, skeleton, *batch) -> (params, opt_state,
+    metrics).
+
+    `loss_sum(params, skeleton, *microbatch) -> (loss sum, target count)`;
+    each array of `batch` is [grad_accum, microbatch, ...] (for text: the
+    tokens and segment positions, [grad_accum, microbatch, seq]; other tasks
+    bring their own arrays, e.g. `recurrent_lm.synthetics`' labels).
+    """
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
-    def accumulate(params, skeleton, tokens, pos):
-        def micro(carry, batch):
+    def accumulate(params, skeleton, batch):
+        def micro(carry, microbatch):
             grads, total, count = carry
-            (loss, n), g = grad_fn(params, skeleton, *batch)
+            (loss, n), g = grad_fn(params, skeleton, *microbatch)
             return (jax.tree.map(jnp.add, grads, g), total + loss, count + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        if tokens.shape[0] == 1:
-            return micro(init, (tokens[0], pos[0]))[0]
-        return jax.lax.scan(micro, init, (tokens, pos))[0]
+        if batch[0].shape[0] == 1:
+            return micro(init, tuple(x[0] for x in batch))[0]
+        return jax.lax.scan(micro, init, batch)[0]
 
-    def train_step(params, opt_state, skeleton, tokens, pos):
-        grads, total, count = accumulate(params, skeleton, tokens, pos)
+    def train_step(params, opt_state, skeleton, *batch):
+        grads, total, count = accumulate(params, skeleton, batch)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, opt_state, params)

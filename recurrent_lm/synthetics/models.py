@@ -1,0 +1,81 @@
+"""The small models of the synthetic-task papers, on our architectures.
+
+The H3 paper and Zoology train 2-layer models of width 32-128 with an MLP of
+4x the width after every sequence mixer. `paper_config` builds that shape
+from each architecture's own blocks:
+
+* ``attention``: our Gemma layers (rotary global attention, one head of the
+  full width, a gated MLP of 4x), as the papers' one-head attention
+  baselines (theirs use learned positions);
+* ``h3``: two H3 mixers (no attention layer), state size 64 (safari's);
+* ``rwkv`` (RWKV-4), ``rwkv7``: two blocks each (RWKV-7 heads of
+  ``min(64, width)``);
+* ``griffin``: a recurrent block then a local-attention block (window
+  `window`, one head); ``hawk``: two recurrent blocks (Griffin without
+  attention, as in the Griffin paper);
+* any other registered architecture with the same two-layer settings where its
+  config has them (``mamba``, ``mamba2`` once registered).
+
+Or any registered preset with overrides (`preset_config`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from recurrent_lm.core import registry
+
+PAPER_MODELS: dict[str, str] = {
+    "attention": "gemma",
+    "h3": "h3",
+    "rwkv": "rwkv",
+    "rwkv7": "rwkv7",
+    "griffin": "griffin",
+    "hawk": "griffin",
+    "mamba": "mamba",
+    "mamba2": "mamba2",
+}
+"""Synthetic-task model name -> registered architecture."""
+
+
+def _paper_fields(name: str, width: int, window: int) -> dict[str, Any]:
+    mlp = 4 * width
+    if name == "attention":
+        return dict(num_layers=2, num_query_heads=1, num_key_value_heads=1, hidden_dim=width,
+                    head_dim=width, intermediate_dim=mlp)
+    if name == "h3":
+        return dict(hidden_size=width, num_hidden_layers=2, n_inner=mlp, attn_layer_idx=(),
+                    d_state=64, embedding_dropout=0.0, num_attention_heads=1)
+    if name == "rwkv":
+        return dict(hidden_size=width, num_hidden_layers=2, intermediate_size=mlp)
+    if name == "rwkv7":
+        return dict(hidden_size=width, num_hidden_layers=2, head_size=min(64, width))
+    if name in ("griffin", "hawk"):
+        blocks = ("recurrent", "attention") if name == "griffin" else ("recurrent", "recurrent")
+        return dict(hidden_size=width, lru_width=width, num_hidden_layers=2, block_types=blocks,
+                    num_attention_heads=1, intermediate_size=mlp, attention_window_size=window)
+    if name == "mamba":
+        return dict(hidden_size=width, num_hidden_layers=2)
+    if name == "mamba2":
+        return dict(hidden_size=width, num_hidden_layers=2, head_dim=min(64, 2 * width),
+                    num_heads=max(1, 2 * width // min(64, 2 * width)))
+    raise ValueError(f"unknown synthetic-task model {name!r}; choose one of {sorted(PAPER_MODELS)}.")
+
+
+def paper_config(name: str, width: int, vocab_size: int, *, window: int = 1024, **overrides):
+    """``(architecture, config)`` of the papers' 2-layer model `name` at `width`."""
+    if name not in PAPER_MODELS:
+        raise ValueError(f"unknown synthetic-task model {name!r}; choose one of {sorted(PAPER_MODELS)}.")
+    architecture = registry.get(PAPER_MODELS[name])
+    fields = {**_paper_fields(name, width, window), **overrides}
+    fields["vocab_size"] = vocab_size  # Gemma's vocabulary_size takes this alias
+    # Gemma 1's layers (global attention, no soft caps); the others' "tiny".
+    preset = "gemma-2b" if name == "attention" else "tiny"
+    return architecture, architecture.config_class.from_preset(preset, **fields)
+
+
+def preset_config(model: str, preset: str, vocab_size: int, **overrides):
+    """``(architecture, config)``: registered `model`'s `preset` with `overrides`."""
+    architecture = registry.get(model)
+    config = architecture.config_class.from_preset(preset, **{**overrides, "vocab_size": vocab_size})
+    return architecture, config
