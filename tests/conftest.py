@@ -58,6 +58,7 @@ LONGEST_FIRST = (
     "tests/test_notebooks.py",
     "tests/train/test_train_loop.py",
     "tests/models/test_scanned_layers.py",
+    "tests/test_synthetics.py",
     "tests/train/test_plain_text.py",
     "tests/train/test_architectures.py",
     "tests/models/test_rwkv7.py",
