@@ -183,3 +183,31 @@ def test_cli_reports_a_bad_setting_as_one_error_line(capsys):
     assert cli_main(["--task", "mqar", "--task-setting", "pairs=3", "--model", "griffin"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: task 'mqar' has no setting")
+
+
+def test_the_swept_rate_is_adamw_at_that_rate():
+    """The sweep's optimizer (unit-rate AdamW, update scaled by a state value) takes
+    the same steps as the training CLI's AdamW built at the rate."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from recurrent_lm.synthetics import run
+    from recurrent_lm.train.config import TrainConfig
+    from recurrent_lm.train.optimizer import make_optimizer
+
+    axes = {"w": ("embedding", "vocabulary"), "b": ("vocabulary",)}
+    params = {"w": jnp.ones((3, 4)) * 0.5, "b": jnp.zeros(4)}
+    grads = [jax.tree.map(lambda p, i=i: jnp.sin(p + i) * (i + 1), params) for i in range(6)]
+    swept, _, _ = run._compiled(tuple(sorted(axes.items())), 6, 2, 0.1)
+    reference = make_optimizer(TrainConfig(learning_rate=3e-3, steps=6, weight_decay=0.1, warmup_steps=2), axes)
+    a, b = dict(params), dict(params)
+    state_a, state_b = run._init_optimizer(swept, a, 3e-3), reference.init(b)
+    for g in grads:
+        update, state_a = swept.update(g, state_a, a)
+        a = optax.apply_updates(a, update)
+        update, state_b = reference.update(g, state_b, b)
+        b = optax.apply_updates(b, update)
+    for key in params:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-8)
+    assert not np.allclose(a["w"], params["w"])  # it moved

@@ -9,6 +9,7 @@ token of packed text. Data are generated in memory from the seed (no files).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from recurrent_lm.core import functional
 from recurrent_lm.synthetics.tasks import IGNORE, Examples, Task
@@ -118,6 +120,37 @@ def accuracy(logits_fn, params, skeleton, examples: Examples, batch_size: int = 
     return right / total
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled(param_axes_items: tuple, steps: int, warmup_steps: int, weight_decay: float):
+    """(optimizer, jitted train step, jitted logits) for a model's parameters and
+    a schedule, shared by every learning rate of a sweep: the rate is a value in
+    the optimizer state (`optax.inject_hyperparams`), not a constant of the
+    program, so a sweep compiles once. AdamW's update is proportional to the
+    rate (warmup, cosine and weight decay included), so scaling the update of a
+    unit-rate AdamW by it is AdamW at that rate."""
+    param_axes = dict(param_axes_items)
+    unit = TrainConfig(learning_rate=1.0, steps=steps, weight_decay=weight_decay, warmup_steps=warmup_steps)
+    optimizer = optax.chain(
+        make_optimizer(unit, param_axes),
+        optax.inject_hyperparams(optax.scale)(step_size=1.0),
+    )
+    logits = _logits_fn(param_axes)
+
+    def loss_sum(params, skeleton, inputs, labels):
+        return label_loss(logits(params, skeleton, inputs), labels)
+
+    step = jax.jit(steps_lib.make_train_step(loss_sum, optimizer), donate_argnums=(0, 1))
+    return optimizer, step, jax.jit(logits)
+
+
+def _init_optimizer(optimizer, params, learning_rate: float):
+    """The optimizer state with the update scaled by `learning_rate`."""
+    state = optimizer.init(params)
+    scale = state[1]
+    scale.hyperparams["step_size"] = jnp.asarray(learning_rate, jnp.float32)
+    return state
+
+
 def train_on_task(task: Task, model_name: str, architecture, config, settings: RunSettings,
                   *, width: int | None = None) -> Result:
     """Trains `architecture.build_model(config)` on `task` and scores it."""
@@ -125,18 +158,10 @@ def train_on_task(task: Task, model_name: str, architecture, config, settings: R
     data = task.split(settings.num_train, settings.num_test, settings.seed)
     model = architecture.build_model(config, jax.random.key(settings.seed))
     skeleton, params, param_axes = _split(model)
-    cfg = TrainConfig(
-        learning_rate=settings.learning_rate, steps=settings.steps, batch_size=settings.batch_size,
-        weight_decay=settings.weight_decay, warmup_steps=int(settings.warmup_fraction * settings.steps),
-    )
-    optimizer = make_optimizer(cfg, param_axes)
-    logits_fn = jax.jit(_logits_fn(param_axes))
-
-    def loss_sum(params, skeleton, inputs, labels):
-        return label_loss(_logits_fn(param_axes)(params, skeleton, inputs), labels)
-
-    train_step = jax.jit(steps_lib.make_train_step(loss_sum, optimizer), donate_argnums=(0, 1))
-    opt_state = optimizer.init(params)
+    optimizer, train_step, logits_fn = _compiled(
+        tuple(sorted(param_axes.items())), settings.steps,
+        int(settings.warmup_fraction * settings.steps), settings.weight_decay)
+    opt_state = _init_optimizer(optimizer, params, settings.learning_rate)
     rng = np.random.default_rng(settings.seed + 1)
     order, cursor, loss = rng.permutation(len(data.train)), 0, math.nan
     for _ in range(settings.steps):
