@@ -10,7 +10,8 @@ depthwise convolution, ``A = -exp(A_log)``, and the input-dependent ``dt``
 (``softplus(dt_proj(dt_low))``), ``B`` and ``C`` come from ``x_proj(u)``.
 The output ``out_proj(y * silu(z))`` is gated by the in-projection's z half.
 The recurrence is `recurrence.linear_scan` over {"inner", "state"}, in
-float32; it restarts where a document starts, and the conv is cut there.
+float32 (float64 for float64 parameters); it restarts where a document
+starts, and the conv is cut there.
 
 Also here what Mamba-2's mixer (`layers.mamba2`) shares: the time-step
 initialisation (`TimeStepInit`) and HF's ``A_log`` / ``D`` initialisers.
@@ -83,7 +84,8 @@ class MambaState(pz.Struct):
     Attributes:
       conv: the convolution's last inputs {..., "conv_taps": K-1, "inner"},
         in the parameter dtype.
-      ssm: the recurrence state {..., "inner", "state"}, float32.
+      ssm: the recurrence state {..., "inner", "state"}, float32 (or wider:
+        `recurrence.accumulation_dtype` of the parameters).
     """
 
     conv: pz.nx.NamedArray
@@ -109,7 +111,7 @@ class MambaMixer(StatefulLayer):
     conv, before SiLU), ``ssm_input`` (u, after SiLU), ``dt`` (after the
     softplus), ``ssm_output`` (``C . h + D u``, before the gate), all {...,
     "seq", "inner"}; ``B``, ``C`` {..., "seq", "state"}; the state site
-    ``state``: ``h_t`` {..., "seq", "inner", "state"} (float32), where
+    ``state``: ``h_t`` {..., "seq", "inner", "state"} (float32 or wider), where
     ``Replace`` / ``Add`` act on the recurrence (they carry forward) or,
     with ``propagate=False``, on what the layer reads out only. The
     out-projection is the enclosing block's ``temporal_output`` site.
@@ -227,7 +229,8 @@ class MambaMixer(StatefulLayer):
         inner, state_size, _ = self.sizes
         return MambaState(
             conv=self.conv1d.initial_state(batch_size),
-            ssm=pz.nx.zeros({axes.BATCH: batch_size, INNER: inner, STATE: state_size}, jnp.float32),
+            ssm=pz.nx.zeros({axes.BATCH: batch_size, INNER: inner, STATE: state_size},
+                            recurrence.accumulation_dtype(self.A_log.value.dtype)),
         )
 
     def forward(
@@ -244,12 +247,12 @@ class MambaMixer(StatefulLayer):
         dt_low, b, c = fused_parts(
             self.x_proj(u), [{axes.LOW_RANK: dt_rank}, {STATE: state_size}, {STATE: state_size}]
         )
-        f32 = lambda v: v.astype(jnp.float32)
-        dt = self.dt(pz.nx.nmap(jax.nn.softplus)(f32(self.dt_proj(dt_low))))
-        b, c = self.B(f32(b)), self.C(f32(c))
-        a_matrix = -pz.nx.nmap(jnp.exp)(f32(self.A_log.value))  # {inner, state}
+        wide = lambda v: v.astype(recurrence.accumulation_dtype(x.dtype, self.A_log.value.dtype))
+        dt = self.dt(pz.nx.nmap(jax.nn.softplus)(wide(self.dt_proj(dt_low))))
+        b, c = self.B(wide(b)), self.C(wide(c))
+        a_matrix = -pz.nx.nmap(jnp.exp)(wide(self.A_log.value))  # {inner, state}
         decay = pz.nx.nmap(jnp.exp)(dt * a_matrix)
-        drive = (dt * f32(u)) * b  # {..., seq, inner, state}
+        drive = (dt * wide(u)) * b  # {..., seq, inner, state}
         decay, drive = self.state.update(decay, drive)
         h, h_last = recurrence.linear_scan(
             decay, drive, h0=None if context.new_streams else state.ssm, reset=context.starts,

@@ -12,8 +12,9 @@ end to end) and ``dt``; a causal depthwise convolution (then SiLU) runs over
 -exp(A_log)``. The output is ``out_proj(norm(y * silu(z)))`` with an RMS norm
 per group of heads (`layers.norms.ScaledRMSNorm`). The recurrence is
 `matrix_recurrence.matrix_scan`'s scalar-decay case (``log_decay = dt A``
-without a key axis, ``k = B``, ``v = dt x``, ``r = C``), in float32; it
-restarts where a document starts, and the conv is cut there.
+without a key axis, ``k = B``, ``v = dt x``, ``r = C``), in float32
+(float64 for float64 parameters); it restarts where a document starts, and
+the conv is cut there.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from recurrent_lm.layers.matrix_recurrence import (
     matrix_scan,
 )
 from recurrent_lm.layers.norms import ScaledRMSNorm
+from recurrent_lm.layers.recurrence import accumulation_dtype
 
 HEADS, VALUE, KEY, GROUPS = axes.HEADS, axes.PROJECTION, axes.STATE, axes.GROUPS
 
@@ -51,7 +53,8 @@ class Mamba2State(pz.Struct):
     Attributes:
       conv: the convolution's last inputs {..., "conv_taps": K-1, "fused"}
         (x, B, C end to end), in the parameter dtype.
-      ssm: the recurrence state {..., "heads", "projection", "state"}, float32.
+      ssm: the recurrence state {..., "heads", "projection", "state"}, float32
+        (or wider: `recurrence.accumulation_dtype` of the parameters).
     """
 
     conv: pz.nx.NamedArray
@@ -89,7 +92,7 @@ class Mamba2Mixer(StatefulLayer):
     ``xbc`` (the conv's input) and ``conv1d.output`` (the conv, before SiLU)
     {..., "seq", "fused"}; ``dt`` (after softplus and clip) {..., "seq",
     "heads"}; ``B``, ``C`` {..., "seq", "groups", "state"}; the state site
-    ``state``: ``S_t`` {..., "seq", "heads", "projection", "state"} (float32).
+    ``state``: ``S_t`` {..., "seq", "heads", "projection", "state"} (float32 or wider).
     Capturing or changing it runs the recurrence step by step with every
     state materialised (`matrix_recurrence.materialised_scan`); ``Replace`` /
     ``Add`` there set / shift ``S_t`` and the change carries on, or, with
@@ -206,7 +209,8 @@ class Mamba2Mixer(StatefulLayer):
         return Mamba2State(
             conv=self.conv1d.initial_state(batch_size),
             ssm=pz.nx.zeros(
-                {axes.BATCH: batch_size, HEADS: heads, VALUE: head_dim, KEY: state_size}, jnp.float32
+                {axes.BATCH: batch_size, HEADS: heads, VALUE: head_dim, KEY: state_size},
+                accumulation_dtype(self.A_log.value.dtype),
             ),
         )
 
@@ -219,18 +223,18 @@ class Mamba2Mixer(StatefulLayer):
         conv_dim = self.conv1d.weights.value.named_shape[axes.FUSED]
         z, xbc, dt = fused_parts(self.in_proj(x), [value_side, {axes.FUSED: conv_dim}, {HEADS: heads}])
         z, xbc = self.z(z), self.xbc(xbc)
-        f32 = lambda v: v.astype(jnp.float32)
+        wide = lambda v: v.astype(accumulation_dtype(x.dtype, self.A_log.value.dtype))
         low, high = self.time_step_limit
-        dt = pz.nx.nmap(jax.nn.softplus)(f32(dt) + f32(self.dt_bias.value))
+        dt = pz.nx.nmap(jax.nn.softplus)(wide(dt) + wide(self.dt_bias.value))
         dt = self.dt(pz.nx.nmap(lambda v: jnp.clip(v, low, high))(dt))
         conv, conv_state = self.conv1d.forward(xbc, context, state.conv)
         silu = pz.nx.nmap(jax.nn.silu)
         xs, b, c = fused_parts(silu(conv), [value_side, group_side, group_side])
         xs, b, c = self.x(xs), self.B(b), self.C(c)
-        log_decay = dt * -pz.nx.nmap(jnp.exp)(f32(self.A_log.value))  # {..., seq, heads}
+        log_decay = dt * -pz.nx.nmap(jnp.exp)(wide(self.A_log.value))  # {..., seq, heads}
         h0 = None if context.new_streams else state.ssm
         y, h_last = self._recurrence(
-            per_head(f32(c), heads), log_decay, per_head(f32(b), heads), f32(xs) * dt, h0, context
+            per_head(wide(c), heads), log_decay, per_head(wide(b), heads), wide(xs) * dt, h0, context
         )
         y = self.ssm_output(y.astype(x.dtype) + self.D.value.astype(x.dtype) * xs)
         return self.out_proj(self.norm(y * silu(z))), Mamba2State(conv=conv_state, ssm=h_last)
@@ -247,8 +251,8 @@ class Mamba2Mixer(StatefulLayer):
         if h0 is None:
             h0 = self.initial_state(r.named_shape[axes.BATCH]).ssm
         # An intervention sees (keep, override) and sets S_t = keep_t step(S_{t-1}) + override_t.
-        keep = pz.nx.ones({axes.SEQ: r.named_shape[axes.SEQ]}, jnp.float32)
-        override = pz.nx.zeros({**v.named_shape, KEY: k.named_shape[KEY]}, jnp.float32)
+        keep = pz.nx.ones({axes.SEQ: r.named_shape[axes.SEQ]}, v.dtype)
+        override = pz.nx.zeros({**v.named_shape, KEY: k.named_shape[KEY]}, v.dtype)
         keep, override = self.state.update(keep, override)
         states, last = materialised_scan(
             log_decay, k, v, h0=h0, reset=context.starts, keep=keep, override=override,

@@ -89,7 +89,7 @@ class MambaConfig(Config):
         time_step_init_scheme, time_step_floor, rescale_prenorm_residual:
         HF's initialisation (`build_model`).
       param_dtype: dtype of the parameters; computation follows it, the
-        recurrence always runs in float32.
+        recurrence runs in float32 (float64 for float64 parameters).
       scan_method: the `linear_scan` form (`recurrence.SCAN_METHODS`; None
         picks the backend default).
       scan_chunk_size: chunk length of the "chunked" form.

@@ -105,7 +105,7 @@ class Mamba2Config(Config):
         rescale_prenorm_residual: HF's initialisation (`build_model`).
       chunk_size: chunk length of `matrix_scan`'s "chunked" form.
       param_dtype: dtype of the parameters; computation follows it, the
-        recurrence always runs in float32.
+        recurrence runs in float32 (float64 for float64 parameters).
       scan_method: the `matrix_scan` form
         (`matrix_recurrence.MATRIX_SCAN_METHODS`; None picks the default).
     """

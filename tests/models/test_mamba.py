@@ -16,6 +16,7 @@ from mamba_cases import (
     M1_CASES,
     M2_CASES,
     case_ids,
+    hf_directory,
     hf_logits,
     our_model,
     positions,
@@ -23,6 +24,7 @@ from mamba_cases import (
 from penzai import pz
 
 import recurrent_lm
+from checkpoints_conversion import mamba as convert
 from recurrent_lm import interp
 from recurrent_lm.core import registry
 from recurrent_lm.models import mamba, mamba2
@@ -30,9 +32,10 @@ from recurrent_lm.params import abstract_parameters, parameter_values
 from recurrent_lm.sampling import generate, to_sampling_mode
 
 _call = pz.variable_jit(lambda model, tokens, pos: model(tokens, segment_pos=pos))
-METHODS = [(name, None) for name in CASES] + [
-    (name, method) for name in M1_CASES for method in ("associative", "chunked")
-] + [(name, "chunked") for name in M2_CASES]
+# Every case on the default (CPU: sequential) form; the other forms on a case each
+# (Mamba-2's chunked on both: HF's own SSD chunks there are 4 and 5 long).
+METHODS = [(name, None) for name in CASES] + list(zip(M1_CASES, ("associative", "chunked"), strict=True)) + [
+    (name, "chunked") for name in M2_CASES]
 
 
 def logits_of(model, ids, pos=None):
@@ -80,14 +83,14 @@ def test_sampling_in_uneven_chunks_matches_transformers(name):
     assert error <= 1e-5
 
 
-@pytest.mark.parametrize(("name", "method"), [("m1_odd", None), ("m1_odd", "chunked"),
-                                              ("m2_groups", None), ("m2_groups", "chunked")])
-def test_packed_and_padded_rows_equal_each_document_alone(name, method):
+@pytest.mark.parametrize("name", ["m1_odd", "m2_groups"])
+def test_packed_and_padded_rows_equal_each_document_alone(name):
     """Packed and left-padded rows: each document's logits equal a run on it
     alone (the conv is cut and the state restarts at document starts), and
-    feeding the packed rows in chunks (sampling mode) gives the same logits."""
+    feeding the packed rows in chunks (sampling mode) gives the same logits.
+    (The chunked scan forms on packed rows: the float64 test below.)"""
     case = CASES[name]
-    model = with_method(case, method)
+    model = our_model(case)
     batch, seq = 4, case.seq
     ids = np.random.default_rng(3).integers(0, case.vocab, (batch, seq)).astype(np.int32)
     pos = segment_layout(batch, seq)
@@ -108,6 +111,33 @@ def test_packed_and_padded_rows_equal_each_document_alone(name, method):
         pieces.append(np.asarray(_call(sampler, tokens[piece], segment_pos[piece]).unwrap("batch", "seq", "vocabulary")))
         lo += length
     assert max_relative_error(np.concatenate(pieces, axis=1), packed) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["m1_odd", "m2_groups"])
+def test_float64_parameters_run_in_float64_and_every_form_agrees(name):
+    """With float64 parameters the recurrence and the sampling state are
+    float64: the scan forms and chunked feeding of packed rows agree to
+    float64 rounding (an exactness check float32 cannot make)."""
+    case = CASES[name]
+    ids = np.random.default_rng(4).integers(0, case.vocab, (4, case.seq)).astype(np.int32)
+    pos = segment_layout(4, case.seq)
+    with jax.enable_x64(True):
+        model = convert.load_hf_checkpoint(hf_directory(case), param_dtype="float64")
+        full = logits_of(model, ids, pos)
+        assert full.dtype == np.float64
+        chunked = convert.load_hf_checkpoint(hf_directory(case), param_dtype="float64",
+                                             scan_method="chunked", **({"scan_chunk_size": 4} if case.family == "mamba" else {}))
+        assert max_relative_error(logits_of(chunked, ids, pos), full) <= 1e-12
+        sampler = to_sampling_mode(model, batch_size=4)
+        tokens, segment_pos = named_tokens(ids, pos)
+        pieces, lo = [], 0
+        for length in (3, 1, case.seq - 4):
+            piece = {"seq": pz.slice[lo:lo + length]}
+            pieces.append(np.asarray(_call(sampler, tokens[piece], segment_pos[piece]).unwrap("batch", "seq", "vocabulary")))
+            lo += length
+        assert max_relative_error(np.concatenate(pieces, axis=1), full) <= 1e-12
+        states = pz.select(sampler).at_instances_of(pz.StateVariable).get_sequence()
+        assert {v.value.ssm.dtype for v in states if hasattr(v.value, "ssm")} == {np.dtype("float64")}
 
 
 @pytest.mark.parametrize("name", ["m1_untied", "m2_tied"])
