@@ -16,10 +16,21 @@ z, xBC, dt (Mamba-2), ``x_proj`` is dt_low, B, C. A tied head is not stored
 untied one is ``lm_head.weight``. Values are stored as they are used
 (``A_log`` before ``-exp``, norm scales as is), so both directions are exact.
 
+The original package's directories (``mamba_ssm``'s ``MambaLMHeadModel``, as
+state-spaces/mamba-130m ... and state-spaces/mamba2-130m ... are published:
+``config.json`` with ``d_model``, ``n_layer``, ``ssm_cfg`` and no
+``model_type``, weights in ``pytorch_model.bin``) load with
+`load_mamba_ssm_checkpoint`: the same tensor names (``backbone.embedding``),
+the vocabulary padded to ``pad_vocab_size_multiple``, ``ssm_cfg["layer"]``
+("Mamba1", the default, or "Mamba2") deciding the family. Variants our models
+do not compute (attention layers, an MLP, LayerNorm, Mamba-2's per-channel
+``D`` or norm before the gate, learnable initial states) are an error naming
+the key.
+
 The GPT-NeoX-20B tokenizer of the releases (``tokenizer.json``) loads with
 `load_tokenizer` (`tokenizers`).
 
-CLI::
+CLI (SRC: an HF directory, or a mamba_ssm one, told apart by its config.json)::
 
     python -m checkpoints_conversion.mamba convert SRC DST [--param-dtype bfloat16]
 """
@@ -28,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import sys
 from collections.abc import Mapping
@@ -46,10 +58,13 @@ from recurrent_lm.params import parameter_values
 __all__ = [
     "NeoXTokenizer",
     "config_from_hf",
+    "config_from_mamba_ssm",
     "from_hf_state_dict",
     "hf_config_dict",
     "leaf_layouts",
+    "load_checkpoint",
     "load_hf_checkpoint",
+    "load_mamba_ssm_checkpoint",
     "load_tokenizer",
     "main",
     "save_hf_checkpoint",
@@ -214,12 +229,108 @@ def save_hf_checkpoint(model, directory: str | os.PathLike, *,
                               max_shard_bytes=common.parse_size(max_shard_size))
 
 
+# ---------------------------------------------------------------------------
+# The original package's directories (mamba_ssm's MambaLMHeadModel).
+# ---------------------------------------------------------------------------
+
+MAMBA_SSM_SOURCE = "mamba_ssm checkpoint"
+# ssm_cfg keys -> our field names, per family (others are runtime or init-only options).
+_MAMBA1_KEYS = {"d_state": "state_size", "d_conv": "conv_kernel", "expand": "expand",
+                "dt_rank": "time_step_rank", "dt_min": "time_step_min", "dt_max": "time_step_max",
+                "dt_init": "time_step_init_scheme", "dt_scale": "time_step_scale",
+                "dt_init_floor": "time_step_floor", "conv_bias": "use_conv_bias", "bias": "use_bias"}
+_MAMBA2_KEYS = {"d_state": "state_size", "d_conv": "conv_kernel", "expand": "expand",
+                "headdim": "head_dim", "ngroups": "n_groups", "dt_min": "time_step_min",
+                "dt_max": "time_step_max", "dt_init_floor": "time_step_floor",
+                "dt_limit": "time_step_limit", "conv_bias": "use_conv_bias", "bias": "use_bias",
+                "chunk_size": "chunk_size"}
+# Keys whose value other than this one changes the model into one we do not compute.
+_MAMBA_SSM_REQUIRED = {"d_intermediate": 0, "attn_layer_idx": [], "rms_norm": True}
+_MAMBA2_REQUIRED = {"D_has_hdim": False, "rmsnorm": True, "norm_before_gate": False,
+                    "learnable_init_states": False}
+
+
+def is_mamba_ssm_directory(path: str | os.PathLike) -> bool:
+    """A directory whose config.json is mamba_ssm's (``d_model``, ``n_layer``, no ``model_type``)."""
+    try:
+        with open(os.path.join(path, common.HF_CONFIG)) as f:
+            values = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and "model_type" not in values and {"d_model", "n_layer"} <= set(values)
+
+
+def config_from_mamba_ssm(values: Mapping[str, Any], **overrides) -> Config:
+    """Our config from mamba_ssm's config.json contents, plus `overrides`."""
+    ssm = dict(values.get("ssm_cfg") or {})
+    layer = ssm.pop("layer", "Mamba1")
+    if layer not in ("Mamba1", "Mamba2"):
+        raise ValueError(f"mamba_ssm config.json: ssm_cfg layer {layer!r} is not 'Mamba1' or 'Mamba2'.")
+    required = dict(_MAMBA_SSM_REQUIRED)
+    found = {key: values.get(key, value) for key, value in required.items()}
+    if layer == "Mamba2":
+        required.update(_MAMBA2_REQUIRED)
+        found.update({key: ssm.get(key, value) for key, value in _MAMBA2_REQUIRED.items()})
+        expand = ssm.get("expand", 2)
+        if ssm.get("d_ssm") not in (None, expand * values["d_model"]):
+            found["d_ssm"], required["d_ssm"] = ssm["d_ssm"], expand * values["d_model"]
+    if ssm.get("activation", "silu") not in ("silu", "swish"):
+        found["activation"], required["activation"] = ssm["activation"], "silu"
+    wrong = [f"{key} {found[key]!r} (we compute {value!r})" for key, value in required.items()
+             if found[key] is not None and found[key] != value]  # None: the default
+    if wrong:
+        raise ValueError("mamba_ssm config.json: a model we do not compute: " + "; ".join(wrong) + ".")
+    keys = _MAMBA2_KEYS if layer == "Mamba2" else _MAMBA1_KEYS
+    fields = {ours: ssm[theirs] for theirs, ours in keys.items() if ssm.get(theirs) is not None}
+    vocab, multiple = values.get("vocab_size", 50277), values.get("pad_vocab_size_multiple", 8)
+    fields.update(
+        hidden_size=values["d_model"], num_hidden_layers=values["n_layer"],
+        vocab_size=vocab + (-vocab) % multiple,
+        residual_in_fp32=values.get("residual_in_fp32", True),
+        tie_word_embeddings=values.get("tie_embeddings", True),
+        pad_token_id=0, bos_token_id=0, eos_token_id=0,  # the NeoX tokenizer's <|endoftext|>
+    )
+    config_class = mamba2.Mamba2Config if layer == "Mamba2" else mamba.MambaConfig
+    return config_class(**{**fields, **overrides})
+
+
+def load_mamba_ssm_checkpoint(directory: str | os.PathLike, **config_overrides):
+    """Loads a mamba_ssm directory (config.json + ``pytorch_model.bin``, or
+    safetensors) as our Mamba / Mamba-2; overrides as for `load_hf_checkpoint`.
+
+    Raises:
+      ValueError: a config.json we cannot compute (naming the keys).
+      CheckpointMismatchError: every missing, unexpected or mis-shaped tensor.
+    """
+    directory = os.fspath(directory)
+    if not is_mamba_ssm_directory(directory):
+        raise ValueError(f"{directory} has no mamba_ssm config.json (d_model, n_layer, no model_type).")
+    with open(os.path.join(directory, common.HF_CONFIG)) as f:
+        values = common.decode_hf_floats(json.load(f))
+    overrides = dict(config_overrides)
+    if "dtype" in overrides:  # HF's name for it
+        overrides["param_dtype"] = overrides.pop("dtype")
+    state = common.read_hf_weights(directory)
+    if "param_dtype" not in overrides and OLD_EMBEDDINGS in state:
+        overrides["param_dtype"] = common.stored_dtype(state[OLD_EMBEDDINGS])
+    config = config_from_mamba_ssm(values, **overrides)
+    return from_hf_state_dict(state, config, source=f"{MAMBA_SSM_SOURCE} {directory}")
+
+
+def load_checkpoint(path: str | os.PathLike, **config_overrides):
+    """An HF directory or a mamba_ssm one, told apart by its config.json."""
+    if is_mamba_ssm_directory(path):
+        return load_mamba_ssm_checkpoint(path, **config_overrides)
+    return load_hf_checkpoint(path, **config_overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, convert = common.convert_parser(
-        "mamba", __doc__, source="HF MambaForCausalLM or Mamba2ForCausalLM directory"
+        "mamba", __doc__,
+        source="HF MambaForCausalLM / Mamba2ForCausalLM directory, or a mamba_ssm directory",
     )
     common.add_config_flags(convert, mamba.MambaConfig, ["param_dtype"], param_dtype=PARAM_DTYPES)
-    return common.run_convert(parser, argv, load_hf_checkpoint)
+    return common.run_convert(parser, argv, load_checkpoint)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Logit parity on every scan form is in tests/models/test_mamba.py.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -183,3 +184,59 @@ def test_cli_converts_an_hf_directory(tmp_path, capsys):
     assert_same_state(convert.to_hf_state_dict(model), hf_state(case))
     assert convert.main(["convert", hf_directory(case), str(tmp_path / "ours")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# The original package's directories (state-spaces/mamba-130m, mamba2-130m ...).
+# ---------------------------------------------------------------------------
+
+MAMBA_SSM_CONFIGS = {  # what mamba_ssm's config.json says for each case (37 and 31: padded vocabularies)
+    "m1_odd": {"d_model": 18, "n_layer": 2, "vocab_size": 30, "pad_vocab_size_multiple": 37,
+               "ssm_cfg": {"d_state": 5, "d_conv": 3, "expand": 2, "bias": True}},
+    "m2_tied": {"d_model": 10, "n_layer": 2, "vocab_size": 29, "pad_vocab_size_multiple": 31,
+                "ssm_cfg": {"layer": "Mamba2", "d_state": 6, "d_conv": 4, "expand": 2, "headdim": 4,
+                            "ngroups": 1, "chunk_size": 5, "conv_bias": False, "bias": True,
+                            "dt_limit": [0.05, 0.5], "use_mem_eff_path": True}},
+}
+
+
+def mamba_ssm_directory(name, path, **changes):
+    """The case's model as mamba_ssm publishes it: its config.json, and
+    ``pytorch_model.bin`` with ``backbone.embedding`` and the tied head stored."""
+    path.mkdir()
+    values = {"d_intermediate": 0, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True,
+              "residual_in_fp32": True, "fused_add_norm": True, "tie_embeddings": True,
+              **MAMBA_SSM_CONFIGS[name], **changes}
+    (path / "config.json").write_text(json.dumps(values))
+    state = hf_state(CASES[name])
+    state["backbone.embedding.weight"] = state.pop("backbone.embeddings.weight")
+    state["lm_head.weight"] = state["backbone.embedding.weight"]
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path / "pytorch_model.bin")
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(MAMBA_SSM_CONFIGS))
+def test_mamba_ssm_directories_load(name, tmp_path, capsys):
+    case = CASES[name]
+    path = mamba_ssm_directory(name, tmp_path / "original")
+    # mamba_ssm's norms take eps 1e-5; this case's HF model has its own.
+    eps = {"layer_norm_epsilon": case.kwargs["layer_norm_epsilon"]} if "layer_norm_epsilon" in case.kwargs else {}
+    model = convert.load_mamba_ssm_checkpoint(path, **eps)
+    special = {k: 0 for k in ("pad_token_id", "bos_token_id", "eos_token_id")}  # the NeoX tokenizer's
+    assert model.config == dataclasses.replace(our_model(case).config, **special)
+    assert_same_state(convert.to_hf_state_dict(model), hf_state(case))
+    ids = case_ids(case, seed=7)
+    assert max_relative_error(recurrent_lm.jit_forward(model)(ids), hf_logits(case, ids)) <= 1e-5
+    assert convert.main(["convert", str(path), str(tmp_path / "ours"), "--param-dtype", "float32"]) == 0
+    capsys.readouterr()
+    assert recurrent_lm.load(tmp_path / "ours").config.model_type == case.family
+
+
+def test_mamba_ssm_variants_we_do_not_compute_are_named(tmp_path):
+    path = mamba_ssm_directory("m2_tied", tmp_path / "original", attn_layer_idx=[1], d_intermediate=8)
+    values = json.loads((path / "config.json").read_text())
+    values["ssm_cfg"]["D_has_hdim"] = True
+    (path / "config.json").write_text(json.dumps(values))
+    with pytest.raises(ValueError, match=r"d_intermediate 8 \(we compute 0\); attn_layer_idx \[1\] .*"
+                                         r"D_has_hdim True \(we compute False\)"):
+        convert.load_checkpoint(path)
