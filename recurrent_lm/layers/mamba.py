@@ -218,15 +218,13 @@ class MambaMixer(StatefulLayer):
         )
 
     @property
-    def sizes(self) -> tuple[int, int, int]:
-        """(inner, state_size, dt_rank)."""
-        inner, state_size = (self.A_log.value.named_shape[a] for a in (INNER, STATE))
-        dt_rank = self.x_proj.weights.value.named_shape[axes.FUSED] - 2 * state_size
-        return inner, state_size, dt_rank
+    def sizes(self) -> tuple[int, int]:
+        """(inner, state_size)."""
+        return tuple(self.A_log.value.named_shape[a] for a in (INNER, STATE))
 
     def initial_state(self, batch_size: int, max_length: int | None = None) -> MambaState:
         del max_length  # a fixed-size state
-        inner, state_size, _ = self.sizes
+        inner, state_size = self.sizes
         return MambaState(
             conv=self.conv1d.initial_state(batch_size),
             ssm=pz.nx.zeros({axes.BATCH: batch_size, INNER: inner, STATE: state_size},
@@ -237,15 +235,17 @@ class MambaMixer(StatefulLayer):
         self, x: pz.nx.NamedArray, context: DocumentContext, state: MambaState
     ) -> tuple[pz.nx.NamedArray, MambaState]:
         """The mixer continuing from `state`; returns ``(y, new_state)``."""
-        inner, state_size, dt_rank = self.sizes
+        inner, state_size = self.sizes
         channels = {INNER: inner}
         xs, z = fused_parts(self.in_proj(x), [channels, channels])
         xs, z = self.x(xs), self.z(z)
         conv, conv_state = self.conv1d.forward(xs, context, state.conv)
         silu = pz.nx.nmap(jax.nn.silu)
         u = self.ssm_input(silu(conv))
+        projected = self.x_proj(u)
+        dt_rank = projected.named_shape[axes.FUSED] - 2 * state_size
         dt_low, b, c = fused_parts(
-            self.x_proj(u), [{axes.LOW_RANK: dt_rank}, {STATE: state_size}, {STATE: state_size}]
+            projected, [{axes.LOW_RANK: dt_rank}, {STATE: state_size}, {STATE: state_size}]
         )
         wide = lambda v: v.astype(recurrence.accumulation_dtype(x.dtype, self.A_log.value.dtype))
         dt = self.dt(pz.nx.nmap(jax.nn.softplus)(wide(self.dt_proj(dt_low))))
