@@ -25,7 +25,7 @@ from penzai import pz
 
 import recurrent_lm
 from checkpoints_conversion import mamba as convert
-from recurrent_lm import interp
+from recurrent_lm import interp, lora
 from recurrent_lm.core import registry
 from recurrent_lm.models import mamba, mamba2
 from recurrent_lm.params import abstract_parameters, parameter_values
@@ -249,6 +249,18 @@ def test_scanned_layers_give_the_same_logits(fresh):
     scanned = recurrent_lm.scan_layers(model, "block")
     assert [type(b).__name__ for b in scanned.blocks.sublayers] == ["ScannedBlocks"]
     assert max_relative_error(logits_of(scanned, ids, pos), logits_of(model, ids, pos)) <= 1e-6
+
+
+def test_lora_adapts_every_projection(fresh):
+    """LoRA wraps the mixers' Linear layers (x_proj included: the mixer reads
+    dt's rank from its output); zero-initialised adapters keep the logits."""
+    family, model = fresh
+    adapted = lora.enable_lora(model, 2)
+    projections = {"mamba": ("in_proj", "x_proj", "dt_proj", "out_proj"), "mamba2": ("in_proj", "out_proj")}
+    labels = {label.rsplit(".", 2)[0] for label in lora.adapter_values(adapted)}
+    assert labels == {f"layers.{i}.mixer.{p}" for i in range(3) for p in projections[family]}
+    ids = np.arange(10, dtype=np.int32).reshape(1, 10)
+    assert max_relative_error(logits_of(adapted, ids), logits_of(model, ids)) <= 1e-6
 
 
 def parameter_count(config_class, build, preset):
