@@ -617,8 +617,26 @@ def open_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
     return tensors
 
 
-def read_hf_config(directory: str | os.PathLike, model_type: str) -> dict[str, Any]:
-    """The ``config.json`` of an HF model directory, checked to be `model_type`."""
+# transformers 5 writes the floats JSON lacks as {"__float__": "Infinity"}
+# (4.x writes the bare ``Infinity`` Python's json reads).
+_HF_FLOAT_TAG = "__float__"
+_HF_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def decode_hf_floats(value):
+    """`value` (config.json contents) with HF's tagged special floats as floats."""
+    if isinstance(value, dict):
+        if set(value) == {_HF_FLOAT_TAG} and value[_HF_FLOAT_TAG] in _HF_FLOATS:
+            return _HF_FLOATS[value[_HF_FLOAT_TAG]]
+        return {k: decode_hf_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_hf_floats(v) for v in value]
+    return value
+
+
+def read_hf_config(directory: str | os.PathLike, model_type: str | tuple[str, ...]) -> dict[str, Any]:
+    """The ``config.json`` of an HF model directory, checked to be `model_type`
+    (or one of several)."""
     directory = os.fspath(directory)
     path = os.path.join(directory, HF_CONFIG)
     if not os.path.isdir(directory):
@@ -630,16 +648,19 @@ def read_hf_config(directory: str | os.PathLike, model_type: str) -> dict[str, A
             config = json.load(f)
         except ValueError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
+    config = decode_hf_floats(config)
     found = config.get("model_type") if isinstance(config, dict) else None
-    if found != model_type:
+    accepted = (model_type,) if isinstance(model_type, str) else tuple(model_type)
+    if found not in accepted:
+        wanted = " or ".join(repr(t) for t in accepted)
         raise ValueError(
-            f"{path} has model_type {found!r}, not {model_type!r}: use the converter of that"
+            f"{path} has model_type {found!r}, not {wanted}: use the converter of that"
             " model type."
         )
     return config
 
 
-def is_hf_directory(path: str | os.PathLike, model_type: str) -> bool:
+def is_hf_directory(path: str | os.PathLike, model_type: str | tuple[str, ...]) -> bool:
     """Whether `path` is a directory whose config.json says `model_type`."""
     try:
         read_hf_config(path, model_type)
@@ -757,7 +778,8 @@ def parse_size(size: int | str | None) -> int | None:
     return parse_size(int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""]))
 
 
-def read_hf_checkpoint(directory: str, model_type: str, config_overrides: Mapping[str, Any], *,
+def read_hf_checkpoint(directory: str, model_type: str | tuple[str, ...],
+                       config_overrides: Mapping[str, Any], *,
                        embedding: str = "model.embed_tokens.weight"):
     """``(config.json values, lazy weights, overrides)`` of an HF directory, with
     ``param_dtype`` settled: HF's name ``dtype`` is accepted for it, and by

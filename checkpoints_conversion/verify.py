@@ -11,6 +11,7 @@ format                 how it is recognised                    reference (pip pa
 hf-recurrentgemma      config.json model_type recurrent_gemma  transformers RecurrentGemmaForCausalLM
 hf-gemma / hf-gemma2   config.json model_type gemma / gemma2   transformers Gemma(2)ForCausalLM
 hf-rwkv                config.json model_type rwkv             transformers RwkvForCausalLM
+hf-mamba / hf-mamba2   config.json model_type mamba / mamba2   transformers Mamba(2)ForCausalLM
 keras-gemma            config.json GemmaBackbone + .weights.h5 keras-hub GemmaCausalLM (JAX backend)
 official-recurrentgemma orbax tree with embedder + blocks.N     recurrentgemma (official package)
 official-gemma         orbax tree under transformer/            penzai's Gemma
@@ -45,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from checkpoints_conversion import common, gemma, h3, recurrentgemma, rwkv
+from checkpoints_conversion import common, gemma, h3, mamba, recurrentgemma, rwkv
 from recurrent_lm.user_errors import reports_user_errors
 
 
@@ -331,6 +332,10 @@ FORMATS: tuple[Format, ...] = (
            "transformers Gemma2ForCausalLM"),
     Format("hf-rwkv", _hf("rwkv"), rwkv.load_hf_checkpoint, _transformers_reference("RwkvForCausalLM"),
            "transformers RwkvForCausalLM"),
+    Format("hf-mamba", _hf("mamba"), mamba.load_hf_checkpoint, _transformers_reference("MambaForCausalLM"),
+           "transformers MambaForCausalLM"),
+    Format("hf-mamba2", _hf("mamba2"), mamba.load_hf_checkpoint,
+           _transformers_reference("Mamba2ForCausalLM"), "transformers Mamba2ForCausalLM"),
     Format("keras-gemma", is_keras_gemma_preset, gemma.load_keras_preset, _keras_reference,
            "keras-hub GemmaCausalLM (jax)", overrides=_keras_overrides),
     Format("official-recurrentgemma", is_official_recurrentgemma,

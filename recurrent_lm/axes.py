@@ -34,6 +34,13 @@ low_rank       inner width of a built-in low-rank projection (RWKV-7's decay,
                in-context rate, value-residual and gate paths); not LoRA's
 stack          repeats of a scanned group of blocks: the leading axis of its
                stacked parameters (`recurrent_lm.core.stack`)
+inner          Mamba's expanded width (``intermediate_size``); in Mamba-1
+               every channel is its own state-space model
+groups         groups of Mamba-2 heads that share one B and one C
+               (``n_groups``): head h reads group h // (heads / groups)
+fused          the outputs of a fused projection laid end to end (Mamba's
+               ``in_proj`` and ``x_proj``, the channels of Mamba-2's
+               convolution over x, B, C), split by position into their parts
 =============  ================================================================
 """
 
@@ -59,6 +66,9 @@ LORA_RANK = "lora_rank"
 POSITIONS = "positions"
 LOW_RANK = "low_rank"
 STACK = "stack"
+INNER = "inner"
+GROUPS = "groups"
+FUSED = "fused"
 
 TOKEN_AXES = (BATCH, SEQ)
 """Named axes of model inputs (token ids and segment positions)."""

@@ -62,6 +62,7 @@ LONGEST_FIRST = (
     "tests/train/test_plain_text.py",
     "tests/train/test_architectures.py",
     "tests/models/test_rwkv7.py",
+    "tests/models/test_mamba.py",
     "tests/train/test_compile_only.py",
     "tests/sampling/test_generate.py",
     "tests/train/test_loss_and_optimizer.py",

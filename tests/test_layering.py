@@ -113,8 +113,8 @@ def test_every_architecture_is_reachable_by_name(name):
 
 
 def test_unknown_architecture_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"unknown architecture 'mamba'; known: \['gemma'"):
-        registry.get("mamba")
+    with pytest.raises(ValueError, match=r"unknown architecture 'retnet'; known: \['gemma'"):
+        registry.get("retnet")
 
 
 def test_no_environment_variable_hooks():

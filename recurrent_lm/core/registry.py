@@ -20,6 +20,8 @@ _MODULES: dict[str, str] = {
     "gemma": "recurrent_lm.models.gemma",
     "griffin": "recurrent_lm.models.griffin",
     "h3": "recurrent_lm.models.h3",
+    "mamba": "recurrent_lm.models.mamba",
+    "mamba2": "recurrent_lm.models.mamba2",
     "rwkv": "recurrent_lm.models.rwkv",
     "rwkv7": "recurrent_lm.models.rwkv7",
 }

@@ -6,7 +6,8 @@ document-aware causal filter (`causal_filter`: conv, shift SSM, token shift),
 norms, linear and block-diagonal layers, causal convolution, RG-LRU, rotary
 embeddings, attention and its KV cache, gated MLP, token and learned position
 embeddings, the residual block, H3's state-space layers (`ssm`), RWKV-4's time
-and channel mixes (`wkv`, `channel_mix`), RWKV-7's (`rwkv7`). Each layer's docstring states its
+and channel mixes (`wkv`, `channel_mix`), RWKV-7's (`rwkv7`), Mamba-1's and Mamba-2's
+mixers (`mamba`, `mamba2`). Each layer's docstring states its
 named axes in and out; temporal layers implement
 `recurrent_lm.core.state.StatefulLayer`. This package imports no architecture.
 """
@@ -23,7 +24,7 @@ from recurrent_lm.layers.embeddings import (
 from recurrent_lm.layers.linear import BlockDiagonalLinear, dense
 from recurrent_lm.layers.matrix_recurrence import matrix_scan
 from recurrent_lm.layers.mlp import MLP, GatedMLP, gelu_tanh
-from recurrent_lm.layers.norms import LayerNorm, RMSNorm
+from recurrent_lm.layers.norms import LayerNorm, RMSNorm, ScaledRMSNorm
 from recurrent_lm.layers.recurrence import (
     SCAN_METHODS,
     default_scan_method,
@@ -49,6 +50,7 @@ __all__ = [
     "LearnedPositions",
     "RMSNorm",
     "ResidualBlock",
+    "ScaledRMSNorm",
     "RotaryEmbedding",
     "ShiftSSM",
     "apply_rope",

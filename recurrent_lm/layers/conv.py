@@ -25,33 +25,33 @@ class CausalConv1D(StatefulLayer):
     State: ``history`` {"batch", "conv_taps": K-1, axis}, the last inputs, in
     the parameter dtype.
     Parameters: ``weights`` {"conv_taps", axis} (oldest tap first, the last tap
-    multiplies the current token), ``bias`` {axis}.
+    multiplies the current token), ``bias`` {axis} (None: no bias).
     Site: ``output`` {..., "seq", axis}.
     """
 
     weights: pz.nn.ParameterLike[pz.nx.NamedArray]
-    bias: pz.nn.ParameterLike[pz.nx.NamedArray]
+    bias: pz.nn.ParameterLike[pz.nx.NamedArray] | None
     axis: str = dataclasses.field(default=axes.LRU, metadata={"pytree_node": False})
     output: sites.Hook = sites.site_field()
 
     @classmethod
     def from_config(cls, name: str, init_base_rng: jax.Array | None, width: int, num_taps: int, *,
-                    axis: str = axes.LRU, init_scale: float = 0.01, dtype=jnp.float32) -> CausalConv1D:
-        return cls(
-            weights=pz.nn.make_parameter(
-                f"{name}.weights",
-                init_base_rng,
-                init.fan_in_normal,
-                {axes.CONV_TAPS: num_taps, axis: width},
-                dtype,
-                fan_in_axes=(axes.CONV_TAPS,),
-                scale=init_scale,
-            ),
-            bias=pz.nn.make_parameter(
-                f"{name}.bias", init_base_rng, init.zeros, {axis: width}, dtype
-            ),
-            axis=axis,
-        )
+                    axis: str = axes.LRU, init_scale: float = 0.01, use_bias: bool = True,
+                    initializer=None, dtype=jnp.float32) -> CausalConv1D:
+        """Weights fan-in normal with variance ``init_scale / num_taps`` (or
+        `initializer`, ``(key, named_shape, dtype) -> NamedArray``), bias zero."""
+        shape = {axes.CONV_TAPS: num_taps, axis: width}
+        if initializer is None:
+            weights = pz.nn.make_parameter(
+                f"{name}.weights", init_base_rng, init.fan_in_normal, shape, dtype,
+                fan_in_axes=(axes.CONV_TAPS,), scale=init_scale,
+            )
+        else:
+            weights = pz.nn.make_parameter(f"{name}.weights", init_base_rng, initializer, shape, dtype)
+        bias = None
+        if use_bias:
+            bias = pz.nn.make_parameter(f"{name}.bias", init_base_rng, init.zeros, {axis: width}, dtype)
+        return cls(weights=weights, bias=bias, axis=axis)
 
     @property
     def num_taps(self) -> int:
@@ -72,4 +72,6 @@ class CausalConv1D(StatefulLayer):
         y, new_history = causal_filter(
             x, context, kernel.tag(axes.CONV_TAPS).astype(x.dtype), history
         )
-        return self.output(y + self.bias.value.astype(y.dtype)), new_history
+        if self.bias is not None:
+            y = y + self.bias.value.astype(y.dtype)
+        return self.output(y), new_history

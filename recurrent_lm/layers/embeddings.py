@@ -19,21 +19,23 @@ def embedding_table(
     vocab_size: int,
     width: int,
     *,
+    std: float | None = None,
     dtype=jnp.float32,
 ) -> pz.nn.EmbeddingTable:
-    """An `EmbeddingTable` {"vocabulary", "embedding"}, normal with std 1/sqrt(width).
+    """An `EmbeddingTable` {"vocabulary", "embedding"}, normal with std
+    `std` (None: 1/sqrt(width)).
 
     Share one table between `EmbeddingLookup` and `pz.nn.EmbeddingDecode` to tie
     input and output embeddings.
     """
+    shape = {axes.VOCABULARY: vocab_size, axes.EMBEDDING: width}
+    if std is None:
+        initializer, options = init.fan_in_normal, {"fan_in_axes": (axes.EMBEDDING,)}
+    else:
+        initializer, options = init.normal, {"std": std}
     return pz.nn.EmbeddingTable(
         embeddings=pz.nn.make_parameter(
-            f"{name}.embeddings",
-            init_base_rng,
-            init.fan_in_normal,
-            {axes.VOCABULARY: vocab_size, axes.EMBEDDING: width},
-            dtype,
-            fan_in_axes=(axes.EMBEDDING,),
+            f"{name}.embeddings", init_base_rng, initializer, shape, dtype, **options
         ),
         vocabulary_axis=axes.VOCABULARY,
     )

@@ -67,3 +67,16 @@ def orthogonal(
     data = jax.nn.initializers.orthogonal(scale)(key, (rows, cols), jnp.float32)
     data = data.reshape([named_shape[a] for a in (*out_axes, *in_axes)])
     return pz.nx.wrap(data.astype(dtype)).tag(*out_axes, *in_axes).order_as(*named_shape)
+
+
+def normal(key, named_shape: Mapping[str, int], dtype, *, std: float) -> pz.nx.NamedArray:
+    """Normal with standard deviation `std` (torch's ``normal_(0, std)``)."""
+    data = std * jax.random.normal(key, tuple(named_shape.values()), jnp.float32)
+    return pz.nx.wrap(data.astype(dtype)).tag(*named_shape)
+
+
+def uniform(key, named_shape: Mapping[str, int], dtype, *, bound: float) -> pz.nx.NamedArray:
+    """Uniform in ``[-bound, bound]``; ``bound = 1 / sqrt(fan_in)`` is torch's
+    ``kaiming_uniform_(a=sqrt(5))``, the default of its linear and conv layers."""
+    data = jax.random.uniform(key, tuple(named_shape.values()), jnp.float32, -bound, bound)
+    return pz.nx.wrap(data.astype(dtype)).tag(*named_shape)

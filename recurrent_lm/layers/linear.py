@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +65,33 @@ def dense(
         new_axis_names=(),
     )
     return pz.nn.Affine(sublayers=[linear, bias])
+
+
+def fused_parts(
+    x: pz.nx.NamedArray, shapes: Sequence[Mapping[str, int]], *, axis: str = axes.FUSED
+) -> list[pz.nx.NamedArray]:
+    """The parts of a fused projection's output, each with its own axes.
+
+    `x` {..., axis} holds the parts end to end along `axis` (a fused
+    projection: one weight whose outputs are several quantities, as the
+    checkpoints store Mamba's ``in_proj``); part i has the named shape
+    ``shapes[i]``, laid out row-major along `axis`.
+
+    Named axes: in {..., axis} -> [{..., *shapes[0]}, {..., *shapes[1]}, ...].
+    """
+    sizes = [math.prod(shape.values()) for shape in shapes]
+    if sum(sizes) != x.named_shape[axis]:
+        raise ValueError(
+            f"parts {[dict(s) for s in shapes]} hold {sum(sizes)} features but {axis!r} has"
+            f" {x.named_shape[axis]}."
+        )
+    parts, start = [], 0
+    for shape, size in zip(shapes, sizes, strict=True):
+        part = x[{axis: pz.slice[start:start + size]}].untag(axis)
+        reshape = lambda v, shape=shape: v.reshape(tuple(shape.values()))
+        parts.append(pz.nx.nmap(reshape)(part).tag(*shape))
+        start += size
+    return parts
 
 
 @pz.pytree_dataclass

@@ -452,7 +452,8 @@ def _chunked(r, log_decay, k, v, a, b, h0, reset, dtype, chunk_size):
 # ---------------------------------------------------------------------------
 
 
-def _check_method(method, chunk_size) -> None:
+def check_matrix_scan_method(method, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    """Raises ValueError for an unknown form or a bad chunk length."""
     if method is not None and method not in MATRIX_SCAN_METHODS:
         raise ValueError(
             f"unknown matrix_scan method {method!r}; choose one of {MATRIX_SCAN_METHODS}"
@@ -563,7 +564,7 @@ def matrix_scan(
       dtype; ``h_last`` the state after the last step {..., value_axis,
       key_axis} (no `axis`) in the accumulation dtype (float32 or wider).
     """
-    _check_method(method, chunk_size)
+    check_matrix_scan_method(method, chunk_size)
     keyed = {"r": r, "k": k} | ({} if a is None else {"a": a, "b": b})
     shape = _checked_shape(keyed, v, log_decay, h0, reset, a, b, axis, key_axis, value_axis)
 
@@ -596,3 +597,73 @@ def matrix_scan(
     )
     y = named.from_positional(y.astype(jnp.result_type(*dtypes)), value_layout)
     return y, named.from_positional(h_last, state_layout)
+
+
+def materialised_scan(
+    log_decay: pz.nx.NamedArray,
+    k: pz.nx.NamedArray,
+    v: pz.nx.NamedArray,
+    a: pz.nx.NamedArray | None = None,
+    b: pz.nx.NamedArray | None = None,
+    *,
+    h0: pz.nx.NamedArray,
+    reset: pz.nx.NamedArray,
+    keep: pz.nx.NamedArray,
+    override: pz.nx.NamedArray,
+    axis: str = "seq",
+    key_axis: str = "state",
+    value_axis: str = "projection",
+) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray]:
+    """Every state of `matrix_scan`'s recurrence, step by step, with an
+    intervention's terms: for interpretability (a state site captured or
+    changed), not for long sequences (T x M x N floats per row and head).
+
+    ``S_t = keep_t (S'_{t-1} (diag(exp(log_decay_t)) + a_t b_t^T) + v_t k_t^T)
+    + override_t`` with ``S'_{t-1} = 0`` where `reset`, else ``S_{t-1}``
+    (``keep = 1, override = 0`` is `matrix_scan`'s recurrence).
+
+    Args:
+      log_decay: {axis, key_axis, ...} or {axis, ...} (a scalar decay).
+      k, a, b: {axis, key_axis, ...} (a, b: both or neither); v: {axis,
+        value_axis, ...}.
+      h0: {..., value_axis, key_axis}.
+      reset: bool {axis, ...}; keep: {axis, ...}; override: like the states.
+      axis, key_axis, value_axis: as for `matrix_scan`.
+
+    Returns:
+      ``(states, last)``: {..., axis, value_axis, key_axis} and the state
+      after the last step, in float32 (or wider).
+    """
+    if (a is None) != (b is None):
+        raise ValueError("materialised_scan takes both a and b (the rank-one term a b^T) or neither.")
+    dtype = accumulation_dtype(log_decay.dtype, k.dtype, v.dtype, h0.dtype)
+    cast = lambda x: x.astype(dtype)
+    decay_axes = (axis, key_axis) if key_axis in log_decay.named_shape else (axis,)
+
+    def row(w, k, v, h0, reset, keep, override, *rank_one):
+        def step(s, inputs):
+            w_t, k_t, v_t, reset_t, keep_t, override_t, *ab_t = inputs
+            s = jnp.where(reset_t, jnp.zeros_like(s), s)
+            new = s * jnp.exp(w_t)
+            if ab_t:
+                a_t, b_t = ab_t
+                new = new + jnp.outer(s @ a_t, b_t)
+            new = keep_t * (new + jnp.outer(v_t, k_t)) + override_t
+            return new, new
+
+        last, states = jax.lax.scan(step, h0, (w, k, v, reset, keep, override, *rank_one))
+        return states, last
+
+    keep = keep + pz.nx.zeros(reset.named_shape, keep.dtype)
+    rank_one = [] if a is None else [cast(a).untag(axis, key_axis), cast(b).untag(axis, key_axis)]
+    states, last = pz.nx.nmap(row)(
+        cast(log_decay).untag(*decay_axes),
+        cast(k).untag(axis, key_axis),
+        cast(v).untag(axis, value_axis),
+        cast(h0).untag(value_axis, key_axis),
+        reset.untag(axis),
+        cast(keep).untag(axis),
+        cast(override).untag(axis, value_axis, key_axis),
+        *rank_one,
+    )
+    return states.tag(axis, value_axis, key_axis), last.tag(value_axis, key_axis)

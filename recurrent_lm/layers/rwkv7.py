@@ -39,7 +39,7 @@ from recurrent_lm.core import sites
 from recurrent_lm.core.context import DocumentContext
 from recurrent_lm.core.model import SideChannel
 from recurrent_lm.core.state import StatefulLayer
-from recurrent_lm.layers import init
+from recurrent_lm.layers import init, matrix_recurrence
 from recurrent_lm.layers.causal_filter import token_shift
 from recurrent_lm.layers.linear import dense
 from recurrent_lm.layers.matrix_recurrence import DEFAULT_CHUNK_SIZE, matrix_scan
@@ -377,10 +377,8 @@ class TimeMix7(StatefulLayer):
 
 
 def materialised_scan(log_decay, k, v, a, b, h0, reset, keep, override):
-    """Every state of the recurrence, step by step (float32).
-
-    ``S_t = keep_t (S'_{t-1} (diag(exp(log_decay_t)) + a_t b_t^T) + v_t k_t^T)
-    + override_t`` with ``S'_{t-1} = 0`` where `reset`, else ``S_{t-1}``.
+    """Every state of the recurrence, step by step (float32): the primitive's
+    `matrix_recurrence.materialised_scan` on RWKV-7's axes.
 
     Args:
       log_decay, k, a, b: {..., "seq", "heads", "state"}; v: {..., "seq",
@@ -391,32 +389,10 @@ def materialised_scan(log_decay, k, v, a, b, h0, reset, keep, override):
       ``(states, last)``: {..., "seq", "heads", "projection", "state"} and
       the state after the last step.
     """
-    f32 = lambda x: x.astype(jnp.float32)
-
-    def row(w, k, v, a, b, h0, reset, keep, override):
-        def step(s, inputs):
-            w_t, k_t, v_t, a_t, b_t, reset_t, keep_t, override_t = inputs
-            s = jnp.where(reset_t, jnp.zeros_like(s), s)
-            s = s * jnp.exp(w_t) + jnp.outer(s @ a_t, b_t) + jnp.outer(v_t, k_t)
-            s = keep_t * s + override_t
-            return s, s
-
-        last, states = jax.lax.scan(step, h0, (w, k, v, a, b, reset, keep, override))
-        return states, last
-
-    keep = keep + pz.nx.zeros(reset.named_shape, keep.dtype)
-    states, last = pz.nx.nmap(row)(
-        f32(log_decay).untag(axes.SEQ, KEY),
-        f32(k).untag(axes.SEQ, KEY),
-        f32(v).untag(axes.SEQ, VALUE),
-        f32(a).untag(axes.SEQ, KEY),
-        f32(b).untag(axes.SEQ, KEY),
-        f32(h0).untag(VALUE, KEY),
-        reset.untag(axes.SEQ),
-        f32(keep).untag(axes.SEQ),
-        f32(override).untag(axes.SEQ, VALUE, KEY),
+    return matrix_recurrence.materialised_scan(
+        log_decay, k, v, a, b, h0=h0, reset=reset, keep=keep, override=override,
+        axis=axes.SEQ, key_axis=KEY, value_axis=VALUE,
     )
-    return states.tag(axes.SEQ, VALUE, KEY), last.tag(VALUE, KEY)
 
 
 # ----------------------------------------------------------------------------- the channel mix

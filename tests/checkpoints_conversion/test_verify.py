@@ -61,6 +61,15 @@ def checkpoints(tmp_path_factory):
         attn_logit_softcapping=2.0, final_logit_softcapping=3.0, attn_implementation="eager")
     perturbed(transformers.Gemma2ForCausalLM(gemma2_config), 3).save_pretrained(root / "hf_gemma2")
     paths["hf-gemma2"] = root / "hf_gemma2"
+    mamba_config = transformers.MambaConfig(vocab_size=43, hidden_size=16, state_size=4, num_hidden_layers=2)
+    perturbed(transformers.MambaForCausalLM(mamba_config), 4).save_pretrained(root / "hf_mamba")
+    paths["hf-mamba"] = root / "hf_mamba"
+    # Mamba-2: two groups, SSD chunks of 4 < seq.
+    mamba2_config = transformers.Mamba2Config(
+        vocab_size=47, hidden_size=16, num_heads=4, head_dim=8, state_size=4, n_groups=2,
+        num_hidden_layers=2, chunk_size=4)
+    perturbed(transformers.Mamba2ForCausalLM(mamba2_config), 5).save_pretrained(root / "hf_mamba2")
+    paths["hf-mamba2"] = root / "hf_mamba2"
     # Through our converters' save paths: BlinkDL .pth, official RecurrentGemma orbax.
     rwkv.save_blinkdl_checkpoint(rwkv.load_hf_checkpoint(root / "hf_rwkv"), root / "blinkdl.pth")
     paths["blinkdl-rwkv"] = root / "blinkdl.pth"
@@ -97,8 +106,8 @@ def test_detects_every_format(checkpoints):
 
 
 @pytest.mark.parametrize("name", [
-    "hf-recurrentgemma", "hf-gemma", "hf-gemma2", "hf-rwkv", "blinkdl-rwkv", "blinkdl-rwkv7",
-    "official-recurrentgemma",
+    "hf-recurrentgemma", "hf-gemma", "hf-gemma2", "hf-rwkv", "hf-mamba", "hf-mamba2", "blinkdl-rwkv",
+    "blinkdl-rwkv7", "official-recurrentgemma",
     "official-gemma2", "keras-gemma",  # official-gemma (Gemma 1): detection only, same reference
 ])
 def test_logits_match_the_reference(checkpoints, capsys, name):
@@ -151,5 +160,5 @@ def test_hf_gemma_directories_are_detected_by_model_type(tmp_path):
 def test_every_format_is_in_the_table():
     names = [f.name for f in verify.FORMATS]
     assert len(names) == len(set(names))
-    assert {"hf-gemma", "hf-gemma2", "hf-recurrentgemma", "hf-rwkv", "keras-gemma",
+    assert {"hf-gemma", "hf-gemma2", "hf-recurrentgemma", "hf-rwkv", "hf-mamba", "hf-mamba2", "keras-gemma",
             "official-recurrentgemma", "official-gemma", "blinkdl-rwkv", "blinkdl-rwkv7", "h3"} == set(names)

@@ -10,7 +10,7 @@ from penzai import pz
 
 from recurrent_lm import interp
 from recurrent_lm.core import model as base
-from recurrent_lm.models import gemma, griffin, h3, rwkv, rwkv7
+from recurrent_lm.models import gemma, griffin, h3, mamba, mamba2, rwkv, rwkv7
 
 SEQ = 8
 STATE_PATCH_AT = 3
@@ -67,6 +67,17 @@ ARCHITECTURES = {
             "tiny", vocab_size=53, hidden_size=16, num_hidden_layers=2, d_state=4,
             n_inner=32, num_attention_heads=2, attn_layer_idx=(1,)), jax.random.key(0)), scale=0.05),
         "blocks.0.temporal_block.0.kernel.state", 0,
+    ),
+    "mamba": (
+        lambda: perturbed(mamba.build_model(mamba.MambaConfig(
+            vocab_size=53, hidden_size=16, num_hidden_layers=2, state_size=4), jax.random.key(0))),
+        "blocks.1.temporal_block.state", 0,  # y_t reads the state after t
+    ),
+    "mamba2": (
+        lambda: perturbed(mamba2.build_model(mamba2.Mamba2Config(
+            vocab_size=53, hidden_size=16, num_hidden_layers=2, head_dim=8, state_size=4,
+            n_groups=2), jax.random.key(0))),
+        "blocks.1.temporal_block.state", 0,  # y_t reads the state after t
     ),
 }
 

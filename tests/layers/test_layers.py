@@ -141,6 +141,33 @@ def test_rms_norm_matches_numpy():
     np.testing.assert_allclose(layer(named(x, "seq", "embedding")).unwrap("seq", "embedding"), expected, rtol=1e-5)
 
 
+def test_scaled_rms_norm_normalises_each_group_of_heads():
+    """Over {"heads": 4, "projection": 3} in 2 groups: heads 0-1 and 2-3 are each
+    normalised together (Mamba-2's gated norm), the scale stored as is."""
+    rng = np.random.default_rng(0)
+    layer = norms.ScaledRMSNorm.from_config("n", jax.random.key(0), {"heads": 4, "projection": 3},
+                                            groups=2, eps=1e-3)
+    scale = rng.normal(size=(4, 3)).astype(np.float32)
+    layer.scale.value = named(scale, "heads", "projection")
+    x = rng.normal(size=(5, 4, 3)).astype(np.float32)
+    groups = x.reshape(5, 2, 6)
+    expected = (groups / np.sqrt(np.mean(groups**2, -1, keepdims=True) + 1e-3)).reshape(5, 4, 3) * scale
+    y = layer(named(x, "seq", "heads", "projection")).unwrap("seq", "heads", "projection")
+    np.testing.assert_allclose(y, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="5 groups do not divide the 12 features"):
+        norms.ScaledRMSNorm.from_config("n", None, {"heads": 4, "projection": 3}, groups=5)
+
+
+def test_fused_parts_split_a_fused_projection_by_position():
+    x = named(np.arange(2 * 11, dtype=np.float32).reshape(2, 11), "seq", "fused")
+    z, b, dt = linear.fused_parts(x, [{"heads": 2, "projection": 3}, {"state": 3}, {"heads": 2}])
+    np.testing.assert_array_equal(z.unwrap("seq", "heads", "projection"), np.arange(22).reshape(2, 11)[:, :6].reshape(2, 2, 3))
+    np.testing.assert_array_equal(b.unwrap("seq", "state"), np.arange(22).reshape(2, 11)[:, 6:9])
+    np.testing.assert_array_equal(dt.unwrap("seq", "heads"), np.arange(22).reshape(2, 11)[:, 9:])
+    with pytest.raises(ValueError, match="hold 10 features but 'fused' has 11"):
+        linear.fused_parts(x, [{"state": 10}])
+
+
 ROPES = {
     "half": (16, lambda: rope.RotaryEmbedding(0.5, 10_000.0), 8),
     "full": (16, lambda: rope.RotaryEmbedding(1.0, 10_000.0), 16),

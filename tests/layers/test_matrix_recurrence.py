@@ -167,6 +167,41 @@ def test_without_h0_or_reset_and_one_step():
     assert_close(y, y_ref[:, :1])
 
 
+@pytest.mark.parametrize(("rank_one", "decay"), [("rwkv7", "rwkv7"), (None, "scalar")])
+def test_materialised_scan_gives_every_state_and_takes_overrides(rank_one, decay):
+    """Every state of the float64 loop (its readout is `matrix_scan`'s y); an
+    override with keep 0 at step t sets S_t, and the loop resumed from it agrees."""
+    inp = random_inputs(3, steps=9, rank_one=rank_one, decay=decay)
+    named = named_inputs(inp)
+    steps, at = 9, 4
+    keep = pz.nx.wrap(on_device(np.ones(steps, np.float32))).tag("seq")
+    override = pz.nx.zeros({**named["v"].named_shape, "state": 4}, jnp.float32)
+    scan = lambda keep, override: matrix_recurrence.materialised_scan(
+        named["log_decay"], named["k"], named["v"], named["a"], named["b"], h0=named["h0"],
+        reset=named["reset"], keep=keep, override=override,
+    )
+    states, last = scan(keep, override)
+    states = np.asarray(states.unwrap("batch", "seq", "heads", "projection", "state"))
+    timed = ("r", "log_decay", "k", "v", "a", "b", "reset")
+    steps_of = lambda lo, hi: {n: None if inp.get(n) is None else inp[n][:, lo:hi] for n in timed}
+    for t in (0, at, steps - 1):
+        _, state_t = numpy_loop(**steps_of(0, t + 1), h0=inp["h0"])
+        assert_close(states[:, t], state_t)
+    assert_close(last.unwrap(*STATE), states[:, -1])
+    y, _ = run(inp, "sequential")
+    assert_close(y, np.einsum("bthij,bthj->bthi", states, inp["r"]))
+    # S_4 := 0.5 everywhere (keep 0, override 0.5 at t = 4), then the recurrence goes on.
+    hit = np.arange(steps) == at
+    keep = pz.nx.wrap(on_device((~hit).astype(np.float32))).tag("seq")
+    override = override + pz.nx.wrap(on_device(0.5 * hit.astype(np.float32))).tag("seq")
+    patched, _ = scan(keep, override)
+    patched = np.asarray(patched.unwrap("batch", "seq", "heads", "projection", "state"))
+    np.testing.assert_array_equal(patched[:, :at], states[:, :at])
+    np.testing.assert_array_equal(patched[:, at], 0.5)
+    _, resumed = numpy_loop(**steps_of(at + 1, steps), h0=np.full_like(inp["h0"], 0.5))
+    assert_close(patched[:, -1], resumed)
+
+
 def test_resuming_from_h_last_continues_the_sequence():
     inp = random_inputs(2, steps=20)
     y_ref, last_ref = expected(inp)

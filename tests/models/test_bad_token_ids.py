@@ -27,12 +27,16 @@ SMALL = {
     "gemma": {"vocab_size": VOCAB, "num_layers": 2, "hidden_dim": 32, "intermediate_dim": 64,
               "head_dim": 8, "sliding_window_size": 4},
     "rwkv7": {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "head_size": 8},
+    "mamba": {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "state_size": 4},
+    "mamba2": {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "state_size": 4,
+               "head_dim": 16},
 }
 # Layers that mix a whole row (attention's zero weights times a NaN value, H3's
 # FFT convolution) spread the NaN to earlier positions too; RWKV is a pure
-# left-to-right recurrence, so its earlier positions keep their logits (RWKV-7 too,
-# with the sequential matrix scan, the CPU default).
-CAUSAL_WITHOUT_MIXING = {"rwkv", "rwkv7"}
+# left-to-right recurrence, so its earlier positions keep their logits (RWKV-7 and
+# Mamba-2 too, with the sequential matrix scan, the CPU default; Mamba with the
+# sequential linear scan).
+CAUSAL_WITHOUT_MIXING = {"rwkv", "rwkv7", "mamba", "mamba2"}
 BAD = {1: (5, VOCAB), 2: (7, -1)}  # row: (position, id)
 
 

@@ -12,6 +12,8 @@ SMALL = {
               "decay_low_rank": 8, "rate_low_rank": 8, "value_low_rank": 8, "gate_low_rank": 8},
     "h3": {"hidden_size": 32, "num_hidden_layers": 2, "n_inner": 64, "d_state": 8, "attn_layer_idx": (1,)},
     "gemma": {"num_layers": 2, "hidden_dim": 32, "intermediate_dim": 64, "head_dim": 8},
+    "mamba": {"hidden_size": 32, "num_hidden_layers": 2, "state_size": 8},
+    "mamba2": {"hidden_size": 32, "num_hidden_layers": 2, "state_size": 8, "head_dim": 16},
 }
 
 
