@@ -13,8 +13,8 @@ from each architecture's own blocks:
 * ``griffin``: a recurrent block then a local-attention block (window
   `window`, one head); ``hawk``: two recurrent blocks (Griffin without
   attention, as in the Griffin paper);
-* any other registered architecture with the same two-layer settings where its
-  config has them (``mamba``, ``mamba2`` once registered).
+* ``mamba``, ``mamba2``: two mixer blocks each, as released (no MLP between
+  mixers); Mamba-2 with "tiny"'s heads of 32, state 32, one group.
 
 Or any registered preset with overrides (`preset_config`).
 """
@@ -56,9 +56,8 @@ def _paper_fields(name: str, width: int, window: int) -> dict[str, Any]:
                     num_attention_heads=1, intermediate_size=mlp, attention_window_size=window)
     if name == "mamba":
         return dict(hidden_size=width, num_hidden_layers=2)
-    if name == "mamba2":
-        return dict(hidden_size=width, num_hidden_layers=2, head_dim=min(64, 2 * width),
-                    num_heads=max(1, 2 * width // min(64, 2 * width)))
+    if name == "mamba2":  # "tiny"'s heads of 32, state 32, one group
+        return dict(hidden_size=width, num_hidden_layers=2)
     raise ValueError(f"unknown synthetic-task model {name!r}; choose one of {sorted(PAPER_MODELS)}.")
 
 
