@@ -106,8 +106,11 @@ def _logits_fn(param_axes):
     return logits
 
 
-def accuracy(logits_fn, params, skeleton, examples: Examples, batch_size: int = 256) -> float:
-    """Share of labelled positions whose argmax is the label."""
+def accuracy(logits_fn, params, skeleton, examples: Examples, tokens_per_batch: int = 1 << 14) -> float:
+    """Share of labelled positions whose argmax is the label (rows in batches of
+    about `tokens_per_batch` positions: attention's scores grow with the square
+    of the length)."""
+    batch_size = max(1, tokens_per_batch // examples.inputs.shape[1])
     right = total = 0
     for start in range(0, len(examples), batch_size):
         part = examples.take(slice(start, start + batch_size))
