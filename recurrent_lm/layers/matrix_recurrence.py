@@ -29,12 +29,16 @@ Named axes:
   one row do not see each other;
 * ``y``: {axis, value_axis, ...}.
 
-Inputs broadcast by name (an input may lack a batched axis). Two forms, same
-results up to float rounding:
+Inputs broadcast by name (an input may lack a batched axis; in the
+sequential form a keyed input that lacks one is not repeated along it: the
+step broadcasts it, so Mamba-2's B and C stay one per group of heads). Two
+forms, same results up to float rounding:
 
 * ``"sequential"``: `jax.lax.scan` over positions, one ``M x N`` state update
   per step: the reference, the decoding path (one step), and the default on
-  CPU.
+  CPU. The heads (the last batched axis) run in blocks, one after another,
+  whose states hold at most `SEQUENTIAL_BLOCK_ELEMENTS` floats (XLA:CPU's
+  threading of one large step costs more than it gains on small machines).
 * ``"chunked"``: within chunks of ``chunk_size`` positions the transitions are
   folded into matrix products: pairwise decayed scores (C x C), and for the
   rank-one term the WY / UT form, one unit lower-triangular C x C solve per
