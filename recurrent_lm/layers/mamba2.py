@@ -249,6 +249,14 @@ class Mamba2Mixer(StatefulLayer):
         "group_heads", are broadcast by the scan's step, not repeated per head.
         """
         heads = v.named_shape[HEADS]
+        if isinstance(self.state, sites.StateSite) and v.named_shape[axes.SEQ] == 1:
+            # One step (decoding): C and B per head are one row each; the
+            # state keeps the heads' layout (no split and merge in the loop).
+            return matrix_scan(
+                per_head(r, heads), log_decay, per_head(k, heads), v, axis=axes.SEQ, key_axis=KEY,
+                value_axis=VALUE, h0=h0, reset=context.starts, method=self.scan_method,
+                chunk_size=self.chunk_size,
+            )
         if isinstance(self.state, sites.StateSite):
             groups = r.named_shape[GROUPS]
             split = lambda x: pz.nx.nmap(lambda u: u.reshape(groups, heads // groups, *u.shape[1:]))(
