@@ -44,6 +44,7 @@ from recurrent_lm.layers.norms import ScaledRMSNorm
 from recurrent_lm.layers.recurrence import accumulation_dtype
 
 HEADS, VALUE, KEY, GROUPS = axes.HEADS, axes.PROJECTION, axes.STATE, axes.GROUPS
+GROUP_HEADS = "group_heads"  # inside `Mamba2Mixer._recurrence` only: a head's index in its group
 
 
 @pz.pytree_dataclass
@@ -233,21 +234,42 @@ class Mamba2Mixer(StatefulLayer):
         xs, b, c = self.x(xs), self.B(b), self.C(c)
         log_decay = dt * -pz.nx.nmap(jnp.exp)(wide(self.A_log.value))  # {..., seq, heads}
         h0 = None if context.new_streams else state.ssm
-        y, h_last = self._recurrence(
-            per_head(wide(c), heads), log_decay, per_head(wide(b), heads), wide(xs) * dt, h0, context
-        )
+        y, h_last = self._recurrence(wide(c), log_decay, wide(b), wide(xs) * dt, h0, context)
         y = self.ssm_output(y.astype(x.dtype) + self.D.value.astype(x.dtype) * xs)
         return self.out_proj(self.norm(y * silu(z))), Mamba2State(conv=conv_state, ssm=h_last)
 
     def _recurrence(self, r, log_decay, k, v, h0, context):
-        """``(y, last state)``: the primitive, or, when the state site is
+        """``(y, last state)`` from r = C and k = B per group {..., "seq",
+        "groups", "state"}: the primitive, or, when the state site is
         captured or changed, the step-by-step scan that materialises every
-        state (`materialised_scan`)."""
-        if isinstance(self.state, sites.StateSite):
+        state (`materialised_scan`).
+
+        The primitive sees the heads as {"groups", "group_heads"} (head h is
+        head h % (H / G) of group h // (H / G)), so that C and B, which lack
+        "group_heads", are broadcast by the scan's step, not repeated per head.
+        """
+        heads = v.named_shape[HEADS]
+        if isinstance(self.state, sites.StateSite) and v.named_shape[axes.SEQ] == 1:
+            # One step (decoding): C and B per head are one row each; the
+            # state keeps the heads' layout (no split and merge in the loop).
             return matrix_scan(
-                r, log_decay, k, v, axis=axes.SEQ, key_axis=KEY, value_axis=VALUE, h0=h0,
-                reset=context.starts, method=self.scan_method, chunk_size=self.chunk_size,
+                per_head(r, heads), log_decay, per_head(k, heads), v, axis=axes.SEQ, key_axis=KEY,
+                value_axis=VALUE, h0=h0, reset=context.starts, method=self.scan_method,
+                chunk_size=self.chunk_size,
             )
+        if isinstance(self.state, sites.StateSite):
+            groups = r.named_shape[GROUPS]
+            split = lambda x: pz.nx.nmap(lambda u: u.reshape(groups, heads // groups, *u.shape[1:]))(
+                x.untag(HEADS)).tag(GROUPS, GROUP_HEADS)
+            merge = lambda x: pz.nx.nmap(lambda u: u.reshape(heads, *u.shape[2:]))(
+                x.untag(GROUPS, GROUP_HEADS)).tag(HEADS)
+            y, h_last = matrix_scan(
+                r, split(log_decay), k, split(v), axis=axes.SEQ, key_axis=KEY, value_axis=VALUE,
+                h0=None if h0 is None else split(h0), reset=context.starts, method=self.scan_method,
+                chunk_size=self.chunk_size,
+            )
+            return merge(y), merge(h_last)
+        r, k = per_head(r, heads), per_head(k, heads)
         if h0 is None:
             h0 = self.initial_state(r.named_shape[axes.BATCH]).ssm
         # An intervention sees (keep, override) and sets S_t = keep_t step(S_{t-1}) + override_t.

@@ -29,12 +29,16 @@ Named axes:
   one row do not see each other;
 * ``y``: {axis, value_axis, ...}.
 
-Inputs broadcast by name (an input may lack a batched axis). Two forms, same
-results up to float rounding:
+Inputs broadcast by name (an input may lack a batched axis; in the
+sequential form a keyed input that lacks one is not repeated along it: the
+step broadcasts it, so Mamba-2's B and C stay one per group of heads). Two
+forms, same results up to float rounding:
 
 * ``"sequential"``: `jax.lax.scan` over positions, one ``M x N`` state update
   per step: the reference, the decoding path (one step), and the default on
-  CPU.
+  CPU. The heads (the last batched axis) run in blocks, one after another,
+  whose states hold at most `SEQUENTIAL_BLOCK_ELEMENTS` floats (XLA:CPU's
+  threading of one large step costs more than it gains on small machines).
 * ``"chunked"``: within chunks of ``chunk_size`` positions the transitions are
   folded into matrix products: pairwise decayed scores (C x C), and for the
   rank-one term the WY / UT form, one unit lower-triangular C x C solve per
@@ -154,11 +158,67 @@ def _sequential(r, log_decay, k, v, a, b, h0, reset, dtype):
     return y, h_last
 
 
+# The sequential form scans the heads (the last batched axis) in blocks whose
+# states hold at most this many elements, one block after another. On 2
+# shared CPU cores XLA splits a large step across threads and the per-step
+# hand-off costs more than it gains: Mamba-2 130m's SSD (24 heads x 64 x 128,
+# T = 1024) took 87 ms in one loop, 62 / 64 / 60 / 93 ms in blocks of 1 / 2 /
+# 4 / 8 heads.
+SEQUENTIAL_BLOCK_ELEMENTS = 4 * 64 * 128
+
+
+def _head_block(h0) -> int:
+    """Heads per block of the sequential form (a divisor of h0's last batched
+    axis, whose states fit `SEQUENTIAL_BLOCK_ELEMENTS`)."""
+    if h0.ndim < 3:
+        return 1
+    heads = h0.shape[-3]
+    per_head = h0.size // heads
+    fitting = [d for d in range(1, heads + 1) if not heads % d and d * per_head <= SEQUENTIAL_BLOCK_ELEMENTS]
+    return max(fitting, default=1)
+
+
+def _blocked_sequential(r, log_decay, k, v, a, b, h0, reset, dtype):
+    """`_sequential` over blocks of heads (`_head_block`) in turn (`lax.map`).
+
+    Inputs may have size 1 on the heads axis (broadcast: Mamba-2's B and C,
+    shared by a group's heads); they are shared by every block.
+    """
+    heads = h0.shape[-3] if h0.ndim >= 3 else 1
+    block = _head_block(h0)
+    if block == heads or r.shape[0] == 1:
+        return _sequential(r, log_decay, k, v, a, b, h0, reset, dtype)
+    count = heads // block
+    scalar_decay = log_decay.ndim == r.ndim - 1
+    # Position of the heads axis in each input (counted from the end).
+    where = {"r": -2, "log_decay": -1 if scalar_decay else -2, "k": -2, "v": -2, "a": -2, "b": -2,
+             "h0": -3, "reset": -1}
+    inputs = {"r": r, "log_decay": log_decay, "k": k, "v": v, "a": a, "b": b, "h0": h0, "reset": reset}
+    mapped, shared = {}, {}
+    for name, x in inputs.items():
+        if x is None or x.shape[where[name]] == 1:
+            shared[name] = x
+            continue
+        axis = x.ndim + where[name]
+        split = x.reshape(*x.shape[:axis], count, block, *x.shape[axis + 1:])
+        mapped[name] = jnp.moveaxis(split, axis, 0)
+
+    def run(blocks):
+        return _sequential(**{**shared, **blocks}, dtype=dtype)
+
+    y, h_last = jax.lax.map(run, mapped)
+    def merge(x, axis):  # [count, ..., block at `axis`, ...] -> [..., heads at `axis`, ...]
+        x = jnp.moveaxis(x, 0, axis)
+        return x.reshape(*x.shape[:axis], heads, *x.shape[axis + 2:])
+
+    return merge(y, y.ndim - 3), merge(h_last, h_last.ndim - 4)
+
+
 @functools.partial(jax.jit, static_argnames=("method", "chunk_size"))
 def _positional_matrix_scan(r, log_decay, k, v, a, b, h0, reset, *, method, chunk_size):
     dtype = h0.dtype
     if method == "sequential" or r.shape[0] == 1:
-        return _sequential(r, log_decay, k, v, a, b, h0, reset, dtype)
+        return _blocked_sequential(r, log_decay, k, v, a, b, h0, reset, dtype)
     return _chunked(r, log_decay, k, v, a, b, h0, reset, dtype, chunk_size)
 
 
@@ -520,6 +580,14 @@ def _checked_shape(keyed, v, log_decay, h0, reset, a, b, axis, key_axis, value_a
     return shape
 
 
+def _expanded(x: pz.nx.NamedArray, layout) -> jax.Array:
+    """`named.to_positional` without the broadcast: axes of `layout` that `x`
+    lacks have size 1."""
+    raw = x.unwrap(*[n for n in layout if n in x.named_shape])
+    missing = [i for i, n in enumerate(layout) if n not in x.named_shape]
+    return jnp.expand_dims(raw, missing) if missing else raw
+
+
 def matrix_scan(
     r: pz.nx.NamedArray,
     log_decay: pz.nx.NamedArray,
@@ -582,7 +650,14 @@ def matrix_scan(
     else:
         h0_raw = named.to_positional(h0, state_layout).astype(acc_dtype)
     decay_layout = keyed_layout if key_axis in log_decay.named_shape else scalar_layout
-    raw = {name: named.to_positional(x, keyed_layout) for name, x in keyed.items()}
+    method = method or default_matrix_scan_method()
+    if method == "sequential" or steps == 1:
+        # Batched axes a keyed input lacks stay of size 1 (the step broadcasts
+        # them: Mamba-2's B and C, shared by a group's heads, are not repeated).
+        lay_out = lambda x: _expanded(x, keyed_layout)
+    else:
+        lay_out = lambda x: named.to_positional(x, keyed_layout)
+    raw = {name: lay_out(x) for name, x in keyed.items()}
     y, h_last = _positional_matrix_scan(
         raw["r"],
         named.to_positional(log_decay, decay_layout),
@@ -592,7 +667,7 @@ def matrix_scan(
         raw.get("b"),
         h0_raw,
         None if reset is None else named.to_positional(reset, scalar_layout),
-        method=method or default_matrix_scan_method(),
+        method=method,
         chunk_size=chunk_size,
     )
     y = named.from_positional(y.astype(jnp.result_type(*dtypes)), value_layout)

@@ -382,3 +382,27 @@ def test_default_method_per_backend():
     assert matrix_recurrence.default_matrix_scan_method("cpu") == "sequential"
     assert matrix_recurrence.default_matrix_scan_method("gpu") == "chunked"
     assert matrix_recurrence.default_matrix_scan_method("tpu") == "chunked"
+
+
+@pytest.mark.parametrize("rank_one", ["generic", None])
+@pytest.mark.parametrize("decay", ["fast", "scalar"])
+@pytest.mark.parametrize("method", ["sequential", "chunked"])
+def test_heads_in_blocks_and_inputs_shared_by_heads(monkeypatch, rank_one, decay, method):
+    """The sequential form's blocks of heads (here 2 of 6 heads: states of at
+    most 2 x batch x M x N elements) give the float64 loop's results, with
+    keyed inputs (r, k, a, b) that lack the heads axis (broadcast by the step,
+    as Mamba-2's B and C); the chunked form broadcasts them too."""
+    batch, heads, n, m = 2, 6, 4, 3
+    monkeypatch.setattr(matrix_recurrence, "SEQUENTIAL_BLOCK_ELEMENTS", 2 * batch * m * n)
+    inp = random_inputs(7, batch=batch, heads=heads, n=n, m=m, steps=23, rank_one=rank_one, decay=decay)
+    shared = ("r", "k", "a", "b") if rank_one else ("r", "k")
+    for name in shared:
+        inp[name] = np.repeat(inp[name][:, :, :1], heads, axis=2)  # the same for every head
+    y_ref, last_ref = expected(inp)
+    named = named_inputs(inp)
+    for name in shared:
+        named[name] = named[name][{"heads": 0}]
+    y, last = matrix_scan(**named, method=method, chunk_size=8)
+    assert_close(y.unwrap(*VALUED), y_ref)
+    assert_close(last.unwrap(*STATE), last_ref)
+    assert matrix_recurrence._head_block(jnp.zeros((batch, heads, m, n))) == 2

@@ -310,3 +310,72 @@ def test_presets_have_the_released_sizes():
 def test_bad_config_values(config_class, overrides, message):
     with pytest.raises(ValueError, match=message):
         config_class(**overrides)
+
+
+# ----------------------------------------------------------------------------- the fused scan
+
+
+def _selective_inputs(rng, steps, inner, size, dtype):
+    """Random named inputs of `selective_scan` with two batch axes, resets and h0."""
+    wrap = lambda x, *names: pz.nx.wrap(jax.numpy.asarray(x, dtype)).tag(*names)
+    u = wrap(rng.standard_normal((2, 3, steps, inner)), "batch", "heads", "seq", "inner")
+    dt = wrap(rng.uniform(0.01, 0.5, (2, 3, steps, inner)), "batch", "heads", "seq", "inner")
+    a = wrap(-rng.uniform(0.1, 2.0, (inner, size)), "inner", "state")
+    b = wrap(rng.standard_normal((2, steps, size)), "batch", "seq", "state")  # broadcast over heads
+    c = wrap(rng.standard_normal((2, 3, steps, size)), "batch", "heads", "seq", "state")
+    reset = pz.nx.wrap(jax.numpy.asarray(rng.random((2, steps)) < 0.2)).tag("batch", "seq")
+    h0 = wrap(rng.standard_normal((2, 3, inner, size)), "batch", "heads", "inner", "state")
+    return u, dt, a, b, c, reset, h0
+
+
+def _materialised_selective(u, dt, a, b, c, reset, h0, method):
+    """The path of a captured state site: `linear_scan` on the [T, inner, N]
+    decays and inputs, then ``C . h``."""
+    from recurrent_lm.layers import recurrence
+
+    decay = pz.nx.nmap(jax.numpy.exp)(dt * a)
+    h, last = recurrence.linear_scan(decay, (dt * u) * b, h0=h0, reset=reset, method=method)
+    return pz.nx.nmap(jax.numpy.sum)((h * c).untag("state")), last
+
+
+@pytest.mark.parametrize(("steps", "inner", "block"), [(9, 10, 4), (1, 6, 96), (7, 8, 8)])
+@pytest.mark.parametrize("x64", [False, True])
+def test_fused_selective_scan_equals_the_materialised_scan(steps, inner, block, x64):
+    """`selective_scan` (blocks that divide the channels or not, one step)
+    gives `linear_scan`'s states and outputs: to float64 rounding in float64,
+    float32 rounding in float32; h0, resets and broadcast batch axes alike."""
+    from recurrent_lm.layers.mamba import selective_scan
+
+    with jax.enable_x64(x64):
+        dtype = np.float64 if x64 else np.float32
+        inputs = _selective_inputs(np.random.default_rng(steps), steps, inner, 5, dtype)
+        u, dt, a, b, c, reset, h0 = inputs
+        y, last = selective_scan(u, dt, a, b, c, h0=h0, reset=reset, block=block)
+        want_y, want_last = _materialised_selective(*inputs, "sequential")
+        assert y.dtype == want_y.dtype == dtype and last.dtype == want_last.dtype
+        order = ("batch", "heads", "seq", "inner")
+        tolerance = 1e-12 if x64 else 1e-5
+        assert max_relative_error(y.unwrap(*order), want_y.unwrap(*order)) <= tolerance
+        state = ("batch", "heads", "inner", "state")
+        assert max_relative_error(last.unwrap(*state), want_last.unwrap(*state)) <= tolerance
+        # Without h0 (zeros) or resets.
+        y, last = selective_scan(u, dt, a, b, c, block=block)
+        want_y, _ = _materialised_selective(u, dt, a, b, c, None, None, "sequential")
+        assert max_relative_error(y.unwrap(*order), want_y.unwrap(*order)) <= tolerance
+
+
+@pytest.mark.parametrize("name", M1_CASES)
+def test_the_fused_scan_equals_the_materialised_path_in_the_model(name):
+    """The model on the fused scan (state site untouched) and on the
+    materialised one (the state site captured) give the same logits, on
+    packed rows with documents starting mid-row."""
+    case = CASES[name]
+    model = our_model(case)
+    ids = np.random.default_rng(5).integers(0, case.vocab, (4, case.seq)).astype(np.int32)
+    pos = segment_layout(4, case.seq)
+    fused = logits_of(model, ids, pos)
+    sites = [f"blocks.{i}.temporal_block.state" for i in range(case.kwargs["num_hidden_layers"])]
+    tokens, segment_pos = named_tokens(ids, pos)
+    logits, cache = interp.run_with_cache(model, tokens, segment_pos=segment_pos, names=sites)
+    assert set(cache) == set(sites)
+    assert max_relative_error(logits.unwrap("batch", "seq", "vocabulary"), fused) <= 1e-6
