@@ -48,3 +48,25 @@ def round_robin(candidates, rounds: int) -> dict[str, list[float]]:
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def fastest_threads(fn, counts=(1, 2)) -> tuple[int, dict[int, float]]:
+    """The torch thread count among `counts` with which `fn()` runs fastest
+    (one warm-up and one timed call each), and every count's seconds; sets it.
+    On a shared 2-core machine torch's OpenMP pool can be ~40x slower with 2
+    threads than with 1 on many small ops (its workers wait on cores that
+    other processes hold)."""
+    import time
+
+    import torch
+
+    seconds = {}
+    for count in counts:
+        torch.set_num_threads(count)
+        fn()
+        start = time.perf_counter()
+        fn()
+        seconds[count] = time.perf_counter() - start
+    best = min(seconds, key=seconds.get)
+    torch.set_num_threads(best)
+    return best, seconds

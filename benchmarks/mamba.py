@@ -55,7 +55,7 @@ from penzai import pz
 
 import recurrent_lm
 from benchmarks import bandwidth
-from benchmarks.common import round_robin
+from benchmarks.common import fastest_threads, round_robin
 from checkpoints_conversion import mamba as convert
 from recurrent_lm.core import functional
 from recurrent_lm.layers import matrix_recurrence, recurrence
@@ -83,23 +83,6 @@ def temp_bytes(fn, *args) -> int:
 def forward_temp_bytes(model, ids) -> int:
     apply, params, state = functional.functional(model)
     return temp_bytes(lambda params, ids: apply(params, state, ids, None)[0], params, jnp.asarray(ids))
-
-
-def fastest_threads(fn, counts=(1, 2)) -> tuple[int, dict[int, float]]:
-    """The torch thread count among `counts` with which `fn()` runs fastest
-    (one warm-up and one timed call each); sets it."""
-    import torch
-
-    seconds = {}
-    for count in counts:
-        torch.set_num_threads(count)
-        fn()
-        start = time.perf_counter()
-        fn()
-        seconds[count] = time.perf_counter() - start
-    best = min(seconds, key=seconds.get)
-    torch.set_num_threads(best)
-    return best, seconds
 
 
 def hf_decode_seconds(hf, prompt, steps: int, repeats: int = 3) -> float:

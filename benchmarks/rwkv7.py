@@ -63,7 +63,7 @@ import rwkv7_cases
 
 import recurrent_lm
 from benchmarks import bandwidth
-from benchmarks.common import round_robin
+from benchmarks.common import fastest_threads, round_robin
 from checkpoints_conversion import rwkv as convert
 from recurrent_lm.layers.rwkv7 import TimeMix7
 from recurrent_lm.models import rwkv7
@@ -114,26 +114,6 @@ def his_decode_seconds(runtime, prompt, steps: int, repeats: int = 3) -> float:
             token = int(torch.argmax(logits))
         runs.append((time.perf_counter() - start) / steps)
     return statistics.median(runs)
-
-
-def fastest_threads(fn, counts=(1, 2)) -> tuple[int, dict[int, float]]:
-    """The torch thread count among `counts` with which `fn()` runs fastest
-    (one warm-up and one timed call each), and every count's seconds. On a
-    shared 2-core machine torch's OpenMP pool can be ~40x slower with 2
-    threads than with 1 on his many small ops (its workers wait on cores
-    that other processes hold)."""
-    import torch
-
-    seconds = {}
-    for count in counts:
-        torch.set_num_threads(count)
-        fn()
-        start = time.perf_counter()
-        fn()
-        seconds[count] = time.perf_counter() - start
-    best = min(seconds, key=seconds.get)
-    torch.set_num_threads(best)
-    return best, seconds
 
 
 def main(argv=None):
