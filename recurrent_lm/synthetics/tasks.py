@@ -82,13 +82,11 @@ class Task:
         inputs, labels, have = [], [], 0
         for _ in range(100):
             _, test = self.generate(max(num_test - have, 1) * 2, rng)
-            keys = [row.tobytes() for row in test.inputs]
-            fresh = [i for i, key in enumerate(keys) if key not in seen]
-            # Also no duplicates inside the test set.
-            unique = []
-            for i in fresh:
-                if keys[i] not in seen:
-                    seen.add(keys[i])
+            unique = []  # new to the training set and to the test set so far
+            for i, row in enumerate(test.inputs):
+                key = row.tobytes()
+                if key not in seen:
+                    seen.add(key)
                     unique.append(i)
             inputs.append(test.inputs[unique])
             labels.append(test.labels[unique])
