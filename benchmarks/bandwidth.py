@@ -26,6 +26,11 @@ with bytes per token = the probe's bytes + the state (read and written once).
     seconds = OurDecode(model).seconds_per_token(prompt, steps=64)
     fraction = probe.fraction(seconds, state_bytes)
 
+On a shared machine the bandwidth drifts between runs (the same probe read
+12-20 GB/s within minutes here), so a probe and a decode timed minutes apart
+can be 30 % off; `interleaved_fraction` alternates them and reports the
+median of the per-pair fractions.
+
 `torch_probe` does the same for a torch implementation's weight matrices
 (``x @ W`` as that runtime computes it), to read its decode figures against
 its own layout's bandwidth.
@@ -246,3 +251,42 @@ class OurDecode:
             runs.append((time.perf_counter() - start) / steps)
             assert int(out.step) == steps + 1, int(out.step)
         return statistics.median(runs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Interleaved:
+    """(probe, decode seconds per token) pairs timed back to back."""
+
+    pairs: tuple[tuple[Probe, float], ...]
+    state_bytes: int
+
+    @property
+    def fractions(self) -> list[float]:
+        return [probe.fraction(seconds, self.state_bytes) for probe, seconds in self.pairs]
+
+    @property
+    def fraction(self) -> float:
+        """Median of the per-pair fractions of the bound."""
+        return statistics.median(self.fractions)
+
+    @property
+    def seconds(self) -> float:
+        """Median decode seconds per token."""
+        return statistics.median(seconds for _, seconds in self.pairs)
+
+    @property
+    def probe(self) -> Probe:
+        """The pair of median fraction's probe (for its bandwidth and bound)."""
+        ranked = sorted(self.pairs, key=lambda pair: pair[0].fraction(pair[1], self.state_bytes))
+        return ranked[len(ranked) // 2][0]
+
+
+def interleaved_fraction(model, prompt, steps: int, pairs: int = 3, probe_runs: int = 20) -> Interleaved:
+    """`pairs` x (`weight_probe`, then `OurDecode`'s seconds per token), alternated,
+    so that each decode timing is read against the bandwidth of its own moment."""
+    decoder, size = OurDecode(model), state_bytes(model)
+    timed = []
+    for _ in range(pairs):
+        probe = weight_probe(model, probe_runs)
+        timed.append((probe, decoder.seconds_per_token(prompt, steps)))
+    return Interleaved(tuple(timed), size)

@@ -1,17 +1,18 @@
 """`matrix_scan`: the sequential form against the chunked form, and a matmul floor.
 
     .venv/bin/python benchmarks/matrix_scan.py [--steps 2048] [--heads 12] [--width 64]
-        [--chunks 16,32,64,128] [--rounds 3] [--scalar-decay]
+        [--value-width M] [--chunks 16,32,64,128] [--rounds 3] [--scalar-decay]
+    # Mamba-2 130m's SSD: --heads 24 --width 128 --value-width 64 --scalar-decay
 
 Times (round-robin, median of `--rounds`) the forward pass of `matrix_scan`
-at batch 1, float32, state heads x N x N, with and without the rank-one term,
+at batch 1, float32, state heads x M x N (M = N unless ``--value-width``), with and without the rank-one term,
 per-channel decay (``--scalar-decay``: one per head and step). Reports ms,
 tokens/s, the ratio to the sequential form (> 1: faster), and the chunked
 form's matmul floors: its FLOPs counted from the algorithm (`chunked_flops`)
 at two rates measured in the same run, that of one square float32
 ``jnp.matmul`` of the same FLOPs (the machine's best: "floor", "floor x" =
 time / that) and that of the chunked form's own typical product, a batch of
-(heads x chunks) [C, N] x [N, N] products ("batched floor": what the
+(heads x chunks) [C, N] x [N, M] products ("batched floor": what the
 algorithm would take if all of its work ran as fast as its products can).
 The sequential form's FLOPs (`sequential_flops`) give its own rate. This is
 how the CPU default in `recurrent_lm.layers.matrix_recurrence` was chosen.
@@ -120,18 +121,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=2048)
     parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--width", type=int, default=64, help="N = M")
+    parser.add_argument("--width", type=int, default=64, help="N, the key width")
+    parser.add_argument("--value-width", type=int, default=None, help="M (default N)")
     parser.add_argument("--chunks", default="16,32,64,128")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--scalar-decay", action="store_true")
     args = parser.parse_args(argv)
     steps, heads, n = args.steps, args.heads, args.width
+    m = args.value_width or n
     chunks = [int(c) for c in args.chunks.split(",")]
 
     rng = np.random.default_rng(0)
     shape = (1, steps, heads, n)
     normal = lambda: jnp.asarray(rng.normal(size=shape), jnp.float32)
-    r, k, v = normal(), normal() / np.sqrt(n), normal()
+    r, k = normal(), normal() / np.sqrt(n)
+    v = jnp.asarray(rng.normal(size=(*shape[:-1], m)), jnp.float32)
     sig = lambda x: 1 / (1 + jnp.exp(-x))
     log_decay = -np.exp(-0.5) * sig(normal())
     if args.scalar_decay:
@@ -143,7 +147,7 @@ def main(argv=None):
 
     print(
         f"matrix_scan forward, backend {jax.default_backend()}, {os.cpu_count()} CPUs,"
-        f" float32, batch 1, T={steps}, heads x N x N = {heads} x {n} x {n},"
+        f" float32, batch 1, T={steps}, heads x M x N = {heads} x {m} x {n},"
         f" {'scalar' if args.scalar_decay else 'per-channel'} decay, {args.rounds}"
         " rounds (median; the machine may be shared: times are noisy, ratios less so)\n"
     )
@@ -166,7 +170,7 @@ def main(argv=None):
                 inputs,
             )
             flops = chunked_flops(
-                steps, heads, n, n, chunk, rank_one, args.scalar_decay
+                steps, heads, n, m, chunk, rank_one, args.scalar_decay
             )
             side = max(8, round((flops / 2) ** (1 / 3)))
             x = jnp.asarray(rng.normal(size=(side, side)), jnp.float32)
@@ -176,13 +180,13 @@ def main(argv=None):
                 jax.jit(lambda p, q: jnp.einsum("bij,bjk->bik", p, q)),
                 (
                     jnp.asarray(rng.normal(size=(batch, chunk, n)), jnp.float32),
-                    jnp.asarray(rng.normal(size=(batch, n, n)), jnp.float32),
+                    jnp.asarray(rng.normal(size=(batch, n, m)), jnp.float32),
                 ),
             )
             floors[chunk] = flops
         med, compile_s = time_round_robin(fns, inputs, args.rounds)
         seq = med["sequential"]
-        seq_flops = sequential_flops(steps, heads, n, n, rank_one)
+        seq_flops = sequential_flops(steps, heads, n, m, rank_one)
         label = "yes" if rank_one else "no"
         print(
             f"| {label} | sequential | {seq * 1e3:.1f} | {steps / seq:,.0f} | 1.00 |"
@@ -193,7 +197,7 @@ def main(argv=None):
             t = med[f"chunked C={chunk}"]
             floor = med[f"floor C={chunk}"]
             batch = heads * -(-steps // chunk)
-            batched_rate = 2 * batch * chunk * n * n / med[f"batched C={chunk}"]
+            batched_rate = 2 * batch * chunk * n * m / med[f"batched C={chunk}"]
             print(
                 f"| {label} | chunked C={chunk} | {t * 1e3:.1f} | {steps / t:,.0f} |"
                 f" {seq / t:.2f} | {floors[chunk] / 1e9:.2f} | {floors[chunk] / t / 1e9:.0f} |"

@@ -120,7 +120,8 @@ def main(argv=None):
     parser.add_argument("--widths", default=None, help="comma-separated d_model values")
     parser.add_argument("--lrs", default="1e-3,3e-3")
     parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--vocab", type=int, default=256, help="MQAR vocabulary (Zoology: 8192)")
+    parser.add_argument("--vocab", type=int, default=512,
+                        help="MQAR vocabulary (Zoology: 8192; must exceed the longest sequence, 256)")
     parser.add_argument("--window", type=int, default=1024, help="Griffin's local-attention window")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)

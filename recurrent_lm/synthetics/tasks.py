@@ -262,7 +262,8 @@ class MultiQueryAR(Task):
             raise ValueError(f"mqar input_seq_len must be even, got {self.input_seq_len}.")
         if self.vocab_size_ <= self.input_seq_len:
             raise ValueError(
-                f"mqar vocab_size ({self.vocab_size_}) must exceed input_seq_len ({self.input_seq_len}).")
+                f"mqar vocab_size ({self.vocab_size_}) must exceed input_seq_len ({self.input_seq_len}):"
+                " raise vocab_size (as Zoology requires).")
         if 4 * self.num_kv_pairs > self.input_seq_len:
             raise ValueError(
                 f"mqar needs input_seq_len >= 4 x num_kv_pairs, got {self.input_seq_len} and"
