@@ -38,12 +38,14 @@ ZOOLOGY_NOTE = ("Zoology Fig. 2 (read from the figure): attention ~1.0 everywher
                 " 64 fall with more pairs, < 0.1 at (256, 16).")
 
 
-def run_grid(task, names, widths, settings, lrs, window):
+def run_grid(task, names, widths, settings, lrs, window, attention_heads=1):
     rows = []
     for name in names:
         for width in widths:
-            architecture, config = synthetics.paper_config(name, width, task.vocab_size, window=window)
-            best, runs = synthetics.sweep(task, name, architecture, config, settings, lrs, width=width)
+            heads = {"attention_heads": attention_heads} if name == "attention" else {}
+            architecture, config = synthetics.paper_config(name, width, task.vocab_size, window=window, **heads)
+            label = synthetics.model_label(name, attention_heads)
+            best, runs = synthetics.sweep(task, label, architecture, config, settings, lrs, width=width)
             print(f"  {task.name} {task_settings(task)} {name} d={width}: best lr {best.learning_rate:g}"
                   f" accuracy {best.accuracy:.3f} ({', '.join(f'{r.learning_rate:g}: {r.accuracy:.3f}' for r in runs)})"
                   f" {sum(r.seconds for r in runs):.0f} s", flush=True)
@@ -55,7 +57,8 @@ def table_h3(args):
     settings = synthetics.RunSettings(steps=args.steps, batch_size=32, num_train=5000, num_test=500)
     out = {}
     for task in (synthetics.make_task("assoc_recall"), synthetics.make_task("induction_head")):
-        out[task.name] = run_grid(task, args.models, args.widths or [32], settings, args.lrs, args.window)
+        out[task.name] = run_grid(task, args.models, args.widths or [32], settings, args.lrs, args.window,
+                                  args.attention_heads)
     print("\n| model | associative recall (ours) | induction head (ours) | H3 paper AR / IH |")
     print("|---|---|---|---|")
     for i, name in enumerate(args.models):
@@ -73,7 +76,7 @@ def table_mqar(args):
     for seq, pairs in ((64, 4), (128, 8), (256, 16)):
         task = synthetics.make_task("mqar", input_seq_len=seq, num_kv_pairs=pairs, vocab_size=args.vocab)
         out[f"{seq}/{pairs}"] = run_grid(task, args.models, args.widths or [64, 128], settings, args.lrs,
-                                         args.window)
+                                         args.window, args.attention_heads)
     widths = args.widths or [64, 128]
     print(f"\nMQAR accuracy (vocabulary {args.vocab}); columns (sequence length / pairs) x d_model\n")
     head = "| model |" + "".join(f" {k} d={w} |" for k in out for w in widths)
@@ -93,7 +96,8 @@ def table_extrapolation(args):
     settings = synthetics.RunSettings(steps=args.steps, batch_size=32, num_train=20000, num_test=300,
                                       eval_lengths=(512, 1024, 2048, 4096))
     task = synthetics.make_task("induction_head", input_seq_len=256, vocab_size=16)
-    rows = run_grid(task, args.models, args.widths or [64], settings, args.lrs, args.window)
+    rows = run_grid(task, args.models, args.widths or [64], settings, args.lrs, args.window,
+                    args.attention_heads)
     lengths = sorted({int(n) for r in rows for n in r["best"]["accuracy_by_length"]})
     print("\nInduction heads (vocabulary 16), trained at 256 tokens; test accuracy by input length\n")
     print("| model | d |" + "".join(f" {n} |" for n in lengths))
@@ -123,6 +127,7 @@ def main(argv=None):
     parser.add_argument("--vocab", type=int, default=512,
                         help="MQAR vocabulary (Zoology: 8192; must exceed the longest sequence, 256)")
     parser.add_argument("--window", type=int, default=1024, help="Griffin's local-attention window")
+    parser.add_argument("--attention-heads", type=int, default=1, help="heads of the 'attention' model")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     args.models = (args.models or DEFAULT_MODELS[args.table]).split(",")

@@ -217,3 +217,19 @@ def test_the_swept_rate_is_adamw_at_that_rate():
     for key in params:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-8)
     assert not np.allclose(a["w"], params["w"])  # it moved
+
+
+def test_attention_heads_split_the_width_and_are_checked(capsys):
+    _, config = synthetics.paper_config("attention", 32, 16, attention_heads=4)
+    assert (config.num_query_heads, config.num_key_value_heads, config.head_dim) == (4, 4, 8)
+    _, single = synthetics.paper_config("attention", 32, 16)
+    assert (single.num_query_heads, single.head_dim) == (1, 32)
+    assert synthetics.model_label("attention", 4) == "attention (4 heads)"
+    assert synthetics.model_label("hawk") == "hawk"
+    with pytest.raises(ValueError, match="must divide the width"):
+        synthetics.paper_config("attention", 32, 16, attention_heads=3)
+    with pytest.raises(ValueError, match="applies to the 'attention' model"):
+        synthetics.paper_config("hawk", 32, 16, attention_heads=2)
+    assert cli_main(["--task", "mqar", "--model", "gemma", "--preset", "tiny", "--attention-heads", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--attention-heads" in err[0]

@@ -15,7 +15,12 @@ in the H3 paper, MQAR as in Zoology, selective copying as in Mamba), `models`
 training CLI's step and optimiser, accuracy, learning-rate sweeps).
 """
 
-from recurrent_lm.synthetics.models import PAPER_MODELS, paper_config, preset_config
+from recurrent_lm.synthetics.models import (
+    PAPER_MODELS,
+    model_label,
+    paper_config,
+    preset_config,
+)
 from recurrent_lm.synthetics.run import Result, RunSettings, sweep, train_on_task
 from recurrent_lm.synthetics.tasks import (
     IGNORE,
@@ -32,5 +37,5 @@ from recurrent_lm.synthetics.tasks import (
 __all__ = [
     "IGNORE", "PAPER_MODELS", "TASKS", "AssociativeRecall", "Examples", "InductionHead",
     "MultiQueryAR", "Result", "RunSettings", "SelectiveCopying", "Split", "make_task",
-    "paper_config", "preset_config", "sweep", "train_on_task",
+    "model_label", "paper_config", "preset_config", "sweep", "train_on_task",
 ]

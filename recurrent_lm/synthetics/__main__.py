@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", action="append", type=int, default=[],
                         help="model width of the papers' models (repeat; default 64)")
     parser.add_argument("--window", type=int, default=1024, help="Griffin's local-attention window")
+    parser.add_argument("--attention-heads", type=int, default=1,
+                        help="heads of the 'attention' model (each width / heads wide; the H3 paper's: 1)")
     parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model config field (JSON value)")
     parser.add_argument("--lr", action="append", type=float, default=[],
@@ -81,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         num_train=args.num_train, num_test=args.num_test, seed=args.seed,
         eval_lengths=tuple(args.eval_length))
     overrides = parse_overrides(args.config)
+    if args.preset and args.attention_heads != 1:
+        raise ValueError("--attention-heads sets the papers' 'attention' model; with --preset use"
+                         " --config for the preset's own head fields.")
     learning_rates = args.lr or [settings.learning_rate]
     widths = [None] if args.preset else (args.width or [64])
     print(f"task {task.name}: {run.task_settings(task)}; {task.seq_len} positions, chance"
@@ -91,9 +96,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.preset:
                 architecture, config = models.preset_config(name, args.preset, task.vocab_size, **overrides)
             else:
+                heads = {"attention_heads": args.attention_heads} if name == "attention" else {}
                 architecture, config = models.paper_config(
-                    name, width, task.vocab_size, window=args.window, **overrides)
-            top, results = run.sweep(task, name, architecture, config, settings, learning_rates, width=width)
+                    name, width, task.vocab_size, window=args.window, **heads, **overrides)
+            label = name if args.preset else models.model_label(name, args.attention_heads)
+            top, results = run.sweep(task, label, architecture, config, settings, learning_rates, width=width)
             for r in results:
                 print(f"  {name} width {width or args.preset} lr {r.learning_rate:g}: accuracy"
                       f" {r.accuracy:.3f}, loss {r.final_loss:.3f}, {r.seconds:.0f} s", flush=True)

@@ -5,8 +5,12 @@ The H3 paper and Zoology train 2-layer models of width 32-128 with an MLP of
 from each architecture's own blocks:
 
 * ``attention``: our Gemma layers (rotary global attention, one head of the
-  full width, a gated MLP of 4x), as the papers' one-head attention
-  baselines (theirs use learned positions);
+  full width by default, a gated MLP of 4x), as the H3 paper's one-head
+  baseline. Its positions differ: the H3 paper's has learned absolute
+  position embeddings, Zoology's none but a short convolution before each
+  attention (and 2 heads). One rotary head learns the induction head slowly
+  (a previous-token head and the match in one head each); `attention_heads`
+  splits the width into more heads;
 * ``h3``: two H3 mixers (no attention layer), state size 64 (safari's);
 * ``rwkv`` (RWKV-4), ``rwkv7``: two blocks each (RWKV-7 heads of
   ``min(64, width)``);
@@ -38,11 +42,13 @@ PAPER_MODELS: dict[str, str] = {
 """Synthetic-task model name -> registered architecture."""
 
 
-def _paper_fields(name: str, width: int, window: int) -> dict[str, Any]:
+def _paper_fields(name: str, width: int, window: int, attention_heads: int) -> dict[str, Any]:
     mlp = 4 * width
     if name == "attention":
-        return dict(num_layers=2, num_query_heads=1, num_key_value_heads=1, hidden_dim=width,
-                    head_dim=width, intermediate_dim=mlp)
+        if width % attention_heads:
+            raise ValueError(f"attention_heads ({attention_heads}) must divide the width ({width}).")
+        return dict(num_layers=2, num_query_heads=attention_heads, num_key_value_heads=attention_heads,
+                    hidden_dim=width, head_dim=width // attention_heads, intermediate_dim=mlp)
     if name == "h3":
         return dict(hidden_size=width, num_hidden_layers=2, n_inner=mlp, attn_layer_idx=(),
                     d_state=64, embedding_dropout=0.0, num_attention_heads=1)
@@ -61,16 +67,28 @@ def _paper_fields(name: str, width: int, window: int) -> dict[str, Any]:
     raise ValueError(f"unknown synthetic-task model {name!r}; choose one of {sorted(PAPER_MODELS)}.")
 
 
-def paper_config(name: str, width: int, vocab_size: int, *, window: int = 1024, **overrides):
-    """``(architecture, config)`` of the papers' 2-layer model `name` at `width`."""
+def paper_config(name: str, width: int, vocab_size: int, *, window: int = 1024, attention_heads: int = 1,
+                 **overrides):
+    """``(architecture, config)`` of the papers' 2-layer model `name` at `width`
+    (`window`: Griffin's local attention; `attention_heads`: the ``attention``
+    model's heads, each ``width / attention_heads`` wide)."""
     if name not in PAPER_MODELS:
         raise ValueError(f"unknown synthetic-task model {name!r}; choose one of {sorted(PAPER_MODELS)}.")
+    if attention_heads != 1 and name != "attention":
+        raise ValueError(f"attention_heads applies to the 'attention' model, not {name!r}.")
+    if attention_heads < 1:
+        raise ValueError(f"attention_heads must be positive, got {attention_heads}.")
     architecture = registry.get(PAPER_MODELS[name])
-    fields = {**_paper_fields(name, width, window), **overrides}
+    fields = {**_paper_fields(name, width, window, attention_heads), **overrides}
     fields["vocab_size"] = vocab_size  # Gemma's vocabulary_size takes this alias
     # Gemma 1's layers (global attention, no soft caps); the others' "tiny".
     preset = "gemma-2b" if name == "attention" else "tiny"
     return architecture, architecture.config_class.from_preset(preset, **fields)
+
+
+def model_label(name: str, attention_heads: int = 1) -> str:
+    """How results name the paper model `name`: ``attention`` with its heads when not 1."""
+    return f"attention ({attention_heads} heads)" if name == "attention" and attention_heads != 1 else name
 
 
 def preset_config(model: str, preset: str, vocab_size: int, **overrides):
