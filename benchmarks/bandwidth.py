@@ -276,7 +276,7 @@ class Interleaved:
 
     @property
     def probe(self) -> Probe:
-        """The pair of median fraction's probe (for its bandwidth and bound)."""
+        """The probe of the pair whose fraction is the median (its bandwidth and bound)."""
         ranked = sorted(self.pairs, key=lambda pair: pair[0].fraction(pair[1], self.state_bytes))
         return ranked[len(ranked) // 2][0]
 
