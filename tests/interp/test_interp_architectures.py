@@ -9,7 +9,6 @@ from griffin_cases import on_device
 from penzai import pz
 
 from recurrent_lm import interp
-from recurrent_lm.core import model as base
 from recurrent_lm.models import gemma, griffin, h3, mamba, mamba2, rwkv, rwkv7
 
 SEQ = 8
@@ -122,14 +121,21 @@ def test_capture_covers_the_residual_stream(setup):
                                logits_array(logits), rtol=1e-4, atol=1e-4)
 
 
-def test_writing_back_is_exact(setup):
-    model, tokens, _, state_site, _ = setup
+def test_writing_back_gives_the_same_logits(setup):
+    """Replacing the state (or the attention pattern) at one position by its own
+    captured value changes nothing. Compiled, the patched program may fuse
+    differently, so the bound is float32 rounding; bitwise exactness op by op is
+    `tests/interp/test_interp.py`'s (Griffin, four sites): op by op here would
+    compile ~150 kernels per architecture."""
+    model, tokens, (logits, _), state_site, _ = setup
     name = state_site or "blocks.0.temporal_block.pattern"
-    # Op by op: the same floats (compiled, the patched program may fuse differently).
-    with base.op_by_op():
-        logits, cache = interp.run_with_cache(model, tokens, names=name)
-        patched = interp.patch(model, {name: interp.Replace(cache[name], positions=[STATE_PATCH_AT])})
-        np.testing.assert_array_equal(logits_array(patched(tokens)), logits_array(logits))
+    _, cache = interp.run_with_cache(model, tokens, names=name)
+    patched = interp.patch(model, {name: interp.Replace(cache[name], positions=[STATE_PATCH_AT])})
+    got, expected = logits_array(patched(tokens)), logits_array(logits)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+    # A wrong value written there does change them (the bound above can fail).
+    wrong = interp.patch(model, {name: interp.Replace(cache[name] * 0.0 + 0.5, positions=[STATE_PATCH_AT])})
+    assert np.abs(logits_array(wrong(tokens)) - expected).max() > 1e-4
 
 
 def test_state_patch_changes_only_later_outputs(recurrent_setup):
