@@ -1,4 +1,4 @@
-"""`recurrent_lm.interp` on every architecture: capture, exact write-back,
+"""`recurrent_lm.interp` on every architecture: capture, write-back (to float32 rounding),
 recurrent-state patching that only changes later positions, and jit."""
 
 import jax
